@@ -1,0 +1,192 @@
+//! `xpud serve` configuration: embedded defaults, then a TOML file, then flags.
+//!
+//! ```toml
+//! data-dir = "xpud-data"           # state, compile cache; plugins in data-dir/plugins
+//! plugin-dir = "/opt/xpud/plugins" # optional: elsewhere
+//! listen = "127.0.0.1:8080"
+//! advertise-address = "10.0.0.5"   # optional: how other machines reach this one
+//! machine-code = "cad-01"          # optional: this machine's code in CAD mode
+//!
+//! [runtime]
+//! max-instances = 256              # live plugin instances (sizes the pooling allocator)
+//! max-memory-mib = 1024            # ceiling on any plugin's memory
+//! grant-root = "/"                 # host directory plugin grants are resolved under
+//! allowed-grants = ["/sys", "/proc/driver"]
+//!
+//! [restart]                        # supervision of crashing plugins
+//! max-restarts = 3
+//! window-s = 60
+//! backoff-initial-ms = 200
+//! backoff-max-ms = 5000
+//!
+//! [sampler]
+//! interval-ms = 2000               # how often driver plugins are sampled
+//!
+//! [inference]
+//! onnxruntime = "/opt/onnxruntime/libonnxruntime.so.1.31.1"   # or XPUD_ONNXRUNTIME
+//! providers = ["cuda", "cpu"]      # tried in order; each failure is logged
+//!
+//! [platform]                       # the platform xpud registers with (none: no calls)
+//! url = "http://10.0.0.2:8080"
+//! modes = ["cap"]                  # cap (/ACP/...), cad (/CAD/machine/...), or both
+//! id = "300000000601"              # CAP device id; default: the node id
+//! username = "xpud"                # this API's credentials, sent with the registration
+//! password = "..."                 # never logged
+//! expires-s = 60                   # keepalive every third of it
+//! backoff-initial-ms = 500         # retry backoff while the platform is down
+//! backoff-max-ms = 30000
+//! package-url = "http://10.0.0.2:8080/packages/{id}.tar.gz"   # CAD mode (I.2)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::platform::PlatformConfig;
+use crate::plugins::supervisor::RestartPolicy;
+use crate::runtime::inference::Provider;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub plugin_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// The address other machines reach this one at (node IPs, A.6, registration);
+    /// default: the first non-loopback IPv4 address.
+    pub advertise_address: Option<std::net::IpAddr>,
+    /// This machine's code in CAD mode (Appendix H); default: its node id
+    /// (`node-<hostname>`).
+    pub machine_code: Option<String>,
+    pub runtime: RuntimeConfig,
+    pub restart: RestartPolicy,
+    pub sampler: SamplerConfig,
+    pub inference: InferenceConfig,
+    pub platform: PlatformConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct InferenceConfig {
+    /// Path of libonnxruntime.so; without it models cannot run.
+    pub onnxruntime: Option<PathBuf>,
+    /// Execution providers to try, in order.
+    pub providers: Vec<Provider>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            onnxruntime: None,
+            providers: vec![Provider::Cuda, Provider::Cpu],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SamplerConfig {
+    /// How often every driver plugin is sampled.
+    pub interval_ms: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig { interval_ms: 2000 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RuntimeConfig {
+    pub max_instances: u32,
+    pub max_memory_mib: u64,
+    pub grant_root: PathBuf,
+    pub allowed_grants: Vec<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("xpud-data"),
+            plugin_dir: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            advertise_address: None,
+            machine_code: None,
+            runtime: RuntimeConfig::default(),
+            restart: RestartPolicy::default(),
+            sampler: SamplerConfig::default(),
+            inference: InferenceConfig::default(),
+            platform: PlatformConfig::default(),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            max_instances: 256,
+            max_memory_mib: 1024,
+            grant_root: PathBuf::from("/"),
+            allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a config file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config {}", path.display()))?;
+        crate::toml_input::parse(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.sampler.interval_ms == 0 {
+            anyhow::bail!("sampler.interval-ms must be positive");
+        }
+        if self.runtime.max_instances == 0 {
+            anyhow::bail!("runtime.max-instances must be positive");
+        }
+        if self.inference.providers.is_empty() {
+            anyhow::bail!("inference.providers must name at least one provider");
+        }
+        if self.runtime.max_memory_mib == 0 {
+            anyhow::bail!("runtime.max-memory-mib must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.plugin_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugins"))
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data_dir.join("cache").join("components")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_keeps_the_defaults() {
+        let config: ServeConfig =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[restart]\nmax-restarts = 5\n").unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.restart.max_restarts, 5);
+        assert_eq!(config.restart.window_s, 60);
+        assert_eq!(config.plugin_dir(), PathBuf::from("xpud-data/plugins"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<ServeConfig>("lissen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,388 @@
+//! Appendix A: cluster compute management (`/CCP/clusters`, `/CCP/cluster/nodes`).
+//!
+//! Wire types follow tables A.10-A.34. Where the text's identifiers are misspelt
+//! (`interallp`, `memoy` in table A.34) responses carry both the corrected name and
+//! the text's spelling, so clients written from either work.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{Answer, CodeString, Failure, Reply};
+use super::input::{Body, Params, PathParam};
+use super::App;
+use crate::clusters::{ClusterRecord, ClusterStatus, NodeRecord};
+
+type Fail = Failure<CodeString>;
+
+/// Table A.11.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_network: Option<String>,
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// Table A.12.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    pub node_resource: ResourceSpec,
+    pub count: u32,
+}
+
+/// Table A.13. Memory and disks in GB.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSpec {
+    pub cpu: u32,
+    pub mem: u32,
+    pub root_disk_size: u32,
+    pub local_disk_size: u32,
+    /// The text's example writes one object where the table says a list: both parse.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub xpu_resources: Vec<XpuResource>,
+}
+
+/// Table A.14.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct XpuResource {
+    pub xpu_type: String,
+    pub num: u32,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<XpuResource>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(XpuResource),
+        Many(Vec<XpuResource>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(x)) => vec![x],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
+/// Table A.10.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCreateRequest {
+    #[serde(default)]
+    pub region_id: Option<String>,
+    pub name: String,
+    pub spec: ClusterSpec,
+}
+
+/// Table A.16.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedCluster {
+    cluster_code: String,
+    name: String,
+    status: ClusterStatus,
+    /// Why the cluster failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// Table A.22.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    cluster_code: String,
+    name: String,
+}
+
+/// Tables A.21 and A.25 (`phase` in the detail only).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterView {
+    metadata: Metadata,
+    spec: ClusterSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<ClusterStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+fn view(cluster: &ClusterRecord, with_phase: bool) -> ClusterView {
+    ClusterView {
+        metadata: Metadata {
+            cluster_code: cluster.code.clone(),
+            name: cluster.name.clone(),
+        },
+        spec: cluster.spec.clone(),
+        phase: with_phase.then_some(cluster.status),
+        reason: if with_phase {
+            cluster.reason.clone()
+        } else {
+            None
+        },
+    }
+}
+
+/// `regionId` is optional everywhere and not used by a single machine.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionQuery {
+    #[serde(default)]
+    pub region_id: Option<String>,
+}
+
+/// Table A.26 (the code also comes in the path).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterQuery {
+    #[serde(default)]
+    pub region_id: Option<String>,
+    #[serde(default)]
+    pub cluster_code: Option<String>,
+}
+
+/// Table A.28.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertData {
+    external_address: String,
+    ca_cert_data: String,
+    client_cert_data: String,
+    client_key_data: String,
+    inner_address: String,
+}
+
+/// Table A.29.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCreateRequest {
+    #[serde(default)]
+    pub region_id: Option<String>,
+    pub cluster_code: String,
+    pub count: u32,
+    pub spec: NodeCreateSpec,
+}
+
+/// A.29's `spec`: a NodeSpec whose count is the request's `count`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCreateSpec {
+    pub node_resource: ResourceSpec,
+}
+
+/// Table A.30: the node ids at the top level, beside code and message.
+#[derive(Serialize)]
+struct NodeCreateResponse {
+    code: &'static str,
+    message: &'static str,
+    #[serde(rename = "requestId")]
+    request_id: String,
+    #[serde(rename = "nodeId")]
+    node_id: Vec<String>,
+}
+
+impl IntoResponse for NodeCreateResponse {
+    fn into_response(self) -> Response {
+        (StatusCode::OK, Json(self)).into_response()
+    }
+}
+
+/// Table A.31.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDeleteRequest {
+    #[serde(default)]
+    pub region_id: Option<String>,
+    pub cluster_code: String,
+    pub node_id: Vec<String>,
+}
+
+/// Table A.32.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeListRequest {
+    #[serde(default)]
+    pub region_id: Option<String>,
+    pub cluster_code: String,
+}
+
+/// Table A.34.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeView {
+    node_id: String,
+    internal_ip: String,
+    /// The text's spelling of `internalIp`.
+    #[serde(rename = "interalIp")]
+    interal_ip: String,
+    external_ip: String,
+    /// GPU when the node has accelerators, else CPU.
+    machine_type: &'static str,
+    cpu: u32,
+    /// GB.
+    memory: u32,
+    /// The text's spelling of `memory`.
+    memoy: u32,
+    /// GB.
+    disk: u32,
+    xpu_resources: Vec<XpuResource>,
+}
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/CCP/clusters", get(list_clusters).post(create_cluster))
+        .route(
+            "/CCP/clusters/{clusterCode}",
+            get(cluster_detail).delete(delete_cluster),
+        )
+        .route("/CCP/clusters/{clusterCode}/license", get(license))
+        .route(
+            "/CCP/cluster/nodes",
+            get(list_nodes).post(create_nodes).delete(delete_nodes),
+        )
+}
+
+/// A.2
+async fn create_cluster(
+    State(app): State<App>,
+    Body(request, ..): Body<ClusterCreateRequest, CodeString>,
+) -> Answer<CodeString, CreatedCluster> {
+    let cluster = app
+        .blocking(move |app| app.clusters.create(request, &app.node_offer()))
+        .await?;
+    Ok(Reply::data(CreatedCluster {
+        cluster_code: cluster.code,
+        name: cluster.name,
+        status: cluster.status,
+        reason: cluster.reason,
+    }))
+}
+
+/// A.3
+async fn delete_cluster(
+    State(app): State<App>,
+    PathParam(code, ..): PathParam<CodeString>,
+) -> Answer<CodeString, ()> {
+    app.blocking(move |app| match app.workloads.count_in(&code) {
+        0 => app.clusters.delete(&code),
+        n => Err(crate::error::Error::Conflict(format!(
+            "cluster {code} still runs {n} workload(s); delete them first"
+        ))),
+    })
+    .await?;
+    Ok(Reply::empty())
+}
+
+/// A.4
+async fn list_clusters(
+    State(app): State<App>,
+    Params(..): Params<RegionQuery, CodeString>,
+) -> Answer<CodeString, Vec<ClusterView>> {
+    Ok(Reply::data(
+        app.clusters.list().iter().map(|c| view(c, false)).collect(),
+    ))
+}
+
+/// A.5
+async fn cluster_detail(
+    State(app): State<App>,
+    PathParam(code, ..): PathParam<CodeString>,
+) -> Answer<CodeString, ClusterView> {
+    Ok(Reply::data(view(&app.clusters.get(&code)?, true)))
+}
+
+/// A.6: where and how to reach this xpud. The certificate fields carry what exists:
+/// until TLS is configured, nothing (empty strings).
+async fn license(
+    State(app): State<App>,
+    PathParam(code, ..): PathParam<CodeString>,
+    Params(query, ..): Params<ClusterQuery, CodeString>,
+) -> Answer<CodeString, CertData> {
+    if let Some(other) = query.cluster_code.filter(|c| *c != code) {
+        return Err(Fail::bad_request(format!(
+            "clusterCode {other:?} does not match the path's {code:?}"
+        )));
+    }
+    app.clusters.get(&code)?;
+    let access = app.access();
+    Ok(Reply::data(CertData {
+        external_address: access.external_address,
+        ca_cert_data: access.ca_cert,
+        client_cert_data: access.client_cert,
+        client_key_data: access.client_key,
+        inner_address: access.inner_address,
+    }))
+}
+
+/// A.7
+async fn create_nodes(
+    State(app): State<App>,
+    Body(request, ..): Body<NodeCreateRequest, CodeString>,
+) -> Result<NodeCreateResponse, Fail> {
+    let nodes = app
+        .blocking(move |app| {
+            app.clusters.add_nodes(
+                &request.cluster_code,
+                request.count,
+                request.spec.node_resource,
+                &app.node_offer(),
+            )
+        })
+        .await?;
+    Ok(NodeCreateResponse {
+        code: "0",
+        message: "success",
+        request_id: uuid::Uuid::new_v4().to_string(),
+        node_id: nodes,
+    })
+}
+
+/// A.8
+async fn delete_nodes(
+    State(app): State<App>,
+    Body(request, ..): Body<NodeDeleteRequest, CodeString>,
+) -> Answer<CodeString, ()> {
+    app.blocking(move |app| {
+        app.clusters
+            .remove_nodes(&request.cluster_code, &request.node_id)
+    })
+    .await?;
+    Ok(Reply::empty())
+}
+
+/// A.9
+async fn list_nodes(
+    State(app): State<App>,
+    Params(request, ..): Params<NodeListRequest, CodeString>,
+) -> Answer<CodeString, Vec<NodeView>> {
+    let nodes = app.clusters.nodes(&request.cluster_code)?;
+    let facts = app.machine.facts();
+    let ip = facts.ip.to_string();
+    let xpus = app.xpu_inventory();
+    Ok(Reply::data(
+        nodes
+            .iter()
+            .map(|node: &NodeRecord| {
+                let memory = facts.memory_total_gb as u32;
+                NodeView {
+                    node_id: node.node_id.clone(),
+                    internal_ip: ip.clone(),
+                    interal_ip: ip.clone(),
+                    external_ip: app.external_ip().to_string(),
+                    machine_type: if xpus.is_empty() { "CPU" } else { "GPU" },
+                    cpu: facts.cpu_cores,
+                    memory,
+                    memoy: memory,
+                    disk: facts.disk_total_gb as u32,
+                    xpu_resources: xpus.clone(),
+                }
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,119 @@
+//! Appendix D, served part: `GET /CAP/Status` (D.5), this machine's compute and its
+//! use, from the machine sampler. D.2-D.4 are calls xpud makes on the platform.
+//! Use figures are percentages (0-100); sizes GB.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+use super::envelope::{Answer, CodeIntMessage, Reply};
+use super::App;
+
+/// Table D.12, `basicInfos[]`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BasicInfo {
+    ip: String,
+    host_name: String,
+    cpu: u32,
+    gpu: u32,
+    /// The accelerator types present, comma-separated.
+    gpu_type: String,
+    memory: f64,
+    disk: f64,
+    os: String,
+}
+
+/// Table D.12, `gpuUsedetail[]`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuUseDetail {
+    pub algo_id: String,
+    pub gpu_quota: f64,
+}
+
+/// Table D.12, `opsInfos[]`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OpsInfo {
+    ip: String,
+    host_name: String,
+    cpu_use: f64,
+    /// Mean utilisation of the accelerators that report one; null when none does.
+    gpu_use: Option<f64>,
+    memory_use: f64,
+    disk_use: f64,
+    gpu_usedetail: Vec<GpuUseDetail>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CapStatus {
+    basic_infos: Vec<BasicInfo>,
+    ops_infos: Vec<OpsInfo>,
+}
+
+fn percent(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        (part / whole * 1000.0).round() / 10.0
+    } else {
+        0.0
+    }
+}
+
+pub fn routes() -> Router<App> {
+    Router::new().route("/CAP/Status", get(status))
+}
+
+/// D.5
+async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
+    let facts = app.machine.facts();
+    let latest = app.machine.latest();
+    let inventory = app.xpu_inventory();
+    let ip = app.external_ip().to_string();
+    let readings: Vec<f64> = latest
+        .iter()
+        .flat_map(|s| s.xpus.iter().filter_map(|x| x.utilization))
+        .collect();
+    let ops = OpsInfo {
+        ip: ip.clone(),
+        host_name: facts.host_name.clone(),
+        cpu_use: latest
+            .as_ref()
+            .map_or(0.0, |s| (s.cpu_utilization * 1000.0).round() / 10.0),
+        gpu_use: (!readings.is_empty()).then(|| {
+            (readings.iter().sum::<f64>() / readings.len() as f64 * 1000.0).round() / 10.0
+        }),
+        memory_use: latest
+            .as_ref()
+            .map_or(0.0, |s| percent(s.memory_used_gb, s.memory_total_gb)),
+        disk_use: latest
+            .as_ref()
+            .map_or(0.0, |s| percent(s.disk_used_gb, s.disk_total_gb)),
+        gpu_usedetail: app
+            .services
+            .quota_by_algorithm()
+            .into_iter()
+            .map(|(algo_id, gpu_quota)| GpuUseDetail { algo_id, gpu_quota })
+            .collect(),
+    };
+    let basic = BasicInfo {
+        ip,
+        host_name: facts.host_name.clone(),
+        cpu: facts.cpu_cores,
+        gpu: inventory.iter().map(|x| x.num).sum(),
+        gpu_type: inventory
+            .iter()
+            .map(|x| x.xpu_type.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        memory: (facts.memory_total_gb * 10.0).round() / 10.0,
+        disk: (facts.disk_total_gb * 10.0).round() / 10.0,
+        os: facts.os.clone(),
+    };
+    Ok(Reply::data(CapStatus {
+        basic_infos: vec![basic],
+        ops_infos: vec![ops],
+    }))
+}

@@ -1,0 +1,195 @@
+//! The standard's response envelopes, one per family of appendices:
+//!
+//! | family | appendices | success | failure |
+//! |---|---|---|---|
+//! | [`CodeString`] | A, B, C, H, I | `{"code": "0", "message", "requestId", "data"}` | `code` = the HTTP status as a string |
+//! | [`CodeInt`] | E, F, G | `{"code": 0, "msg", "data"}` | `code` = the HTTP status |
+//! | [`CodeIntMessage`] | D | `{"code": 0, "message", "data"}` | `code` = the HTTP status |
+//!
+//! Handlers return `Result<Reply<F, T>, Failure<F>>`: the family is part of the type,
+//! so a failure is always written in its endpoint's envelope.
+
+use std::marker::PhantomData;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// An envelope family.
+pub trait Family: Send + 'static {
+    fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response;
+}
+
+/// Appendices A, B, C, H and I.
+pub struct CodeString;
+/// Appendices E, F and G.
+pub struct CodeInt;
+/// Appendix D.
+pub struct CodeIntMessage;
+
+fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+#[derive(Serialize)]
+struct StringBody<'a, T> {
+    code: String,
+    message: &'a str,
+    #[serde(rename = "requestId")]
+    request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+}
+
+#[derive(Serialize)]
+struct IntMsgBody<'a, T> {
+    code: u16,
+    msg: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+}
+
+#[derive(Serialize)]
+struct IntMessageBody<'a, T> {
+    code: u16,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+}
+
+/// The envelope's code for an HTTP status: 0 for success, the status otherwise.
+fn envelope_code(code: u16) -> u16 {
+    if code < 300 {
+        0
+    } else {
+        code
+    }
+}
+
+fn status(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+impl Family for CodeString {
+    fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
+        let body = StringBody {
+            code: envelope_code(code).to_string(),
+            message,
+            request_id: request_id(),
+            data,
+        };
+        (status(code), Json(body)).into_response()
+    }
+}
+
+impl Family for CodeInt {
+    fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
+        let body = IntMsgBody {
+            code: envelope_code(code),
+            msg: message,
+            data,
+        };
+        (status(code), Json(body)).into_response()
+    }
+}
+
+impl Family for CodeIntMessage {
+    fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
+        let body = IntMessageBody {
+            code: envelope_code(code),
+            message,
+            data,
+        };
+        (status(code), Json(body)).into_response()
+    }
+}
+
+/// A successful answer carrying `data` (or none: the text's `EmptyResponse`).
+pub struct Reply<F, T> {
+    data: Option<T>,
+    family: PhantomData<F>,
+}
+
+impl<F, T> Reply<F, T> {
+    pub fn data(data: T) -> Self {
+        Reply {
+            data: Some(data),
+            family: PhantomData,
+        }
+    }
+}
+
+impl<F> Reply<F, ()> {
+    pub fn empty() -> Self {
+        Reply {
+            data: None,
+            family: PhantomData,
+        }
+    }
+}
+
+impl<F: Family, T: Serialize> IntoResponse for Reply<F, T> {
+    fn into_response(self) -> Response {
+        F::body(200, "success", self.data)
+    }
+}
+
+/// A failed request: an HTTP status and a message that names what was wrong.
+#[derive(Debug)]
+pub struct Failure<F> {
+    pub status: StatusCode,
+    pub message: String,
+    family: PhantomData<F>,
+}
+
+impl<F> Failure<F> {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            message: message.into(),
+            family: PhantomData,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
+    /// A failure of the server itself; the detail goes to the log, not the client.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!("request failed: {error}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl<F: Family> IntoResponse for Failure<F> {
+    fn into_response(self) -> Response {
+        F::body::<()>(self.status.as_u16(), &self.message, None)
+    }
+}
+
+pub type Answer<F, T> = Result<Reply<F, T>, Failure<F>>;
+
+impl<F> From<crate::error::Error> for Failure<F> {
+    fn from(error: crate::error::Error) -> Self {
+        use crate::error::Error;
+        match error {
+            Error::Invalid(message) => Failure::bad_request(message),
+            Error::NotFound(message) => Failure::not_found(message),
+            Error::Conflict(message) => Failure::conflict(message),
+            Error::Internal(error) => Failure::internal(format!("{error:#}")),
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The HTTP API: health and the plugin listing, and the standard's endpoints, one
+//! module per appendix:
+//!
+//! | module | appendix | paths |
+//! |---|---|---|
+//! | [`clusters`] | A | `/CCP/clusters`, `/CCP/cluster/nodes` |
+//! | [`workloads`] | B | `/CCP/algoService/workloads`, `/CCP/algoService/pods` |
+//! | [`monitors`] | C | `/CCP/cluster/monitors`, `/CCP/node/monitors` |
+//! | [`compute`] | D.5 | `/CAP/Status` |
+//! | [`algorithms`] | E | `/CAP/AlgoFilePackages`, `/CAP/AlgoPackages` |
+//! | [`services`] | F | `/CAP/AlgoServices` |
+//! | [`tasks`] | G | `/CAP/AlgoTasks` |
+//! | [`machine`] | H.5 | `/CAD/machine/status` |
+//! | [`machine_packages`] | I | `/CAD/machine/algoFilePackages`, `/CAD/machine/algoPackages` |
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Deref;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+pub mod algorithms;
+pub mod clusters;
+pub mod compute;
+mod envelope;
+mod input;
+pub mod machine;
+pub mod machine_packages;
+pub mod monitors;
+mod page;
+pub mod services;
+pub mod tasks;
+pub mod workloads;
+
+use crate::clusters::{Clusters, NodeOffer};
+use crate::error::Error;
+use crate::machine::Machine;
+use crate::machine_packages::MachinePackages;
+use crate::packages::Packages;
+use crate::plugins::registry::PluginView;
+use crate::plugins::Registry;
+use crate::runtime::engine::Allocator;
+use crate::sampler::SampleCache;
+use crate::services::Services;
+use crate::store::Store;
+use crate::tasks::Tasks;
+use crate::workloads::Workloads;
+use clusters::XpuResource;
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub samples: Arc<SampleCache>,
+    pub machine: Arc<Machine>,
+    pub store: Arc<Store>,
+    pub clusters: Clusters,
+    pub packages: Arc<Packages>,
+    pub services: Arc<Services>,
+    pub tasks: Tasks,
+    pub workloads: Workloads,
+    /// The address the server is bound to.
+    pub listen: SocketAddr,
+    /// This machine's code in CAD mode (Appendix H).
+    pub machine_code: String,
+    pub machine_packages: MachinePackages,
+    /// Where the platform serves file packages in CAD mode (I.2), `{id}` in it.
+    pub package_url: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct App(pub Arc<AppState>);
+
+impl Deref for App {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+/// How a client reaches this xpud (A.6).
+pub struct Access {
+    pub external_address: String,
+    pub inner_address: String,
+    pub ca_cert: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+impl App {
+    /// Runs state changes (which write the store) on a blocking thread.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&App) -> crate::error::Result<T> + Send + 'static,
+    ) -> crate::error::Result<T> {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&app))
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("worker thread failed: {e}")))?
+    }
+
+    /// This machine's accelerators now, from the drivers' latest samples (taken at
+    /// start, before the first request, and every sampler interval after). The one
+    /// source for inventories and placements alike.
+    pub fn xpus(&self) -> Vec<crate::machine::XpuSample> {
+        let drivers: Vec<String> = self
+            .registry
+            .drivers()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        crate::machine::xpus(&self.samples, &drivers)
+    }
+
+    /// This machine's accelerators by type.
+    pub fn xpu_inventory(&self) -> Vec<XpuResource> {
+        let mut inventory: Vec<XpuResource> = Vec::new();
+        for xpu in self.xpus() {
+            match inventory.iter_mut().find(|x| x.xpu_type == xpu.xpu_type) {
+                Some(entry) => entry.num += 1,
+                None => inventory.push(XpuResource {
+                    xpu_type: xpu.xpu_type,
+                    num: 1,
+                }),
+            }
+        }
+        inventory
+    }
+
+    /// What this machine offers a cluster as a node.
+    pub fn node_offer(&self) -> NodeOffer {
+        let facts = self.machine.facts();
+        NodeOffer {
+            node_id: self.machine.node_id(),
+            cpu: facts.cpu_cores,
+            memory_gb: facts.memory_total_gb,
+            disk_gb: facts.disk_total_gb,
+            xpus: self.xpu_inventory(),
+        }
+    }
+
+    /// The address other machines reach this one at.
+    pub fn external_ip(&self) -> IpAddr {
+        self.machine.facts().ip
+    }
+
+    pub fn access(&self) -> Access {
+        let port = self.listen.port();
+        Access {
+            external_address: SocketAddr::new(self.external_ip(), port).to_string(),
+            inner_address: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port).to_string(),
+            // No TLS is configured yet: there is no certificate to hand out.
+            ca_cert: String::new(),
+            client_cert: String::new(),
+            client_key: String::new(),
+        }
+    }
+}
+
+pub fn router(app: App) -> Router {
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/plugins", get(plugins))
+        .merge(clusters::routes())
+        .merge(workloads::routes())
+        .merge(monitors::routes())
+        .merge(compute::routes())
+        .merge(algorithms::routes())
+        .merge(services::routes())
+        .merge(tasks::routes())
+        .merge(machine::routes())
+        .merge(machine_packages::routes())
+        .layer(DefaultBodyLimit::max(input::MAX_BODY_BYTES))
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(wrong_method);
+    router.with_state(app)
+}
+
+/// The envelope family of the appendix a path belongs to.
+fn family_of(path: &str) -> fn(u16, &str) -> axum::response::Response {
+    use envelope::{CodeInt, CodeIntMessage, CodeString, Family};
+    if path.starts_with("/CAP/Status") || path.starts_with("/ACP/") {
+        |code, message| CodeIntMessage::body::<()>(code, message, None)
+    } else if path.starts_with("/CAP/") {
+        |code, message| CodeInt::body::<()>(code, message, None)
+    } else {
+        |code, message| CodeString::body::<()>(code, message, None)
+    }
+}
+
+/// Unknown paths answer 404 in the envelope of the appendix they look like.
+async fn no_such_endpoint(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    family_of(uri.path())(404, &format!("no such endpoint: {method} {}", uri.path()))
+}
+
+/// A known path with a method it does not take answers 405, likewise.
+async fn wrong_method(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    family_of(uri.path())(405, &format!("{} does not take {method}", uri.path()))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+#[derive(serde::Serialize)]
+struct PluginList {
+    allocator: Allocator,
+    plugin_dir: String,
+    plugins: Vec<PluginRow>,
+}
+
+#[derive(serde::Serialize)]
+struct PluginRow {
+    #[serde(flatten)]
+    plugin: PluginView,
+    /// Drivers: what the last sample found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    devices: Option<Vec<DeviceRow>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sampled_at_ms: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct DeviceRow {
+    id: String,
+    index: u32,
+    accelerator_type: String,
+    memory_total_mib: Option<u64>,
+    pci_bus_id: Option<String>,
+}
+
+/// Loaded and refused plugins with their state. Reads the registry's and the
+/// supervisors' bookkeeping and the sampler's cache only: it never calls a plugin.
+async fn plugins(State(state): State<App>) -> Json<PluginList> {
+    let plugins = state
+        .registry
+        .views()
+        .into_iter()
+        .map(|plugin| {
+            let snapshot = state.samples.get(&plugin.name);
+            PluginRow {
+                devices: snapshot.as_ref().map(|s| {
+                    s.devices
+                        .iter()
+                        .map(|d| DeviceRow {
+                            id: d.id.clone(),
+                            index: d.index,
+                            accelerator_type: d.accelerator_type.clone(),
+                            memory_total_mib: d.memory_total_mib,
+                            pci_bus_id: d.pci_bus_id.clone(),
+                        })
+                        .collect()
+                }),
+                sampled_at_ms: snapshot.and_then(|s| {
+                    s.at.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64)
+                }),
+                plugin,
+            }
+        })
+        .collect();
+    Json(PluginList {
+        allocator: state.registry.runtime().allocator(),
+        plugin_dir: state.registry.plugin_dir().display().to_string(),
+        plugins,
+    })
+}

@@ -1,0 +1,196 @@
+//! Appendix C: resource monitors of clusters and nodes, from the machine sampler's
+//! history (never measured on the request path). Utilisations are fractions (0-1),
+//! sizes GB. Trend lists are `[{"<timestamp ms>": value}, ...]`, oldest first.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::envelope::{Answer, CodeString, Failure, Reply};
+use super::input::{Params, PathParam};
+use super::App;
+use crate::machine::Sample;
+
+/// One point of a trend: serialised as `{"<timestamp ms>": value}`.
+#[derive(Clone, Copy, Debug)]
+pub struct TrendPoint(pub u64, pub f64);
+
+impl Serialize for TrendPoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = BTreeMap::new();
+        map.insert(self.0.to_string(), self.1);
+        map.serialize(s)
+    }
+}
+
+/// Table C.7.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct XpuMonitorInfo {
+    xpu_memory: Option<u32>,
+    xpu_memory_used: Option<f64>,
+    xpu_memory_used_list: Vec<TrendPoint>,
+    /// Unknown when the driver cannot read it: null, never 0.
+    xpu_utilization: Option<f64>,
+    xpu_utilization_list: Vec<TrendPoint>,
+    xpu_type: String,
+}
+
+/// Tables C.6 and C.10: the shared figures.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    cpu: u32,
+    cpu_utilization: f64,
+    cpu_utilization_list: Vec<TrendPoint>,
+    memory: u32,
+    memory_used: f64,
+    memory_used_list: Vec<TrendPoint>,
+    disk: u32,
+    disk_used: f64,
+    disk_used_list: Vec<TrendPoint>,
+    xpu_monitors: Vec<XpuMonitorInfo>,
+}
+
+/// Table C.6.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterMonitorInfo {
+    id: u64,
+    cluster_name: String,
+    #[serde(flatten)]
+    usage: Usage,
+}
+
+/// Table C.10.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeMonitorInfo {
+    id: u64,
+    ip: String,
+    #[serde(flatten)]
+    usage: Usage,
+}
+
+/// Table C.8 (the node id also comes in the path).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeMonitorRequest {
+    pub cluster_code: String,
+    #[serde(default)]
+    pub node_id: Option<String>,
+}
+
+fn trend(
+    history: &[std::sync::Arc<Sample>],
+    value: impl Fn(&Sample) -> Option<f64>,
+) -> Vec<TrendPoint> {
+    history
+        .iter()
+        .filter_map(|s| value(s).map(|v| TrendPoint(s.at_ms, v)))
+        .collect()
+}
+
+/// The figures of `nodes` machines (this one, or none).
+fn usage(app: &App, nodes: usize) -> Usage {
+    if nodes == 0 {
+        return Usage {
+            cpu: 0,
+            cpu_utilization: 0.0,
+            cpu_utilization_list: Vec::new(),
+            memory: 0,
+            memory_used: 0.0,
+            memory_used_list: Vec::new(),
+            disk: 0,
+            disk_used: 0.0,
+            disk_used_list: Vec::new(),
+            xpu_monitors: Vec::new(),
+        };
+    }
+    let facts = app.machine.facts();
+    let history = app.machine.history();
+    let latest = history.last();
+    let xpu_monitors = latest
+        .map(|now| {
+            now.xpus
+                .iter()
+                .map(|xpu| {
+                    let of = |s: &Sample| s.xpus.iter().find(|x| x.key == xpu.key).cloned();
+                    XpuMonitorInfo {
+                        xpu_memory: xpu.memory_total_gb.map(|g| g.round() as u32),
+                        xpu_memory_used: xpu.memory_used_gb,
+                        xpu_memory_used_list: trend(&history, |s| {
+                            of(s).and_then(|x| x.memory_used_gb)
+                        }),
+                        xpu_utilization: xpu.utilization,
+                        xpu_utilization_list: trend(&history, |s| {
+                            of(s).and_then(|x| x.utilization)
+                        }),
+                        xpu_type: xpu.xpu_type.clone(),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Usage {
+        cpu: facts.cpu_cores,
+        cpu_utilization: latest.map_or(0.0, |s| s.cpu_utilization),
+        cpu_utilization_list: trend(&history, |s| Some(s.cpu_utilization)),
+        memory: facts.memory_total_gb.round() as u32,
+        memory_used: latest.map_or(0.0, |s| s.memory_used_gb),
+        memory_used_list: trend(&history, |s| Some(s.memory_used_gb)),
+        disk: facts.disk_total_gb.round() as u32,
+        disk_used: latest.map_or(0.0, |s| s.disk_used_gb),
+        disk_used_list: trend(&history, |s| Some(s.disk_used_gb)),
+        xpu_monitors,
+    }
+}
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/CCP/cluster/monitors/{clusterCode}", get(cluster_monitor))
+        .route("/CCP/node/monitors/{nodeId}", get(node_monitor))
+}
+
+/// C.2
+async fn cluster_monitor(
+    State(app): State<App>,
+    PathParam(code, ..): PathParam<CodeString>,
+) -> Answer<CodeString, ClusterMonitorInfo> {
+    let cluster = app.clusters.get(&code)?;
+    let nodes = app.clusters.nodes(&code)?.len();
+    Ok(Reply::data(ClusterMonitorInfo {
+        id: cluster.id,
+        cluster_name: cluster.name,
+        usage: usage(&app, nodes),
+    }))
+}
+
+/// C.3
+async fn node_monitor(
+    State(app): State<App>,
+    PathParam(node_id, ..): PathParam<CodeString>,
+    Params(request, ..): Params<NodeMonitorRequest, CodeString>,
+) -> Answer<CodeString, NodeMonitorInfo> {
+    if let Some(other) = request.node_id.filter(|n| *n != node_id) {
+        return Err(Failure::bad_request(format!(
+            "nodeId {other:?} does not match the path's {node_id:?}"
+        )));
+    }
+    app.clusters.get(&request.cluster_code)?;
+    if app.clusters.cluster_of(&node_id).as_deref() != Some(request.cluster_code.as_str()) {
+        return Err(Failure::not_found(format!(
+            "no node {node_id:?} in cluster {}",
+            request.cluster_code
+        )));
+    }
+    Ok(Reply::data(NodeMonitorInfo {
+        // The single machine is node 1.
+        id: 1,
+        ip: app.external_ip().to_string(),
+        usage: usage(&app, 1),
+    }))
+}

@@ -1,0 +1,155 @@
+//! Appendix F: algorithm services (`/CAP/AlgoServices`): pools of algorithm-plugin
+//! workers, one per replica, placed on this machine's accelerators.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::algorithms::Empty;
+use super::envelope::{Answer, CodeInt, Failure, Reply};
+use super::input::{Body, PathParam};
+use super::page::{self, Page};
+use super::App;
+use crate::services::{ServiceRecord, ServiceStatus};
+
+/// Table F.6.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceCreateRequest {
+    pub envs: String,
+    pub replicas: u32,
+    pub gpu_type: String,
+    pub algo_id: String,
+}
+
+/// Table F.10: both optional.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSearchRequest {
+    #[serde(default = "first_page")]
+    pub page_number: u32,
+    #[serde(default = "default_size")]
+    pub page_size: u32,
+}
+
+fn first_page() -> u32 {
+    1
+}
+
+fn default_size() -> u32 {
+    20
+}
+
+/// Table F.11's record.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceView {
+    id: String,
+    algo_id: String,
+    replicas: u32,
+    gpu_type: String,
+    envs: String,
+}
+
+fn view(s: &ServiceRecord) -> ServiceView {
+    ServiceView {
+        id: s.id.clone(),
+        algo_id: s.algo_id.clone(),
+        replicas: s.replicas,
+        gpu_type: s.gpu_type.clone(),
+        envs: s.envs.clone(),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReplicaDetail {
+    node_host: String,
+    node_ipv4: String,
+}
+
+/// Table F.13.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceDetail {
+    #[serde(flatten)]
+    service: ServiceView,
+    status: ServiceStatus,
+    status_desc: String,
+    gpu_quota: f64,
+    replicas_detail: Vec<ReplicaDetail>,
+}
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/CAP/AlgoServices", post(create))
+        .route("/CAP/AlgoServices:search", post(search))
+        .route("/CAP/AlgoServices/{id}", get(detail).delete(delete))
+}
+
+/// F.2: the service id.
+async fn create(
+    State(app): State<App>,
+    Body(request, ..): Body<ServiceCreateRequest, CodeInt>,
+) -> Answer<CodeInt, String> {
+    let service = app
+        .blocking(move |app| {
+            let xpus = app.xpus();
+            app.services.create(
+                &request.algo_id,
+                request.replicas,
+                &request.gpu_type,
+                &request.envs,
+                &xpus,
+            )
+        })
+        .await?;
+    Ok(Reply::data(service.id))
+}
+
+/// F.3
+async fn delete(
+    State(app): State<App>,
+    PathParam(id, ..): PathParam<CodeInt>,
+) -> Answer<CodeInt, Empty> {
+    app.blocking(move |app| app.services.delete(&id, app.tasks.count_for(&id)))
+        .await?;
+    Ok(Reply::data(Empty {}))
+}
+
+/// F.4
+async fn search(
+    State(app): State<App>,
+    Body(request, ..): Body<ServiceSearchRequest, CodeInt>,
+) -> Answer<CodeInt, Page<ServiceView>> {
+    page::check(request.page_number, request.page_size).map_err(Failure::bad_request)?;
+    let services = app.services.list();
+    Ok(Reply::data(page::of(
+        services.iter(),
+        request.page_number,
+        request.page_size,
+        view,
+    )))
+}
+
+/// F.5
+async fn detail(
+    State(app): State<App>,
+    PathParam(id, ..): PathParam<CodeInt>,
+) -> Answer<CodeInt, ServiceDetail> {
+    let service = app.services.get(&id)?;
+    let facts = app.machine.facts();
+    Ok(Reply::data(ServiceDetail {
+        replicas_detail: (0..service.replicas)
+            .map(|_| ReplicaDetail {
+                node_host: facts.host_name.clone(),
+                node_ipv4: app.external_ip().to_string(),
+            })
+            .collect(),
+        status: service.status,
+        status_desc: service.status_desc.clone(),
+        gpu_quota: service.gpu_quota,
+        service: view(&service),
+    }))
+}

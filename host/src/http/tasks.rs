@@ -1,0 +1,355 @@
+//! Appendix G: video-analysis tasks (`/CAP/AlgoTasks`). Wire types follow tables
+//! G.8-G.19; `extendParams` is the one free-form object the text leaves untyped.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::algorithms::Empty;
+use super::envelope::{Answer, CodeInt, Failure, Reply};
+use super::input::{Body, PathParam};
+use super::page::{self, Page};
+use super::App;
+use crate::tasks::{Filter, TaskRecord, TaskStatus};
+use serde_json::value::RawValue;
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RestartPolicy {
+    Never,
+    Always,
+}
+
+/// Table G.8.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskCreateRequest {
+    pub algo_service_id: String,
+    pub restart_policy: RestartPolicy,
+    pub task_info: TaskInfo,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskInfo {
+    pub labels: TaskLabels,
+    pub rules_params: Vec<RuleParams>,
+    pub stream_options: StreamOptions,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskLabels {
+    pub algo_cabin_name: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleParams {
+    pub areas: Vec<AreaParam>,
+    pub destinations: Destinations,
+    pub event_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend_params: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub masks: Vec<AreaParam>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AreaParam {
+    pub areaid: i32,
+    pub area_type: AreaType,
+    pub points: Vec<PointParam>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AreaType {
+    Polygon,
+    SingleLine,
+    SingleLineBoth,
+    MultiLine,
+    MultiLineBoth,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+pub struct PointParam {
+    pub x: f64,
+    pub y: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destinations {
+    #[serde(rename = "HTTPDest", default, skip_serializing_if = "Option::is_none")]
+    pub http_dest: Option<HttpDest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_dest: Option<EventDest>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct HttpDest {
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventDest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mq_dest: Option<MqDest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_dest: Option<ImageDest>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MqDest {
+    pub mq_type: String,
+    pub topic: String,
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageDest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_image_dest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_image_dest: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamOptions {
+    pub video_stream_options: VideoStreamOptions,
+}
+
+/// Rule 7: about 2, 4 and 8 megapixels.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Resolution {
+    #[serde(rename = "PIXELS_200W")]
+    Pixels200W,
+    #[serde(rename = "PIXELS_400W")]
+    Pixels400W,
+    #[serde(rename = "PIXELS_800W")]
+    Pixels800W,
+}
+
+impl Resolution {
+    pub fn size(self) -> (u32, u32) {
+        match self {
+            Resolution::Pixels200W => (1920, 1080),
+            Resolution::Pixels400W => (2560, 1440),
+            Resolution::Pixels800W => (3840, 2160),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VideoStreamOptions {
+    pub resolution: Resolution,
+    pub url: String,
+}
+
+/// Table G.9's stream entry.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedStream {
+    algo_service_id: String,
+    task_info: CreatedTaskInfo,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedTaskInfo {
+    id: String,
+    status: TaskStatus,
+    stream_options: CreatedStreamOptions,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedStreamOptions {
+    video_stream_options: CreatedVideo,
+}
+
+#[derive(Serialize)]
+struct CreatedVideo {
+    url: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateResult {
+    created_streams: Vec<CreatedStream>,
+    updated_streams: Vec<CreatedStream>,
+}
+
+/// Table G.16.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSearchRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub algo_service_id: Option<String>,
+    #[serde(default)]
+    pub event_type: Option<String>,
+    pub page_size: u32,
+    pub page_number: u32,
+}
+
+/// Table G.17's record; G.19's detail adds the status description and the stream.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskView {
+    algo_service_id: String,
+    restart_policy: RestartPolicy,
+    task_info: TaskInfoView,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TaskInfoView {
+    id: String,
+    labels: TaskLabels,
+    status: TaskStatus,
+    /// What the task is doing or why it stopped (detail only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_desc: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+fn view(task: &TaskRecord) -> TaskView {
+    TaskView {
+        algo_service_id: task.algo_service_id.clone(),
+        restart_policy: task.restart_policy,
+        task_info: TaskInfoView {
+            id: task.id.clone(),
+            labels: task.task_info.labels.clone(),
+            status: task.status,
+            status_desc: None,
+            stream_options: None,
+        },
+    }
+}
+
+/// A task's search record as JSON, rendered when the task is written.
+pub fn summary_json(task: &TaskRecord) -> Box<serde_json::value::RawValue> {
+    let json = serde_json::to_string(&view(task)).expect("task views serialise");
+    serde_json::value::RawValue::from_string(json).expect("serde_json wrote valid JSON")
+}
+
+fn detail_view(task: &TaskRecord) -> TaskView {
+    let mut view = view(task);
+    view.task_info.status_desc = Some(task.status_desc.clone());
+    view.task_info.stream_options = Some(task.task_info.stream_options.clone());
+    view
+}
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/CAP/AlgoTasks", post(create))
+        .route("/CAP/AlgoTasks:search", post(search))
+        // POST is `{id}:resume` or `{id}:pause`: one path segment, split by `act`.
+        .route("/CAP/AlgoTasks/{id}", get(detail).delete(delete).post(act))
+}
+
+/// G.2
+async fn create(
+    State(app): State<App>,
+    Body(request, ..): Body<TaskCreateRequest, CodeInt>,
+) -> Answer<CodeInt, CreateResult> {
+    let task = app.blocking(move |app| app.tasks.create(request)).await?;
+    Ok(Reply::data(CreateResult {
+        created_streams: vec![CreatedStream {
+            algo_service_id: task.algo_service_id.clone(),
+            task_info: CreatedTaskInfo {
+                id: task.id.clone(),
+                status: task.status,
+                stream_options: CreatedStreamOptions {
+                    video_stream_options: CreatedVideo {
+                        url: task
+                            .task_info
+                            .stream_options
+                            .video_stream_options
+                            .url
+                            .clone(),
+                    },
+                },
+            },
+        }],
+        updated_streams: Vec::new(),
+    }))
+}
+
+/// G.3
+async fn delete(
+    State(app): State<App>,
+    PathParam(id, ..): PathParam<CodeInt>,
+) -> Answer<CodeInt, Empty> {
+    app.blocking(move |app| app.tasks.delete(&id)).await?;
+    Ok(Reply::data(Empty {}))
+}
+
+/// G.4 (`{id}:resume`) and G.5 (`{id}:pause`).
+async fn act(
+    State(app): State<App>,
+    PathParam(segment, ..): PathParam<CodeInt>,
+) -> Answer<CodeInt, bool> {
+    let (id, action) = segment.rsplit_once(':').ok_or_else(|| {
+        Failure::not_found(format!("no such endpoint: POST /CAP/AlgoTasks/{segment}"))
+    })?;
+    let (id, action) = (id.to_string(), action.to_string());
+    match action.as_str() {
+        "resume" => app.blocking(move |app| app.tasks.resume(&id)).await?,
+        "pause" => app.blocking(move |app| app.tasks.pause(&id)).await?,
+        other => {
+            return Err(Failure::not_found(format!(
+                "no action {other:?}: POST /CAP/AlgoTasks/{{id}}:resume or :pause"
+            )))
+        }
+    }
+    Ok(Reply::data(true))
+}
+
+/// G.6
+async fn search(
+    State(app): State<App>,
+    Body(request, ..): Body<TaskSearchRequest, CodeInt>,
+) -> Answer<CodeInt, Page<Box<RawValue>>> {
+    page::check(request.page_number, request.page_size).map_err(Failure::bad_request)?;
+    let filter = Filter {
+        id: request.id.as_deref(),
+        service: request.algo_service_id.as_deref(),
+        event_type: request.event_type.as_deref(),
+    };
+    let (total, records) = app
+        .tasks
+        .search(&filter, request.page_number, request.page_size);
+    let page = Page {
+        page_number: request.page_number,
+        page_size: request.page_size,
+        total,
+        records,
+    };
+    Ok(Reply::data(page))
+}
+
+/// G.7
+async fn detail(
+    State(app): State<App>,
+    PathParam(id, ..): PathParam<CodeInt>,
+) -> Answer<CodeInt, TaskView> {
+    let task = app.tasks.get(&id)?;
+    Ok(Reply::data(detail_view(&task)))
+}

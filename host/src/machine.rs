@@ -1,0 +1,273 @@
+//! This machine, as the single-machine backend sees it: its fixed facts (cores,
+//! memory, the disk holding the data directory, addresses, host name, OS) and a
+//! sampler that records its load and its accelerators' load into a bounded history.
+//!
+//! Request handlers read the latest sample and the history; they never measure
+//! anything themselves. XPU figures come from the driver sampler's cache.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sysinfo::{Disks, Networks, System};
+
+use crate::sampler::SampleCache;
+
+/// Samples kept: with the default 2 s interval, the last 20 minutes.
+pub const HISTORY_LEN: usize = 600;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub host_name: String,
+    pub os: String,
+    pub cpu_cores: u32,
+    pub memory_total_gb: f64,
+    pub disk_total_gb: f64,
+    /// The address this machine is known by: configured, else its first
+    /// non-loopback IPv4 address, else loopback.
+    pub ip: IpAddr,
+}
+
+/// One accelerator's figures at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XpuSample {
+    /// `driver/index`: stable for as long as the driver is loaded.
+    pub key: String,
+    pub xpu_type: String,
+    pub memory_total_gb: Option<f64>,
+    pub memory_used_gb: Option<f64>,
+    /// 0-1.
+    pub utilization: Option<f64>,
+    /// Video-decode utilisation, 0-1.
+    pub decode_utilization: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at_ms: u64,
+    /// 0-1, all cores.
+    pub cpu_utilization: f64,
+    pub memory_used_gb: f64,
+    pub memory_total_gb: f64,
+    pub disk_used_gb: f64,
+    pub disk_total_gb: f64,
+    /// Bytes per second over all non-loopback interfaces since the previous sample.
+    pub net_rx_bps: f64,
+    pub net_tx_bps: f64,
+    pub xpus: Vec<XpuSample>,
+}
+
+pub struct Machine {
+    facts: Facts,
+    history: RwLock<VecDeque<Arc<Sample>>>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The disk whose mount point holds `path` (the longest matching mount point).
+fn disk_of<'a>(disks: &'a Disks, path: &Path) -> Option<&'a sysinfo::Disk> {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    disks
+        .iter()
+        .filter(|d| path.starts_with(d.mount_point()))
+        .max_by_key(|d| d.mount_point().as_os_str().len())
+}
+
+fn first_ipv4(networks: &Networks) -> Option<IpAddr> {
+    let mut names: Vec<_> = networks.keys().collect();
+    names.sort();
+    names.into_iter().find_map(|name| {
+        networks[name]
+            .ip_networks()
+            .iter()
+            .map(|n| n.addr)
+            .find(|a| a.is_ipv4() && !a.is_loopback())
+    })
+}
+
+impl Machine {
+    /// Reads the machine's facts. `data_dir` picks the disk that counts.
+    pub fn probe(data_dir: &Path, advertise: Option<IpAddr>) -> anyhow::Result<Machine> {
+        let mut system = System::new().map_err(|e| anyhow::anyhow!("read system facts: {e}"))?;
+        system.refresh_memory();
+        let disks =
+            Disks::new_with_refreshed_list().map_err(|e| anyhow::anyhow!("list disks: {e}"))?;
+        let networks = Networks::new_with_refreshed_list()
+            .map_err(|e| anyhow::anyhow!("list networks: {e}"))?;
+        let cpu_cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let facts = Facts {
+            host_name: System::host_name().unwrap_or_else(|_| "localhost".into()),
+            os: System::long_os_version().unwrap_or_else(|_| std::env::consts::OS.into()),
+            cpu_cores,
+            memory_total_gb: system.total_memory() as f64 / GIB,
+            disk_total_gb: disk_of(&disks, data_dir)
+                .map(|d| d.total_space() as f64 / GIB)
+                .unwrap_or(0.0),
+            ip: advertise
+                .or_else(|| first_ipv4(&networks))
+                .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+        };
+        Ok(Machine {
+            facts,
+            history: RwLock::new(VecDeque::with_capacity(HISTORY_LEN)),
+        })
+    }
+
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    /// The node id this machine has in clusters: stable across restarts.
+    pub fn node_id(&self) -> String {
+        let name: String = self
+            .facts
+            .host_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("node-{name}")
+    }
+
+    pub fn latest(&self) -> Option<Arc<Sample>> {
+        self.read().back().cloned()
+    }
+
+    /// The recorded samples, oldest first.
+    pub fn history(&self) -> Vec<Arc<Sample>> {
+        self.read().iter().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, VecDeque<Arc<Sample>>> {
+        crate::sync::read(&self.history)
+    }
+
+    fn record(&self, sample: Sample) {
+        let mut history = crate::sync::write(&self.history);
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(Arc::new(sample));
+    }
+}
+
+/// The accelerators in the drivers' latest snapshots. Simulated devices count: their
+/// type says they are simulated.
+pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
+    let mut out = Vec::new();
+    for driver in drivers {
+        let Some(snapshot) = samples.get(driver) else {
+            continue;
+        };
+        let cards: BTreeMap<u32, _> = snapshot
+            .metrics
+            .cards
+            .iter()
+            .map(|c| (c.device_index, c))
+            .collect();
+        for device in &snapshot.devices {
+            let card = cards.get(&device.index);
+            let total_mib = card
+                .and_then(|c| c.memory_total_mib)
+                .or(device.memory_total_mib);
+            out.push(XpuSample {
+                key: format!("{driver}/{}", device.index),
+                xpu_type: device.accelerator_type.clone(),
+                memory_total_gb: total_mib.map(|m| m as f64 / 1024.0),
+                memory_used_gb: card
+                    .and_then(|c| c.memory_used_mib)
+                    .map(|m| m as f64 / 1024.0),
+                utilization: card
+                    .and_then(|c| c.ai_utilization_pct)
+                    .map(|p| f64::from(p) / 100.0),
+                decode_utilization: card
+                    .and_then(|c| c.video_decode_utilization_pct)
+                    .map(|p| f64::from(p) / 100.0),
+            });
+        }
+    }
+    out
+}
+
+/// Samples the machine every `interval` into its history, on a thread of its own
+/// that ends once the machine is dropped.
+pub fn spawn_sampler(
+    machine: &Arc<Machine>,
+    data_dir: PathBuf,
+    samples: Arc<SampleCache>,
+    drivers: impl Fn() -> Vec<String> + Send + 'static,
+    interval: Duration,
+) {
+    let machine = Arc::downgrade(machine);
+    let spawned = std::thread::Builder::new()
+        .name("machine-sampler".into())
+        .spawn(move || {
+            let (mut system, mut disks, mut networks) = match (
+                System::new(),
+                Disks::new_with_refreshed_list(),
+                Networks::new_with_refreshed_list(),
+            ) {
+                (Ok(s), Ok(d), Ok(n)) => (s, d, n),
+                _ => {
+                    tracing::error!("cannot read this machine's figures; host monitoring is off");
+                    return;
+                }
+            };
+            system.refresh_cpu_usage();
+            let mut last = std::time::Instant::now();
+            loop {
+                // CPU usage is measured between two refreshes: sleep first.
+                std::thread::sleep(interval);
+                let Some(machine) = machine.upgrade() else {
+                    break;
+                };
+                system.refresh_cpu_usage();
+                system.refresh_memory();
+                disks.refresh(true);
+                networks.refresh(true);
+                let elapsed = last.elapsed().as_secs_f64().max(1e-3);
+                last = std::time::Instant::now();
+                let (rx, tx) = networks
+                    .iter()
+                    .filter(|(_, data)| data.ip_networks().iter().all(|n| !n.addr.is_loopback()))
+                    .fold((0u64, 0u64), |(rx, tx), (_, data)| {
+                        (rx + data.received(), tx + data.transmitted())
+                    });
+                let disk = disk_of(&disks, &data_dir);
+                let disk_total = disk.map(|d| d.total_space() as f64 / GIB).unwrap_or(0.0);
+                let disk_free = disk
+                    .map(|d| d.available_space() as f64 / GIB)
+                    .unwrap_or(0.0);
+                machine.record(Sample {
+                    at_ms: unix_ms(),
+                    cpu_utilization: f64::from(system.global_cpu_usage()) / 100.0,
+                    memory_used_gb: system.used_memory() as f64 / GIB,
+                    memory_total_gb: system.total_memory() as f64 / GIB,
+                    disk_used_gb: (disk_total - disk_free).max(0.0),
+                    disk_total_gb: disk_total,
+                    net_rx_bps: rx as f64 / elapsed,
+                    net_tx_bps: tx as f64 / elapsed,
+                    xpus: xpus(&samples, &drivers()),
+                });
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the machine sampler: {e}; host monitoring is off");
+    }
+}

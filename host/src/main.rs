@@ -1,0 +1,311 @@
+//! The `xpud` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use sha2::{Digest, Sha256};
+
+use xpud::config::ServeConfig;
+use xpud::plugins::inspect::inspect;
+use xpud::plugins::Manifest;
+use xpud::runtime::inference::InferenceOptions;
+use xpud::runtime::{Runtime, RuntimeOptions};
+use xpud::server::Server;
+
+#[derive(Parser)]
+#[command(
+    name = "xpud",
+    version,
+    about = "Video-analytics central compute server with WebAssembly driver and algorithm plugins"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: load the plugin directory, watch it, serve the HTTP API.
+    Serve(ServeArgs),
+    /// Work with plugin files.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Work with algorithm file packages (docs/packages.md).
+    #[command(subcommand)]
+    Package(PackageCommand),
+}
+
+#[derive(Subcommand)]
+enum PackageCommand {
+    /// Build an algorithm file package (.tar.gz) from a packed algorithm plugin and
+    /// print its md5, which the platform sends with the package's URL.
+    Build {
+        /// The package manifest (package.toml).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The directory holding the packed plugin (NAME.wasm, NAME.toml, its assets).
+        #[arg(long)]
+        plugin_dir: PathBuf,
+        /// The archive to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); flags override it, embedded defaults fill the rest.
+    #[arg(long, short, env = "XPUD_CONFIG")]
+    config: Option<PathBuf>,
+    /// State and cache directory [default: xpud-data].
+    #[arg(long, env = "XPUD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Plugin directory [default: DATA_DIR/plugins].
+    #[arg(long, env = "XPUD_PLUGIN_DIR")]
+    plugin_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "XPUD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// ONNX Runtime shared library (libonnxruntime.so) for native inference.
+    #[arg(long, env = "XPUD_ONNXRUNTIME")]
+    onnxruntime: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a plugin against the WIT contracts and print what it imports and exports.
+    /// A manifest beside it (NAME.toml) is checked too, hash included.
+    Check {
+        /// The plugin's .wasm file.
+        file: PathBuf,
+    },
+    /// Write NAME.wasm and NAME.toml (with the wasm's sha256) into a plugin directory.
+    Pack {
+        /// Manifest template: every field but sha256.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The built component.
+        #[arg(long)]
+        wasm: PathBuf,
+        /// Destination plugin directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Plugin(PluginCommand::Check { file }) => check(&file),
+        Command::Plugin(PluginCommand::Pack {
+            manifest,
+            wasm,
+            out,
+        }) => pack(&manifest, &wasm, &out),
+        Command::Package(PackageCommand::Build {
+            manifest,
+            plugin_dir,
+            out,
+        }) => xpud::package::build(&manifest, &plugin_dir, &out)
+            .map(|md5| println!("{md5}  {}", out.display())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(dir) = args.plugin_dir {
+        config.plugin_dir = Some(dir);
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(library) = args.onnxruntime {
+        config.inference.onnxruntime = Some(library);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio")?;
+    runtime.block_on(async move {
+        let server = Server::start(&config).await?;
+        println!("xpud listening on http://{}", server.addr);
+        server.run(shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+fn check(file: &Path) -> anyhow::Result<()> {
+    let mut report = String::new();
+    let result = check_into(file, &mut report);
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), report.as_bytes());
+    result
+}
+
+/// Appends a line to the `plugin check` report.
+macro_rules! out {
+    ($report:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($report, $($arg)*);
+    }};
+}
+
+fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
+    let wasm = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&wasm));
+    let runtime = Runtime::new(RuntimeOptions {
+        cache_dir: None,
+        max_instances: 4,
+        max_memory_bytes: 64 << 20,
+        // Checking links the inference interface; it never loads a model.
+        inference: InferenceOptions {
+            library: None,
+            providers: vec![],
+        },
+    })?;
+    let (component, report) = runtime
+        .load_component(&wasm, &sha256)
+        .context("not a valid WebAssembly component")?;
+    out!(
+        report_out,
+        "file:     {} ({} bytes)",
+        file.display(),
+        wasm.len()
+    );
+    out!(report_out, "sha256:   {sha256}");
+    out!(
+        report_out,
+        "compile:  {:.1} ms",
+        report.took.as_secs_f64() * 1000.0
+    );
+    let inspection = inspect(runtime.engine(), &component)?;
+    out!(
+        report_out,
+        "world:    {:?} (xpu:plugin@{})",
+        inspection.kind,
+        inspection.api
+    );
+    for name in &inspection.exports {
+        out!(report_out, "export:   {name}");
+    }
+    for name in &inspection.imports {
+        out!(report_out, "import:   {name}");
+    }
+    runtime
+        .linker()
+        .instantiate_pre(&component)
+        .map_err(anyhow::Error::from)
+        .context("does not link against this host")?;
+    out!(
+        report_out,
+        "links:    ok (every import is provided by this host)"
+    );
+    let manifest_path = file.with_extension("toml");
+    if manifest_path.exists() {
+        let manifest = Manifest::read(&manifest_path)?;
+        if manifest.sha256 != sha256 {
+            bail!(
+                "manifest {} pins sha256 {}, the file hashes to {sha256}",
+                manifest_path.display(),
+                manifest.sha256
+            );
+        }
+        if manifest.kind != inspection.kind {
+            bail!(
+                "manifest {} says kind {:?}, the component is a {:?}",
+                manifest_path.display(),
+                manifest.kind,
+                inspection.kind
+            );
+        }
+        out!(report_out, "manifest: {} ok", manifest_path.display());
+    }
+    Ok(())
+}
+
+fn pack(template: &Path, wasm_path: &Path, out: &Path) -> anyhow::Result<()> {
+    let wasm = std::fs::read(wasm_path).with_context(|| format!("read {}", wasm_path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&wasm));
+    let text = std::fs::read_to_string(template)
+        .with_context(|| format!("read {}", template.display()))?;
+    let mut table: toml::Table = xpud::toml_input::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", template.display()))?;
+    table.insert("sha256".into(), toml::Value::String(sha256));
+    let text = toml::to_string(&table)?;
+    let manifest = Manifest::parse(&text, &template.display().to_string())?;
+    std::fs::create_dir_all(out)?;
+    // The wasm first, the manifest last: a watcher sees a complete pair only once
+    // the manifest that pins it lands.
+    let wasm_out = out.join(format!("{}.wasm", manifest.name));
+    let toml_out = out.join(format!("{}.toml", manifest.name));
+    write_atomically(&wasm_out, &wasm)?;
+    write_atomically(&toml_out, text.as_bytes())?;
+    println!("{} {}", manifest.name, manifest.version);
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}

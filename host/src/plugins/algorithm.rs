@@ -1,0 +1,203 @@
+//! Algorithm plugins: a plugin is a template, a worker is one running instance of it
+//! (a workload replica), and a session is one task's analysis inside a worker.
+//!
+//! Workers are supervised like drivers. Sessions survive a worker's crash: the
+//! worker keeps each session's rules and reopens it in the new incarnation before
+//! its next frame, so a task sees one failed frame, not a dead analysis.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::component::{Resource, ResourceAny};
+use wasmtime::{Engine, Store};
+
+use super::supervisor::{lock, CallError, Incarnation, RestartPolicy, Status, Supervised};
+use crate::runtime::bindings::algorithm::{
+    AlgorithmPlugin as AlgorithmBindings, AlgorithmPluginPre,
+};
+use crate::runtime::bindings::analyzer::{AnalyzerError, Event, Rule};
+use crate::runtime::frames::Frame;
+use crate::runtime::{PluginState, Sandbox};
+
+/// What is needed to start workers of one algorithm plugin.
+#[derive(Clone)]
+pub struct AlgorithmPlugin {
+    name: String,
+    engine: Engine,
+    sandbox: Sandbox,
+    pre: AlgorithmPluginPre<PluginState>,
+    policy: RestartPolicy,
+    timeout: Duration,
+}
+
+pub struct AlgorithmIncarnation {
+    store: Store<PluginState>,
+    bindings: AlgorithmBindings,
+    /// The guest's session resources, by session id.
+    sessions: HashMap<u64, ResourceAny>,
+}
+
+impl Incarnation for AlgorithmIncarnation {
+    fn store(&mut self) -> &mut Store<PluginState> {
+        &mut self.store
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AlgorithmFailure {
+    #[error(transparent)]
+    Plugin(#[from] CallError),
+    #[error("analyzer error: {0}")]
+    Analyzer(AnalyzerError),
+    #[error("no session {0}")]
+    NoSession(u64),
+}
+
+pub type SessionId = u64;
+
+pub struct AlgorithmWorker {
+    supervised: Supervised<AlgorithmIncarnation>,
+    rules: Mutex<HashMap<SessionId, Vec<Rule>>>,
+    next_session: AtomicU64,
+}
+
+impl AlgorithmPlugin {
+    pub fn new(
+        name: &str,
+        engine: Engine,
+        sandbox: Sandbox,
+        pre: AlgorithmPluginPre<PluginState>,
+        policy: RestartPolicy,
+        timeout: Duration,
+    ) -> AlgorithmPlugin {
+        AlgorithmPlugin {
+            name: name.to_string(),
+            engine,
+            sandbox,
+            pre,
+            policy,
+            timeout,
+        }
+    }
+
+    /// A new worker; its instance starts on first use.
+    pub fn spawn_worker(&self) -> Arc<AlgorithmWorker> {
+        let template = self.clone();
+        let start = move || -> Result<AlgorithmIncarnation, CallError> {
+            let mut store = template
+                .sandbox
+                .new_store(&template.engine)
+                .map_err(|e| CallError::Start(format!("{e:#}")))?;
+            PluginState::set_deadline(&mut store, template.timeout);
+            let bindings = template
+                .pre
+                .instantiate(&mut store)
+                .map_err(|e| CallError::Start(format!("{e:#}")))?;
+            Ok(AlgorithmIncarnation {
+                store,
+                bindings,
+                sessions: HashMap::new(),
+            })
+        };
+        Arc::new(AlgorithmWorker {
+            supervised: Supervised::new(&self.name, self.policy.clone(), self.timeout, start),
+            rules: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        })
+    }
+}
+
+/// Opens `rules` as a session in this incarnation.
+fn open_in(
+    inc: &mut AlgorithmIncarnation,
+    id: SessionId,
+    rules: &[Rule],
+) -> wasmtime::Result<Result<(), AnalyzerError>> {
+    let opened = inc
+        .bindings
+        .xpu_plugin_analyzer()
+        .session()
+        .call_open(&mut inc.store, rules)?;
+    Ok(opened.map(|resource| {
+        inc.sessions.insert(id, resource);
+    }))
+}
+
+impl AlgorithmWorker {
+    pub fn status(&self) -> Status {
+        self.supervised.status()
+    }
+
+    /// Starts the worker's instance now (it would start on first use anyway).
+    pub fn start(&self) -> Result<(), AlgorithmFailure> {
+        self.supervised.call(|_| Ok(()))?;
+        Ok(())
+    }
+
+    /// How many sessions (tasks) the worker holds.
+    pub fn sessions(&self) -> usize {
+        lock(&self.rules).len()
+    }
+
+    /// Opens an analysis session with a task's rules; the plugin validates them.
+    pub fn open_session(&self, rules: Vec<Rule>) -> Result<SessionId, AlgorithmFailure> {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.supervised
+            .call(|inc| open_in(inc, id, &rules))?
+            .map_err(AlgorithmFailure::Analyzer)?;
+        lock(&self.rules).insert(id, rules);
+        Ok(id)
+    }
+
+    /// Runs one frame through a session. The frame is lent to the guest as a handle
+    /// for the duration of the call; no pixels are copied unless the guest asks.
+    pub fn process(
+        &self,
+        session: SessionId,
+        frame: &Frame,
+    ) -> Result<Vec<Event>, AlgorithmFailure> {
+        let rules = lock(&self.rules)
+            .get(&session)
+            .cloned()
+            .ok_or(AlgorithmFailure::NoSession(session))?;
+        self.supervised
+            .call(|inc| {
+                if !inc.sessions.contains_key(&session) {
+                    // First frame after a restart: reopen with the session's rules.
+                    if let Err(e) = open_in(inc, session, &rules)? {
+                        return Ok(Err(e));
+                    }
+                }
+                let resource = inc.sessions[&session];
+                let handle = inc.store.data_mut().table().push(frame.clone())?;
+                let events = inc.bindings.xpu_plugin_analyzer().session().call_process(
+                    &mut inc.store,
+                    resource,
+                    Resource::new_borrow(handle.rep()),
+                );
+                // The frame handle goes whether or not the guest returned cleanly.
+                inc.store.data_mut().table().delete(handle)?;
+                events
+            })?
+            .map_err(AlgorithmFailure::Analyzer)
+    }
+
+    /// Ends a session and lets the guest free its state.
+    pub fn close_session(&self, session: SessionId) -> Result<(), AlgorithmFailure> {
+        if lock(&self.rules).remove(&session).is_none() {
+            return Err(AlgorithmFailure::NoSession(session));
+        }
+        match self
+            .supervised
+            .call(|inc| match inc.sessions.remove(&session) {
+                Some(resource) => resource.resource_drop(&mut inc.store),
+                None => Ok(()),
+            }) {
+            // A worker that is down has no guest state left to free.
+            Ok(()) | Err(CallError::Restarting(_)) | Err(CallError::Unhealthy(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Driver plugins: one long-lived, supervised incarnation per plugin.
+//!
+//! The incarnation is started (instantiated, then `init` with the manifest's config)
+//! on first use and again after a crash. Calls are blocking: async callers run them
+//! on blocking threads.
+//!
+//! Partitions created through the host outlive incarnations. The host keeps a ledger
+//! of them and reconciles it with each new incarnation: partitions the driver still
+//! reports (hardware keeps MIG instances across a plugin restart) are kept, missing
+//! ones (a simulator starts empty) are created again. Callers keep the id they were
+//! given; the ledger maps it to the id in the current incarnation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Engine, Store};
+
+use super::supervisor::{lock, CallError, Incarnation, RestartPolicy, Status, Supervised};
+use crate::runtime::bindings::driver::{DriverPlugin as DriverBindings, DriverPluginPre};
+use crate::runtime::bindings::driver_types::{
+    Device, DriverError, DriverInfo, Label, Metrics, Partition, PartitionSpec,
+};
+use crate::runtime::{PluginState, Sandbox};
+
+pub struct DriverIncarnation {
+    store: Store<PluginState>,
+    bindings: DriverBindings,
+}
+
+impl Incarnation for DriverIncarnation {
+    fn store(&mut self) -> &mut Store<PluginState> {
+        &mut self.store
+    }
+}
+
+/// A driver call failed: either the plugin itself (trap, timeout, unhealthy...) or
+/// the driver answered with its typed error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DriverFailure {
+    #[error(transparent)]
+    Plugin(#[from] CallError),
+    #[error("driver error: {0}")]
+    Driver(DriverError),
+}
+
+pub struct Driver {
+    supervised: Supervised<DriverIncarnation>,
+    info: std::sync::Mutex<Option<DriverInfo>>,
+    ledger: std::sync::Mutex<Vec<LedgerEntry>>,
+}
+
+/// A partition created through the host.
+#[derive(Clone, Debug)]
+struct LedgerEntry {
+    /// The id callers were given.
+    id: String,
+    /// Its id in the current incarnation.
+    driver_id: String,
+    spec: PartitionSpec,
+}
+
+fn same_spec(a: &PartitionSpec, b: &PartitionSpec) -> bool {
+    a.device_index == b.device_index
+        && a.isolation == b.isolation
+        && a.slicing == b.slicing
+        && a.memory_quota_mib == b.memory_quota_mib
+        && a.compute_share_pct == b.compute_share_pct
+}
+
+/// Brings a fresh incarnation in line with the ledger. Returns the ledger as it now
+/// stands: entries whose partition could not be restored are dropped, and logged.
+fn reconcile(
+    plugin: &str,
+    store: &mut Store<PluginState>,
+    bindings: &DriverBindings,
+    ledger: Vec<LedgerEntry>,
+) -> wasmtime::Result<Vec<LedgerEntry>> {
+    let driver = bindings.xpu_plugin_driver();
+    let present = driver.call_partitions(&mut *store)?.unwrap_or_default();
+    let mut kept = Vec::with_capacity(ledger.len());
+    for mut entry in ledger {
+        if present
+            .iter()
+            .any(|p| p.id == entry.driver_id && same_spec(&p.spec, &entry.spec))
+        {
+            kept.push(entry);
+            continue;
+        }
+        match driver.call_create_partition(&mut *store, entry.spec)? {
+            Ok(partition) => {
+                tracing::info!(plugin, partition = %entry.id, driver_id = %partition.id, "partition restored after restart");
+                entry.driver_id = partition.id;
+                kept.push(entry);
+            }
+            Err(e) => {
+                tracing::error!(plugin, partition = %entry.id, "partition lost in restart, cannot restore: {e}");
+            }
+        }
+    }
+    Ok(kept)
+}
+
+impl Driver {
+    pub fn new(
+        name: &str,
+        engine: Engine,
+        sandbox: Sandbox,
+        pre: DriverPluginPre<PluginState>,
+        config: Vec<(String, String)>,
+        policy: RestartPolicy,
+        timeout: Duration,
+    ) -> Arc<Driver> {
+        let plugin = name.to_string();
+        Arc::new_cyclic(|weak: &std::sync::Weak<Driver>| {
+            let weak = weak.clone();
+            let start = move || -> Result<DriverIncarnation, CallError> {
+                let start_error = |e: wasmtime::Error| CallError::Start(format!("{e:#}"));
+                let mut store = sandbox
+                    .new_store(&engine)
+                    .map_err(|e| CallError::Start(format!("{e:#}")))?;
+                PluginState::set_deadline(&mut store, timeout);
+                let bindings = pre.instantiate(&mut store).map_err(start_error)?;
+                let info = bindings
+                    .xpu_plugin_driver()
+                    .call_init(&mut store, &config)
+                    .map_err(start_error)?
+                    .map_err(|e| CallError::Start(format!("init refused: {e}")))?;
+                if let Some(driver) = weak.upgrade() {
+                    *lock(&driver.info) = Some(info);
+                    let ledger = lock(&driver.ledger).clone();
+                    if !ledger.is_empty() {
+                        let kept = reconcile(&plugin, &mut store, &bindings, ledger)
+                            .map_err(start_error)?;
+                        *lock(&driver.ledger) = kept;
+                    }
+                }
+                Ok(DriverIncarnation { store, bindings })
+            };
+            Driver {
+                supervised: Supervised::new(name, policy, timeout, start),
+                info: std::sync::Mutex::new(None),
+                ledger: std::sync::Mutex::new(Vec::new()),
+            }
+        })
+    }
+
+    pub fn status(&self) -> Status {
+        self.supervised.status()
+    }
+
+    /// What the driver said of itself at its last start.
+    pub fn info(&self) -> Option<DriverInfo> {
+        lock(&self.info).clone()
+    }
+
+    /// The caller-facing id of a partition id of the current incarnation.
+    fn stable_id(&self, driver_id: &str) -> String {
+        lock(&self.ledger)
+            .iter()
+            .find(|e| e.driver_id == driver_id)
+            .map_or_else(|| driver_id.to_string(), |e| e.id.clone())
+    }
+
+    /// Takes over the partitions `previous` (an older version of this plugin) created:
+    /// they are reconciled at this driver's first start, as after a restart.
+    pub fn inherit_partitions(&self, previous: &Driver) {
+        *lock(&self.ledger) = lock(&previous.ledger).clone();
+    }
+
+    /// Starts the driver now (it would start on first use anyway).
+    pub fn start(&self) -> Result<DriverInfo, DriverFailure> {
+        self.supervised.call(|_| Ok(()))?;
+        Ok(self.info().expect("set by a successful start"))
+    }
+
+    fn call<R>(
+        &self,
+        f: impl FnOnce(
+            &mut Store<PluginState>,
+            &DriverBindings,
+        ) -> wasmtime::Result<Result<R, DriverError>>,
+    ) -> Result<R, DriverFailure> {
+        self.supervised
+            .call(|inc| f(&mut inc.store, &inc.bindings))?
+            .map_err(DriverFailure::Driver)
+    }
+
+    pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
+        self.call(|s, b| b.xpu_plugin_driver().call_devices(s))
+    }
+
+    pub fn sample(&self) -> Result<Metrics, DriverFailure> {
+        let mut metrics = self.call(|s, b| b.xpu_plugin_driver().call_sample(s))?;
+        for instance in &mut metrics.instances {
+            instance.partition_id = self.stable_id(&instance.partition_id);
+        }
+        Ok(metrics)
+    }
+
+    pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
+        let partition = self.call(|s, b| b.xpu_plugin_driver().call_create_partition(s, spec))?;
+        let mut ledger = lock(&self.ledger);
+        // A restarted simulator may hand out an id a caller already holds.
+        let mut id = partition.id.clone();
+        let mut n = 1;
+        while ledger.iter().any(|e| e.id == id) {
+            id = format!("{}.{n}", partition.id);
+            n += 1;
+        }
+        ledger.push(LedgerEntry {
+            id: id.clone(),
+            driver_id: partition.id,
+            spec,
+        });
+        Ok(Partition { id, spec })
+    }
+
+    pub fn destroy_partition(&self, id: &str) -> Result<(), DriverFailure> {
+        let driver_id = lock(&self.ledger)
+            .iter()
+            .find(|e| e.id == id)
+            .map_or_else(|| id.to_string(), |e| e.driver_id.clone());
+        self.call(|s, b| b.xpu_plugin_driver().call_destroy_partition(s, &driver_id))?;
+        lock(&self.ledger).retain(|e| e.id != id);
+        Ok(())
+    }
+
+    pub fn partitions(&self) -> Result<Vec<Partition>, DriverFailure> {
+        let mut partitions = self.call(|s, b| b.xpu_plugin_driver().call_partitions(s))?;
+        for partition in &mut partitions {
+            partition.id = self.stable_id(&partition.id);
+        }
+        Ok(partitions)
+    }
+
+    pub fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
+        self.call(|s, b| b.xpu_plugin_driver().call_labels(s))
+    }
+}

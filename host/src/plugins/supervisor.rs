@@ -1,0 +1,366 @@
+//! Supervision of one long-lived plugin instance (an "incarnation").
+//!
+//! Modelled on wasmCloud's plugin supervisor and Envoy's fail-and-reload: a trap, a
+//! timeout or running out of memory poisons the incarnation, which is dropped. The
+//! next call after a backoff (doubling, capped) starts a fresh one. More crashes than
+//! the restart budget within the window mark the plugin unhealthy: it is no longer
+//! called until an operator replaces it. Nothing a plugin does reaches further than
+//! its own incarnation: the host, and every other plugin, carry on.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use wasmtime::Store;
+
+use crate::runtime::PluginState;
+
+/// Restart budget and backoff.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RestartPolicy {
+    /// Crashes tolerated within `window-s`; one more marks the plugin unhealthy.
+    pub max_restarts: u32,
+    pub window_s: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 3,
+            window_s: 60,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 5000,
+        }
+    }
+}
+
+impl RestartPolicy {
+    fn backoff(&self, crashes: usize) -> Duration {
+        let exp = crashes.saturating_sub(1).min(20) as u32;
+        let ms = self.backoff_initial_ms.saturating_mul(1u64 << exp);
+        Duration::from_millis(ms.min(self.backoff_max_ms))
+    }
+}
+
+/// A live instance of a plugin: its store and whatever the kind keeps beside it.
+pub trait Incarnation: Send + 'static {
+    fn store(&mut self) -> &mut Store<PluginState>;
+}
+
+/// Why a call did not return a value.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    #[error("plugin call exceeded its {0:?} deadline")]
+    Timeout(Duration),
+    #[error("plugin exceeded its memory limit")]
+    OutOfMemory,
+    #[error("plugin failed to start: {0}")]
+    Start(String),
+    #[error("plugin is restarting; next attempt in {0:?}")]
+    Restarting(Duration),
+    #[error("plugin is unhealthy: {0}")]
+    Unhealthy(String),
+    #[error("plugin is busy: its current call has run for {0:?}")]
+    Busy(Duration),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Health {
+    /// Loaded; no incarnation started yet.
+    Idle,
+    Running,
+    /// Crashed; the next call after the backoff starts a new incarnation.
+    Restarting {
+        retry_in_ms: u64,
+    },
+    /// Over its restart budget: not called again until replaced.
+    Unhealthy {
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub health: Health,
+    pub restarts: u32,
+    pub crashes: u32,
+    pub last_error: Option<String>,
+    #[serde(with = "unix_ms_opt")]
+    pub last_crash: Option<SystemTime>,
+    /// When the next incarnation may start (while restarting).
+    #[serde(skip)]
+    retry_at: Option<Instant>,
+}
+
+mod unix_ms_opt {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// One call into an incarnation at a time. A caller waits for its turn no longer
+/// than the plugin's timeout: a call wedged inside a host function (which no epoch
+/// deadline interrupts) must not wedge every caller behind it.
+struct Gate {
+    state: Mutex<GateState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    busy_since: Option<Instant>,
+    /// Callers waiting for their turn: with none, leaving needs no wake-up (a
+    /// notify is a futex syscall even when nobody waits).
+    waiting: u32,
+}
+
+struct Ticket<'a>(&'a Gate);
+
+impl Gate {
+    fn enter(&self, wait: Duration) -> Result<Ticket<'_>, Duration> {
+        let give_up = Instant::now() + wait;
+        let mut state = lock(&self.state);
+        while let Some(since) = state.busy_since {
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(now - since);
+            }
+            state.waiting += 1;
+            state = self
+                .freed
+                .wait_timeout(state, give_up - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+            state.waiting -= 1;
+        }
+        state.busy_since = Some(Instant::now());
+        Ok(Ticket(self))
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.busy_since = None;
+        if state.waiting > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+struct Inner<I> {
+    incarnation: Option<I>,
+    crashes: VecDeque<Instant>,
+    retry_at: Option<Instant>,
+    unhealthy: Option<String>,
+    ever_started: bool,
+}
+
+type StartFn<I> = Box<dyn Fn() -> Result<I, CallError> + Send + Sync>;
+
+pub struct Supervised<I: Incarnation> {
+    plugin: String,
+    policy: RestartPolicy,
+    timeout: Duration,
+    start: StartFn<I>,
+    gate: Gate,
+    inner: Mutex<Inner<I>>,
+    /// Kept apart from `inner` so that reading it never waits for a running call.
+    status: Mutex<Status>,
+}
+
+impl<I: Incarnation> Supervised<I> {
+    /// `start` builds a new incarnation (instantiate, then any init the kind needs).
+    pub fn new(
+        plugin: &str,
+        policy: RestartPolicy,
+        timeout: Duration,
+        start: impl Fn() -> Result<I, CallError> + Send + Sync + 'static,
+    ) -> Self {
+        Supervised {
+            plugin: plugin.to_string(),
+            policy,
+            timeout,
+            start: Box::new(start),
+            gate: Gate {
+                state: Mutex::new(GateState::default()),
+                freed: Condvar::new(),
+            },
+            inner: Mutex::new(Inner {
+                incarnation: None,
+                crashes: VecDeque::new(),
+                retry_at: None,
+                unhealthy: None,
+                ever_started: false,
+            }),
+            status: Mutex::new(Status {
+                health: Health::Idle,
+                restarts: 0,
+                crashes: 0,
+                last_error: None,
+                last_crash: None,
+                retry_at: None,
+            }),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let mut status = lock(&self.status).clone();
+        if let (Health::Restarting { .. }, Some(at)) = (&status.health, status.retry_at) {
+            status.health = Health::Restarting {
+                retry_in_ms: at.saturating_duration_since(Instant::now()).as_millis() as u64,
+            };
+        }
+        status
+    }
+
+    /// Runs `f` against the live incarnation, starting one first if needed, with the
+    /// call deadline armed. Any error out of `f` poisons the incarnation.
+    pub fn call<R>(&self, f: impl FnOnce(&mut I) -> wasmtime::Result<R>) -> Result<R, CallError> {
+        let _turn = self.gate.enter(self.timeout).map_err(|busy_for| {
+            if busy_for > self.timeout * 2 {
+                tracing::warn!(plugin = %self.plugin, busy_ms = busy_for.as_millis() as u64, "plugin call is far past its deadline: blocked in a host call");
+            }
+            CallError::Busy(busy_for)
+        })?;
+        let mut inner = lock(&self.inner);
+        if let Some(reason) = &inner.unhealthy {
+            return Err(CallError::Unhealthy(reason.clone()));
+        }
+        if inner.incarnation.is_none() {
+            if let Some(at) = inner.retry_at {
+                let now = Instant::now();
+                if now < at {
+                    return Err(CallError::Restarting(at - now));
+                }
+            }
+            match (self.start)() {
+                Ok(incarnation) => {
+                    inner.incarnation = Some(incarnation);
+                    inner.retry_at = None;
+                    let mut status = lock(&self.status);
+                    if inner.ever_started {
+                        status.restarts += 1;
+                        tracing::info!(plugin = %self.plugin, restarts = status.restarts, "plugin restarted");
+                    }
+                    inner.ever_started = true;
+                    status.health = Health::Running;
+                }
+                Err(e) => {
+                    self.crashed(&mut inner, &e);
+                    return Err(e);
+                }
+            }
+        }
+        let incarnation = inner.incarnation.as_mut().expect("started above");
+        let store = incarnation.store();
+        PluginState::set_deadline(store, self.timeout);
+        store.data_mut().limiter.denied = false;
+        match f(incarnation) {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                let mut poisoned = inner.incarnation.take().expect("present");
+                let error = classify(error, poisoned.store(), self.timeout);
+                drop(poisoned);
+                self.crashed(&mut inner, &error);
+                Err(error)
+            }
+        }
+    }
+
+    fn crashed(&self, inner: &mut Inner<I>, error: &CallError) {
+        let now = Instant::now();
+        let window = Duration::from_secs(self.policy.window_s);
+        inner.crashes.push_back(now);
+        while inner
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            inner.crashes.pop_front();
+        }
+        let mut status = lock(&self.status);
+        status.crashes += 1;
+        status.last_error = Some(error.to_string());
+        status.last_crash = Some(SystemTime::now());
+        if inner.crashes.len() > self.policy.max_restarts as usize {
+            let reason = format!(
+                "{} crashes within {}s, last: {error}",
+                inner.crashes.len(),
+                self.policy.window_s
+            );
+            tracing::error!(plugin = %self.plugin, "plugin marked unhealthy: {reason}");
+            status.health = Health::Unhealthy {
+                reason: reason.clone(),
+            };
+            inner.unhealthy = Some(reason);
+        } else {
+            let backoff = self.policy.backoff(inner.crashes.len());
+            tracing::warn!(plugin = %self.plugin, backoff_ms = backoff.as_millis() as u64, "plugin crashed: {error}; restarting after backoff");
+            inner.retry_at = Some(now + backoff);
+            status.retry_at = inner.retry_at;
+            status.health = Health::Restarting {
+                retry_in_ms: backoff.as_millis() as u64,
+            };
+        }
+    }
+}
+
+/// Turns the error out of a guest call into what happened, with the plugin's last
+/// stderr lines (where a Rust panic message lands) for context.
+fn classify(
+    error: wasmtime::Error,
+    store: &mut Store<PluginState>,
+    timeout: Duration,
+) -> CallError {
+    if store.data().limiter.denied {
+        return CallError::OutOfMemory;
+    }
+    if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+        return CallError::Timeout(timeout);
+    }
+    let stderr = store.data().stderr_tail();
+    let message = format!("{error:#}");
+    // The first line says what trapped; the wasm backtrace after it is for debuggers.
+    let first = message.lines().next().unwrap_or("").to_string();
+    if stderr.is_empty() {
+        CallError::Trap(first)
+    } else {
+        CallError::Trap(format!("{first} (stderr: {stderr})"))
+    }
+}
+
+pub(crate) use crate::sync::lock;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let policy = RestartPolicy {
+            max_restarts: 3,
+            window_s: 60,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 250,
+        };
+        assert_eq!(policy.backoff(1), Duration::from_millis(100));
+        assert_eq!(policy.backoff(2), Duration::from_millis(200));
+        assert_eq!(policy.backoff(3), Duration::from_millis(250));
+        assert_eq!(policy.backoff(64), Duration::from_millis(250));
+    }
+}

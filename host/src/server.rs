@@ -1,0 +1,180 @@
+//! `xpud serve`: the runtime, the plugin directory and the HTTP API, assembled.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::clusters::Clusters;
+use crate::config::ServeConfig;
+use crate::http::{self, App, AppState};
+use crate::machine::{self, Machine};
+use crate::machine_packages::MachinePackages;
+use crate::packages::Packages;
+use crate::platform::{Identity, Platform};
+use crate::plugins::{watcher, Registry, RegistryOptions};
+use crate::runtime::inference::InferenceOptions;
+use crate::runtime::{Runtime, RuntimeOptions};
+use crate::sampler::{self, SampleCache};
+use crate::scheduler::Scheduler;
+use crate::services::Services;
+use crate::store::Store;
+use crate::tasks::Tasks;
+use crate::workloads::Workloads;
+
+pub struct Server {
+    pub addr: SocketAddr,
+    pub app: App,
+    platform: Option<Platform>,
+    router: axum::Router,
+    listener: tokio::net::TcpListener,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Builds everything and binds the listener; plugins are loaded before it returns.
+    pub async fn start(config: &ServeConfig) -> anyhow::Result<Server> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+        let runtime = Runtime::new(RuntimeOptions {
+            cache_dir: Some(config.cache_dir()),
+            max_instances: config.runtime.max_instances,
+            max_memory_bytes: (config.runtime.max_memory_mib as usize) << 20,
+            inference: InferenceOptions {
+                library: config.inference.onnxruntime.clone(),
+                providers: config.inference.providers.clone(),
+            },
+        })?;
+        let registry = Arc::new(Registry::new(
+            runtime,
+            RegistryOptions {
+                plugin_dir: config.plugin_dir(),
+                grant_root: config.runtime.grant_root.clone(),
+                allowed_grants: config.runtime.allowed_grants.clone(),
+                restart: config.restart.clone(),
+            },
+        )?);
+        let watcher = watcher::watch(registry.clone()).await?;
+        let samples = Arc::new(SampleCache::default());
+        let sampler = sampler::spawn(
+            registry.clone(),
+            samples.clone(),
+            std::time::Duration::from_millis(config.sampler.interval_ms),
+        );
+        let store = Arc::new(Store::open(&config.data_dir.join("xpud.db"))?);
+        let machine = Arc::new(Machine::probe(&config.data_dir, config.advertise_address)?);
+        {
+            let registry = registry.clone();
+            machine::spawn_sampler(
+                &machine,
+                config.data_dir.clone(),
+                samples.clone(),
+                move || {
+                    registry
+                        .drivers()
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .collect()
+                },
+                std::time::Duration::from_millis(config.sampler.interval_ms),
+            );
+        }
+        let clusters = Clusters::load(store.clone())?;
+        let packages = Arc::new(Packages::load(
+            store.clone(),
+            registry.clone(),
+            &config.data_dir.join("packages"),
+            Default::default(),
+        )?);
+        let scheduler = Arc::new(Scheduler::new(registry.clone()));
+        let services = Arc::new(Services::new(
+            store.clone(),
+            packages.clone(),
+            scheduler.clone(),
+        ));
+        let tasks = Tasks::new(store.clone(), services.clone());
+        let workloads = Workloads::new(store.clone(), packages.clone(), scheduler.clone());
+        let machine_packages =
+            MachinePackages::new(store.clone(), packages.clone(), scheduler.clone());
+        // Services and tasks come back as they were: placed on the cards again, their
+        // sessions opened again. Placement needs the cards: sample the drivers now.
+        tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            sampler::sample_all_now(&registry, &samples);
+            let drivers: Vec<String> = registry.drivers().into_iter().map(|(n, _)| n).collect();
+            let xpus = machine::xpus(&samples, &drivers);
+            services.restore(&xpus)?;
+            workloads.restore(&xpus)?;
+            machine_packages.restore(&xpus)?;
+            tasks.restore()
+        })?;
+        let machine_code = config
+            .machine_code
+            .clone()
+            .unwrap_or_else(|| machine.node_id());
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let app = App(Arc::new(AppState {
+            registry,
+            samples,
+            machine,
+            store,
+            clusters,
+            packages,
+            services,
+            tasks,
+            workloads,
+            listen: addr,
+            machine_code,
+            machine_packages,
+            package_url: config.platform.package_url.clone(),
+        }));
+        // Built here, not in `run`: a bad route fails the start, loudly.
+        let router = http::router(app.clone());
+        let platform = Platform::new(
+            &config.platform,
+            Identity {
+                id: config
+                    .platform
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| app.machine.node_id()),
+                code: app.machine_code.clone(),
+                address: SocketAddr::new(app.external_ip(), addr.port()),
+            },
+        )?;
+        let mut background = vec![watcher, sampler];
+        if let Some(platform) = &platform {
+            background.extend(platform.spawn());
+        }
+        Ok(Server {
+            addr,
+            app,
+            router,
+            listener,
+            platform,
+            background,
+        })
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.addr, plugin_dir = %self.app.registry.plugin_dir().display(), "xpud serving");
+        let result = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        for task in &self.background {
+            task.abort();
+        }
+        if let Some(platform) = &self.platform {
+            platform.unregister().await;
+        }
+        result.context("http server")
+    }
+}

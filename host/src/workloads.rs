@@ -1,0 +1,458 @@
+//! Algorithm workloads and their pods (Appendix B) on the single-machine backend.
+//!
+//! A workload's `image` names an installed algorithm file package (by id or package
+//! code); its pods are algorithm-plugin workers run in process, placed by the
+//! [`Scheduler`] like service replicas. `replicas` is real: scaling up places and
+//! starts workers, scaling down stops the newest and frees their share. A pod's
+//! status, restarts and readiness are its worker's supervisor's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clusters::{ClusterStatus, Clusters};
+use crate::error::{Error, Result};
+use crate::machine::XpuSample;
+use crate::packages::{Packages, Status};
+use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
+use crate::plugins::supervisor::{Health, Status as WorkerStatus};
+use crate::scheduler::Scheduler;
+use crate::store::{Store, Table};
+
+/// Most replicas one workload may ask for.
+pub const MAX_REPLICAS: u32 = 64;
+
+/// What B.2 asks for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadSpec {
+    pub cluster_code: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub label_selector: BTreeMap<String, String>,
+    pub replicas: u32,
+    pub container_name: String,
+    pub image: String,
+    pub cpu: u32,
+    pub xpu_type: String,
+    pub xpu: f64,
+    /// GiB.
+    pub memory: u32,
+    pub command: Option<String>,
+    pub args: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub name: String,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub spec: WorkloadSpec,
+    /// The file package the image resolved to.
+    pub package_id: String,
+    pub pods: Vec<PodRecord>,
+    pub created_ms: u64,
+}
+
+impl WorkloadRecord {
+    pub fn key(&self) -> String {
+        key(
+            &self.spec.cluster_code,
+            &self.spec.namespace,
+            &self.spec.name,
+        )
+    }
+}
+
+fn key(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{cluster}/{namespace}/{name}")
+}
+
+/// A pod as the API shows it.
+#[derive(Clone, Debug)]
+pub struct PodState {
+    pub pod: PodRecord,
+    pub workload: WorkloadSpec,
+    pub worker: WorkerStatus,
+}
+
+impl PodState {
+    /// Kubernetes' pod phases: Pending until started, Running, Failed when its
+    /// worker is unhealthy (a restarting one is Running, not ready).
+    pub fn phase(&self) -> &'static str {
+        match self.worker.health {
+            Health::Idle => "Pending",
+            Health::Running | Health::Restarting { .. } => "Running",
+            Health::Unhealthy { .. } => "Failed",
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.worker.health == Health::Running
+    }
+
+    pub fn description(&self) -> String {
+        match &self.worker.health {
+            Health::Idle => "starting".into(),
+            Health::Running => "running".into(),
+            Health::Restarting { retry_in_ms } => format!(
+                "restarting in {retry_in_ms} ms after: {}",
+                self.worker.last_error.as_deref().unwrap_or("a crash")
+            ),
+            Health::Unhealthy { reason } => reason.clone(),
+        }
+    }
+}
+
+struct Live {
+    record: WorkloadRecord,
+    workers: Vec<Arc<AlgorithmWorker>>,
+}
+
+pub struct Workloads {
+    store: Arc<Store>,
+    packages: Arc<Packages>,
+    scheduler: Arc<Scheduler>,
+    state: RwLock<Vec<Live>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn pod_name(workload: &str) -> String {
+    let suffix: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(5)
+        .collect();
+    format!("{workload}-{suffix}")
+}
+
+fn validate(spec: &WorkloadSpec) -> Result<()> {
+    let dns = |field: &str, value: &str| -> Result<()> {
+        let ok = !value.is_empty()
+            && value.len() <= 63
+            && value.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
+            })
+            && value
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric());
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!(
+                "{field} {value:?}: 1-63 lower-case letters, digits, '-', '_' or '.'"
+            )))
+        }
+    };
+    dns("name", &spec.name)?;
+    dns("nameSpace", &spec.namespace)?;
+    if spec.replicas > MAX_REPLICAS {
+        return Err(Error::Invalid(format!(
+            "replicas {}: 0-{MAX_REPLICAS}",
+            spec.replicas
+        )));
+    }
+    if !(spec.xpu >= 0.0 && (spec.xpu * 10.0).fract().abs() < 1e-9)
+        || (spec.xpu > 1.0 && spec.xpu.fract() != 0.0)
+    {
+        return Err(Error::Invalid(format!(
+            "xpu {}: a share with one decimal up to 1, or a whole number of cards",
+            spec.xpu
+        )));
+    }
+    if spec.cpu == 0 {
+        return Err(Error::Invalid("cpu: at least 1".into()));
+    }
+    if let Some((k, v)) = spec
+        .label_selector
+        .iter()
+        .find(|(k, v)| spec.labels.get(*k) != Some(*v))
+    {
+        return Err(Error::Invalid(format!(
+            "labelSelector {k}={v} does not select the pod labels"
+        )));
+    }
+    Ok(())
+}
+
+impl Workloads {
+    pub fn new(store: Arc<Store>, packages: Arc<Packages>, scheduler: Arc<Scheduler>) -> Workloads {
+        Workloads {
+            store,
+            packages,
+            scheduler,
+            state: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Live>> {
+        crate::sync::read(&self.state)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Live>> {
+        crate::sync::write(&self.state)
+    }
+
+    /// The algorithm plugin of an installed package, named by id or package code.
+    fn resolve_image(&self, image: &str) -> Result<(String, AlgorithmPlugin)> {
+        let file = self
+            .packages
+            .files()
+            .into_iter()
+            .find(|f| f.id == image || f.manifest.as_ref().is_some_and(|m| m.package.code == image))
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "image {image:?}: no algorithm package with that id or code"
+                ))
+            })?;
+        if file.status != Status::Ready {
+            return Err(Error::Conflict(format!(
+                "image {image:?}: the package is not ready: {}",
+                file.status_desc
+            )));
+        }
+        let plugin = self.packages.plugin_of_file(&file.id).ok_or_else(|| {
+            Error::Conflict(format!("image {image:?}: the package has no loaded plugin"))
+        })?;
+        let algorithm = plugin
+            .algorithm()
+            .cloned()
+            .ok_or_else(|| Error::Conflict(format!("image {image:?}: not an algorithm")))?;
+        Ok((file.id, algorithm))
+    }
+
+    /// Starts `count` new pods' workers, placed for `owner`.
+    fn start_pods(
+        &self,
+        spec: &WorkloadSpec,
+        algorithm: &AlgorithmPlugin,
+        count: u32,
+        xpus: &[XpuSample],
+    ) -> Result<Vec<Arc<AlgorithmWorker>>> {
+        let owner = format!(
+            "workload:{}",
+            key(&spec.cluster_code, &spec.namespace, &spec.name)
+        );
+        // The placements live in the scheduler's ledger under `owner`.
+        self.scheduler
+            .reserve(&owner, count, spec.xpu, &spec.xpu_type, xpus)?;
+        Ok((0..count)
+            .map(|_| {
+                let worker = algorithm.spawn_worker();
+                if let Err(e) = worker.start() {
+                    tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
+                }
+                worker
+            })
+            .collect())
+    }
+
+    /// Loads the workloads and starts their pods again.
+    pub fn restore(&self, xpus: &[XpuSample]) -> anyhow::Result<()> {
+        let records: Vec<WorkloadRecord> = self
+            .store
+            .load(Table::Workloads)?
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect();
+        for record in records {
+            let workers = self
+                .resolve_image(&record.spec.image)
+                .and_then(|(_, algorithm)| {
+                    self.start_pods(&record.spec, &algorithm, record.pods.len() as u32, xpus)
+                });
+            let workers = match workers {
+                Ok(workers) => workers,
+                Err(e) => {
+                    tracing::error!(workload = %record.key(), "cannot restart its pods: {e}");
+                    Vec::new()
+                }
+            };
+            self.write().push(Live { record, workers });
+        }
+        Ok(())
+    }
+
+    /// B.2. Blocking.
+    pub fn create(
+        &self,
+        spec: WorkloadSpec,
+        clusters: &Clusters,
+        xpus: &[XpuSample],
+        node_cpu: u32,
+        node_memory_gb: f64,
+    ) -> Result<WorkloadRecord> {
+        validate(&spec)?;
+        let cluster = clusters.get(&spec.cluster_code)?;
+        if cluster.status != ClusterStatus::Running || clusters.nodes(&cluster.code)?.is_empty() {
+            return Err(Error::Conflict(format!(
+                "cluster {} has no running node",
+                cluster.code
+            )));
+        }
+        if spec.cpu > node_cpu || f64::from(spec.memory) > node_memory_gb {
+            return Err(Error::Conflict(format!(
+                "a pod asking cpu {} and memory {} Gi does not fit the node ({node_cpu} cores, {node_memory_gb:.1} GiB)",
+                spec.cpu, spec.memory
+            )));
+        }
+        let id = key(&spec.cluster_code, &spec.namespace, &spec.name);
+        if self.read().iter().any(|l| l.record.key() == id) {
+            return Err(Error::Conflict(format!(
+                "workload {} already exists in namespace {} of cluster {}",
+                spec.name, spec.namespace, spec.cluster_code
+            )));
+        }
+        let (package_id, algorithm) = self.resolve_image(&spec.image)?;
+        let workers = self.start_pods(&spec, &algorithm, spec.replicas, xpus)?;
+        let now = now_ms();
+        let record = WorkloadRecord {
+            pods: (0..spec.replicas)
+                .map(|_| PodRecord {
+                    name: pod_name(&spec.name),
+                    created_ms: now,
+                })
+                .collect(),
+            spec,
+            package_id,
+            created_ms: now,
+        };
+        if let Err(e) = self.store.put(Table::Workloads, &id, &record) {
+            self.scheduler.release(&format!("workload:{id}"));
+            return Err(e.into());
+        }
+        self.write().push(Live {
+            record: record.clone(),
+            workers,
+        });
+        Ok(record)
+    }
+
+    fn find<'a>(state: &'a [Live], cluster: &str, namespace: &str, name: &str) -> Result<&'a Live> {
+        let id = key(cluster, namespace, name);
+        state.iter().find(|l| l.record.key() == id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no workload {name:?} in namespace {namespace:?} of cluster {cluster:?}"
+            ))
+        })
+    }
+
+    pub fn get(&self, cluster: &str, namespace: &str, name: &str) -> Result<WorkloadRecord> {
+        Ok(Self::find(&self.read(), cluster, namespace, name)?
+            .record
+            .clone())
+    }
+
+    pub fn list(&self, cluster: &str) -> Vec<WorkloadRecord> {
+        self.read()
+            .iter()
+            .filter(|l| l.record.spec.cluster_code == cluster)
+            .map(|l| l.record.clone())
+            .collect()
+    }
+
+    /// Workloads in a cluster (a cluster with workloads is not deleted).
+    pub fn count_in(&self, cluster: &str) -> usize {
+        self.read()
+            .iter()
+            .filter(|l| l.record.spec.cluster_code == cluster)
+            .count()
+    }
+
+    pub fn pods(&self, cluster: &str, namespace: &str, name: &str) -> Result<Vec<PodState>> {
+        let state = self.read();
+        let live = Self::find(&state, cluster, namespace, name)?;
+        Ok(live
+            .record
+            .pods
+            .iter()
+            .zip(&live.workers)
+            .map(|(pod, worker)| PodState {
+                pod: pod.clone(),
+                workload: live.record.spec.clone(),
+                worker: worker.status(),
+            })
+            .collect())
+    }
+
+    /// B.4. Blocking.
+    pub fn scale(
+        &self,
+        cluster: &str,
+        namespace: &str,
+        name: &str,
+        replicas: u32,
+        xpus: &[XpuSample],
+    ) -> Result<()> {
+        if replicas > MAX_REPLICAS {
+            return Err(Error::Invalid(format!(
+                "replicas {replicas}: 0-{MAX_REPLICAS}"
+            )));
+        }
+        let id = key(cluster, namespace, name);
+        let (spec, current) = {
+            let state = self.read();
+            let live = Self::find(&state, cluster, namespace, name)?;
+            (live.record.spec.clone(), live.record.pods.len() as u32)
+        };
+        let owner = format!("workload:{id}");
+        let per_pod = if spec.xpu > 1.0 { spec.xpu as usize } else { 1 };
+        let mut state = self.write();
+        let live = state
+            .iter_mut()
+            .find(|l| l.record.key() == id)
+            .ok_or_else(|| Error::NotFound(format!("no workload {name:?}")))?;
+        let mut record = live.record.clone();
+        record.spec.replicas = replicas;
+        if replicas > current {
+            let (_, algorithm) = self.resolve_image(&spec.image)?;
+            let workers = self.start_pods(&spec, &algorithm, replicas - current, xpus)?;
+            let now = now_ms();
+            record.pods.extend((current..replicas).map(|_| PodRecord {
+                name: pod_name(&spec.name),
+                created_ms: now,
+            }));
+            if let Err(e) = self.store.put(Table::Workloads, &id, &record) {
+                self.scheduler
+                    .release_last(&owner, (replicas - current) as usize * per_pod);
+                return Err(e.into());
+            }
+            live.workers.extend(workers);
+        } else if replicas < current {
+            record.pods.truncate(replicas as usize);
+            self.store.put(Table::Workloads, &id, &record)?;
+            live.workers.truncate(replicas as usize);
+            self.scheduler
+                .release_last(&owner, (current - replicas) as usize * per_pod);
+        } else {
+            self.store.put(Table::Workloads, &id, &record)?;
+        }
+        live.record = record;
+        Ok(())
+    }
+
+    /// B.3. Blocking.
+    pub fn delete(&self, cluster: &str, namespace: &str, name: &str) -> Result<()> {
+        let id = key(cluster, namespace, name);
+        let mut state = self.write();
+        Self::find(&state, cluster, namespace, name)?;
+        self.store.delete(Table::Workloads, &id)?;
+        state.retain(|l| l.record.key() != id);
+        drop(state);
+        self.scheduler.release(&format!("workload:{id}"));
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! Appendices C, D.5 and H.5 over HTTP: this machine's figures and its accelerators',
+//! from the samplers, in each appendix's envelope.
+
+mod support;
+
+use serde_json::json;
+use support::*;
+
+fn running_cluster(server: &TestServer) -> (String, String) {
+    let (_, body) = server.post(
+        "/CCP/clusters",
+        json!({
+            "name": "monitored",
+            "spec": { "version": "1.22.1", "nodes": [{
+                "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 },
+                "count": 1
+            }]}
+        }),
+    );
+    assert_eq!(body["data"]["status"], "running", "{body}");
+    let code = body["data"]["clusterCode"].as_str().unwrap().to_string();
+    let (_, nodes) = server.get(&format!("/CCP/cluster/nodes?clusterCode={code}"));
+    let node = nodes["data"][0]["nodeId"].as_str().unwrap().to_string();
+    (code, node)
+}
+
+/// `[{"<ms>": value}, ...]`, oldest first.
+fn assert_trend(list: &serde_json::Value) {
+    let points = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"));
+    assert!(!points.is_empty());
+    let mut last = 0u64;
+    for point in points {
+        let entry = point.as_object().unwrap();
+        assert_eq!(entry.len(), 1);
+        let (ts, value) = entry.iter().next().unwrap();
+        let ts: u64 = ts.parse().unwrap();
+        assert!(ts >= last);
+        last = ts;
+        assert!(value.is_number());
+    }
+}
+
+#[test]
+fn cluster_and_node_monitors_report_this_machine_with_trends() {
+    let server = TestServer::start(&["sim-xpu"]);
+    let (code, node) = running_cluster(&server);
+    // Two machine samples make a trend.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+
+    let (status, body) = server.get(&format!("/CCP/cluster/monitors/{code}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], "0");
+    let data = &body["data"];
+    assert_eq!(data["clusterName"], "monitored");
+    assert!(data["id"].as_u64().unwrap() >= 1);
+    assert!(data["cpu"].as_u64().unwrap() >= 1);
+    let cpu = data["cpuUtilization"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&cpu), "{cpu}");
+    assert!(data["memory"].as_u64().unwrap() >= 1);
+    assert!(data["memoryUsed"].as_f64().unwrap() > 0.0);
+    assert!(data["diskUsed"].as_f64().unwrap() > 0.0);
+    for list in ["cpuUtilizationList", "memoryUsedList", "diskUsedList"] {
+        assert_trend(&data[list]);
+    }
+    let xpus = data["xpuMonitors"].as_array().unwrap();
+    assert_eq!(xpus.len(), 2);
+    assert_eq!(xpus[0]["xpuType"], "SIMULATED_XPU16");
+    assert_eq!(xpus[0]["xpuMemory"], 16);
+    let util = xpus[0]["xpuUtilization"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&util));
+    assert_trend(&xpus[0]["xpuUtilizationList"]);
+
+    let (status, body) = server.get(&format!("/CCP/node/monitors/{node}?clusterCode={code}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["id"], 1);
+    assert!(body["data"]["ip"]
+        .as_str()
+        .unwrap()
+        .parse::<std::net::IpAddr>()
+        .is_ok());
+    assert_eq!(body["data"]["xpuMonitors"].as_array().unwrap().len(), 2);
+
+    // Wrong or missing parameters, unknown ids.
+    let (status, body) = server.get(&format!("/CCP/node/monitors/{node}"));
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("clusterCode"));
+    let (status, _) = server.get(&format!(
+        "/CCP/node/monitors/node-nowhere?clusterCode={code}"
+    ));
+    assert_eq!(status, 404);
+    let (status, body) = server.get("/CCP/cluster/monitors/cluster-nowhere");
+    assert_eq!(status, 404);
+    assert_eq!(body["code"], "404");
+}
+
+#[test]
+fn cap_status_uses_the_integer_envelope_and_reports_the_accelerators() {
+    let server = TestServer::start(&["sim-xpu"]);
+    let (status, body) = server.get("/CAP/Status");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], 0);
+    assert_eq!(body["message"], "success");
+    let basic = &body["data"]["basicInfos"][0];
+    assert_eq!(basic["gpu"], 2);
+    assert_eq!(basic["gpuType"], "SIMULATED_XPU16");
+    assert!(basic["hostName"].as_str().is_some_and(|h| !h.is_empty()));
+    assert!(basic["memory"].as_f64().unwrap() > 0.0);
+    assert!(basic["os"].as_str().is_some_and(|o| !o.is_empty()));
+    let ops = &body["data"]["opsInfos"][0];
+    assert_eq!(ops["ip"], basic["ip"]);
+    let gpu_use = ops["gpuUse"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&gpu_use));
+    let memory_use = ops["memoryUse"].as_f64().unwrap();
+    assert!(memory_use > 0.0 && memory_use <= 100.0);
+    assert_eq!(ops["gpuUsedetail"], json!([]));
+}
+
+#[test]
+fn machine_status_answers_for_this_machine_only() {
+    let server = TestServer::start(&[]);
+    let host = sysinfo_host_name();
+    let code = format!("node-{host}");
+    let (status, body) = server.get(&format!("/CAD/machine/status/{code}"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], "0");
+    let data = &body["data"];
+    assert_eq!(data["deviceCode"], code.as_str());
+    assert_eq!(data["isOnline"], true);
+    let cpu: f64 = data["cpuUtilization"].as_str().unwrap().parse().unwrap();
+    assert!((0.0..=1.0).contains(&cpu));
+    for field in ["memUsage", "memFree", "diskUsage", "diskFree"] {
+        let gb: f64 = data[field].as_str().unwrap().parse().unwrap();
+        assert!(gb >= 0.0, "{field}");
+    }
+    let (status, body) = server.get("/CAD/machine/status/someone-else");
+    assert_eq!(status, 404);
+    assert!(body["message"].as_str().unwrap().contains("someone-else"));
+}
+
+/// The node id the server derives from the host name.
+fn sysinfo_host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    raw.trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,228 @@
+//! Appendix B over HTTP: workloads of an installed algorithm package, their pods,
+//! scaling that really starts and stops workers and frees their share.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::json;
+use support::*;
+
+fn setup() -> (FileServer, TestServer, String) {
+    let platform = FileServer::start();
+    let server = TestServer::start(&["sim-xpu"]);
+    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-4.0.0"));
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": "pkg", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get("/CAP/AlgoFilePackages/pkg")
+        .1["data"]["status"]
+        == 0));
+    let (_, body) = server.post("/CCP/clusters", json!({
+        "name": "c",
+        "spec": { "version": "1.20.4", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
+    }));
+    let cluster = body["data"]["clusterCode"].as_str().unwrap().to_string();
+    (platform, server, cluster)
+}
+
+/// Table B.9's example, typos fixed (a duplicate `replicas`), sized for this machine.
+fn example_workload(cluster: &str) -> serde_json::Value {
+    json!({
+        "clusterCode": cluster,
+        "nameSpace": "default",
+        "name": "human-detect",
+        "labels": { "app": "test" },
+        "labelSelector": { "app": "test" },
+        "containerName": "test-container",
+        "image": "XPUD-PT-4.0.0",
+        "xpuType": "SIMULATED_XPU16",
+        "cpu": 1,
+        "memory": 1,
+        "xpu": 0.5,
+        "replicas": 2
+    })
+}
+
+#[test]
+fn workloads_run_pods_and_scale_for_real() {
+    let (_platform, server, cluster) = setup();
+    let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["code"], "0");
+    assert_eq!(
+        body["data"],
+        json!({ "workloadName": "human-detect", "namespace": "default" })
+    );
+    assert_eq!(partitions(&server, "sim-xpu"), 2);
+
+    // B.6 (the text's lower-case spelling of the path).
+    let (status, body) = server.get(&format!(
+        "/CCP/algoservice/workloads/human-detect?clusterCode={cluster}&namespace=default"
+    ));
+    assert_eq!(status, 200, "{body}");
+    let data = &body["data"];
+    assert_eq!(data["status"], "Running", "{body}");
+    assert_eq!(data["xpu"], 0.5);
+    assert_eq!(data["xpuMemory"], 8.0);
+    assert_eq!(data["image"], "XPUD-PT-4.0.0");
+    let created = data["createdDate"].as_str().unwrap();
+    assert_eq!(created.len(), "yyyy-MM-dd HH:mm:ss.SSS".len(), "{created}");
+
+    // B.7 / B.8
+    let (_, body) = server.call(
+        Method::GET,
+        "/CCP/algoService/pods",
+        Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
+    );
+    let pods = body["data"]["pods"].as_array().unwrap().clone();
+    assert_eq!(pods.len(), 2);
+    for pod in &pods {
+        assert_eq!(pod["status"], "Running");
+        assert_eq!(pod["ready"], true);
+        assert_eq!(pod["restarts"], 0);
+        assert_eq!(pod["deploymentName"], "human-detect");
+        assert_eq!(pod["labels"], json!([{ "name": "app", "value": "test" }]));
+        assert!(pod["name"].as_str().unwrap().starts_with("human-detect-"));
+    }
+    let name = pods[0]["name"].as_str().unwrap();
+    let (status, body) = server.get(&format!(
+        "/CCP/algoService/pods/{name}?clusterCode={cluster}&namespace=default&workloadName=human-detect"
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["name"], name);
+    let (status, _) = server.get(&format!(
+        "/CCP/algoService/pods/nope?clusterCode={cluster}&namespace=default&workloadName=human-detect"
+    ));
+    assert_eq!(status, 404);
+
+    // B.4: up to 4 pods (2 cards' worth), then more is refused, then down to 1.
+    let scale = |replicas: u32| {
+        server.call(
+            Method::PUT,
+            "/CCP/algoService/workloads/human-detect",
+            Some(json!({ "clusterCode": cluster, "namespace": "default", "replicas": replicas })),
+        )
+    };
+    let count = || {
+        server.call(
+            Method::GET,
+            "/CCP/algoService/pods",
+            Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
+        ).1["data"]["pods"].as_array().unwrap().len()
+    };
+    assert_eq!(scale(4).0, 200);
+    assert_eq!(count(), 4);
+    assert_eq!(partitions(&server, "sim-xpu"), 4);
+    let (status, body) = scale(5);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(count(), 4);
+    assert_eq!(scale(1).0, 200);
+    assert_eq!(count(), 1);
+    assert_eq!(partitions(&server, "sim-xpu"), 1);
+
+    // B.5 with the text's page request.
+    let (_, body) = server.call(
+        Method::GET,
+        "/CCP/algoService/workloads",
+        Some(json!({ "clusterCode": cluster, "namespace": "default",
+                     "pageRequest": { "pageNumber": 1, "pageSize": 20, "orderList": [{ "property": "id", "direction": "desc" }] } })),
+    );
+    assert_eq!(body["data"]["total"], 1, "{body}");
+    assert_eq!(
+        body["data"]["pageContent"][0]["workloadName"],
+        "human-detect"
+    );
+    assert_eq!(body["data"]["pageContent"][0]["replicas"], 1);
+    let (status, body) = server.get(&format!(
+        "/CCP/algoService/workloads?clusterCode={cluster}&pageNumber=0"
+    ));
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("pageNumber"));
+
+    // The cluster cannot go while the workload runs; B.3 then it can.
+    let (status, _) = server.call(Method::DELETE, &format!("/CCP/clusters/{cluster}"), None);
+    assert_eq!(status, 409);
+    let (status, body) = server.call(
+        Method::DELETE,
+        "/CCP/algoService/workloads/human-detect",
+        Some(json!({ "clusterCode": cluster, "namespace": "default" })),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(partitions(&server, "sim-xpu"), 0);
+    let (status, _) = server.get(&format!(
+        "/CCP/algoService/workloads/human-detect?clusterCode={cluster}"
+    ));
+    assert_eq!(status, 404);
+    let (status, _) = server.call(Method::DELETE, &format!("/CCP/clusters/{cluster}"), None);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn bad_workloads_are_refused_with_the_field() {
+    let (_platform, server, cluster) = setup();
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut request = example_workload(&cluster);
+        edit(&mut request);
+        server.post("/CCP/algoService/workloads", request)
+    };
+    for (edit, field, status) in [
+        (
+            &(|r: &mut serde_json::Value| r["image"] = json!("NO-SUCH-1.0"))
+                as &dyn Fn(&mut serde_json::Value),
+            "NO-SUCH-1.0",
+            404,
+        ),
+        (
+            &|r: &mut serde_json::Value| r["labelSelector"] = json!({ "app": "other" }),
+            "labelSelector",
+            400,
+        ),
+        (
+            &|r: &mut serde_json::Value| r["xpu"] = json!(0.25),
+            "xpu",
+            400,
+        ),
+        (
+            &|r: &mut serde_json::Value| r["xpuType"] = json!("NVIDIA_T4"),
+            "NVIDIA_T4",
+            409,
+        ),
+        (
+            &|r: &mut serde_json::Value| r["cpu"] = json!(10_000),
+            "cpu",
+            409,
+        ),
+        (
+            &|r: &mut serde_json::Value| {
+                r.as_object_mut().unwrap().remove("containerName");
+            },
+            "containerName",
+            400,
+        ),
+        (
+            &|r: &mut serde_json::Value| r["clusterCode"] = json!("cluster-nope"),
+            "cluster-nope",
+            404,
+        ),
+    ] {
+        let (got, body) = with(edit);
+        assert_eq!(got, status, "{field}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(field),
+            "{field}: {body}"
+        );
+    }
+    assert_eq!(partitions(&server, "sim-xpu"), 0);
+    assert_eq!(
+        server
+            .post("/CCP/algoService/workloads", example_workload(&cluster))
+            .0,
+        200
+    );
+    let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
+    assert_eq!(status, 409, "{body}");
+}

@@ -1,0 +1,135 @@
+//! The `xpud` command line: plugin check and pack, help, and bad configuration.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::*;
+
+fn xpud(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xpud"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run xpud")
+}
+
+fn pack(template: &std::path::Path, wasm: &std::path::Path, out: &std::path::Path) -> Output {
+    xpud(&[
+        "plugin",
+        "pack",
+        "--manifest",
+        template.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn plugin_check_describes_a_good_plugin_and_refuses_bad_ones() {
+    let (wasm, _) = built("sim-xpu");
+    let out = xpud(&["plugin", "check", wasm.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("world:    Driver (xpu:plugin@0.1.0)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("export:   xpu:plugin/driver@0.1.0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("links:    ok"), "{stdout}");
+    assert!(
+        stdout.contains("manifest:") && stdout.contains(" ok"),
+        "{stdout}"
+    );
+
+    // The same wasm beside a manifest pinning another hash.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sim-xpu.wasm");
+    std::fs::copy(&wasm, &copy).unwrap();
+    std::fs::write(
+        dir.path().join("sim-xpu.toml"),
+        "name = \"sim-xpu\"\nversion = \"0.1.0\"\nkind = \"driver\"\napi = \"0.1.0\"\n\
+         sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
+    )
+    .unwrap();
+    let out = xpud(&["plugin", "check", copy.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pins sha256"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm").unwrap();
+    let out = xpud(&["plugin", "check", junk.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not a valid WebAssembly component"));
+}
+
+#[test]
+fn plugin_pack_pins_the_hash_and_writes_nothing_on_a_bad_template() {
+    let (wasm, _) = built("passthrough");
+    let template = repo().join("plugins/passthrough/plugin.toml");
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = pack(&template, &wasm, out_dir.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let manifest = xpud::plugins::Manifest::read(&out_dir.path().join("passthrough.toml")).unwrap();
+    use sha2::Digest;
+    let bytes = std::fs::read(out_dir.path().join("passthrough.wasm")).unwrap();
+    assert_eq!(manifest.sha256, hex::encode(sha2::Sha256::digest(&bytes)));
+
+    let bad = out_dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\nversion = \"0.1.0\"\nkind = \"gpu\"\napi = \"0.1.0\"\n",
+    )
+    .unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let out = pack(&bad, &wasm, empty.path());
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("kind"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn help_everywhere_and_bad_config_names_the_key() {
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["plugin", "--help"],
+        &["plugin", "check", "--help"],
+        &["plugin", "pack", "--help"],
+    ] {
+        let out = xpud(args);
+        assert!(out.status.success(), "{args:?}");
+        assert!(text(&out.stdout).contains("Usage"), "{args:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("xpud.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\n[sampler]\ninterval-ms = \"often\"\n",
+    )
+    .unwrap();
+    let out = xpud(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("interval-ms"), "{stderr}");
+}
+
+#[test]
+fn the_example_config_parses_to_the_embedded_defaults() {
+    let example = xpud::config::ServeConfig::from_file(&repo().join("examples/xpud.toml")).unwrap();
+    let defaults = xpud::config::ServeConfig::default();
+    assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+}

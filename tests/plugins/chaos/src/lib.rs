@@ -1,0 +1,159 @@
+//! chaos: a driver plugin that misbehaves on purpose, for the containment tests.
+//!
+//! `init` always succeeds so the plugin loads. What `sample` does depends on the
+//! manifest's `mode`:
+//! - `healthy`: one card, plain figures;
+//! - `trap`: executes `unreachable` (a wasm trap);
+//! - `loop`: spins forever (the host's deadline must stop it);
+//! - `oom`: allocates without bound (the host's memory cap must stop it);
+//! - `read`: reads the file at config `path` and reports what happened: a device
+//!   named after the file's first line, or a `device-failure` with the error;
+//! - `flaky`: the first `sample` of each incarnation answers, the second traps;
+//! - `panic`: writes 100 KB to stderr, then panics with a message;
+//! - `probe`: reports what the sandbox lets it see: the number of environment
+//!   variables and arguments, and the result of a TCP connect to config `path`
+//!   (an address), as its device type;
+//! - `sleep`: sleeps for an hour inside a host call (WASI poll), where epoch
+//!   deadlines do not reach.
+//!
+//! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
+//! incarnation, like a simulator that starts empty after a restart.
+
+use xpud_sdk::driver::*;
+
+struct Chaos {
+    mode: String,
+    path: String,
+    samples: u32,
+    partitions: Vec<Partition>,
+    next_partition: u32,
+}
+
+impl Driver for Chaos {
+    fn init(config: Config) -> Result<(Self, DriverInfo), DriverError> {
+        let chaos = Chaos {
+            mode: config.get("mode").unwrap_or("healthy").to_string(),
+            path: config.get("path").unwrap_or("").to_string(),
+            samples: 0,
+            partitions: Vec::new(),
+            next_partition: 0,
+        };
+        let info = DriverInfo {
+            vendor: "CHAOS".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            accelerator_types: vec!["CHAOS_TEST".into()],
+            simulated: true,
+        };
+        Ok((chaos, info))
+    }
+
+    fn devices(&mut self) -> Result<Vec<Device>, DriverError> {
+        let accelerator_type = if self.mode == "probe" {
+            let connect = match std::net::TcpStream::connect(self.path.as_str()) {
+                Ok(_) => "connected".to_string(),
+                Err(e) => format!("refused ({e})"),
+            };
+            format!(
+                "env={} args={} connect={connect}",
+                std::env::vars().count(),
+                std::env::args().count()
+            )
+        } else if self.mode == "read" {
+            let text = std::fs::read_to_string(&self.path)
+                .map_err(|e| DriverError::DeviceFailure(format!("read {}: {e}", self.path)))?;
+            text.lines().next().unwrap_or("").to_string()
+        } else {
+            "CHAOS_TEST".to_string()
+        };
+        Ok(vec![Device {
+            id: "chaos:0".into(),
+            uuid: None,
+            index: 0,
+            accelerator_type,
+            memory_total_mib: Some(1024),
+            decoder_units: None,
+            encoder_units: None,
+            pci_bus_id: None,
+            health: Health::Healthy,
+        }])
+    }
+
+    fn sample(&mut self) -> Result<Metrics, DriverError> {
+        self.samples += 1;
+        match self.mode.as_str() {
+            "trap" => core::arch::wasm32::unreachable(),
+            "flaky" if self.samples == 2 => core::arch::wasm32::unreachable(),
+            "panic" => {
+                for i in 0..2000 {
+                    eprintln!("chatty line {i:04} of forty-odd bytes, padding");
+                }
+                panic!("chaos panicked on purpose");
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Err(DriverError::DeviceFailure("woke up after an hour".into()))
+            }
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            _ => Ok(Metrics {
+                cards: vec![CardMetrics {
+                    device_index: 0,
+                    ai_utilization_pct: Some(1.0),
+                    memory_used_mib: Some(1),
+                    memory_total_mib: Some(1024),
+                    video_decode_utilization_pct: None,
+                    picture_decode_utilization_pct: None,
+                    temperature_celsius: None,
+                    power_watts: None,
+                }],
+                instances: self
+                    .partitions
+                    .iter()
+                    .map(|p| InstanceMetrics {
+                        partition_id: p.id.clone(),
+                        device_index: 0,
+                        ai_utilization_pct: None,
+                        memory_used_mib: None,
+                        memory_quota_mib: p.spec.memory_quota_mib,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
+        let partition = Partition {
+            id: format!("c{}", self.next_partition),
+            spec,
+        };
+        self.next_partition += 1;
+        self.partitions.push(partition.clone());
+        Ok(partition)
+    }
+
+    fn destroy_partition(&mut self, id: String) -> Result<(), DriverError> {
+        let before = self.partitions.len();
+        self.partitions.retain(|p| p.id != id);
+        if self.partitions.len() == before {
+            return Err(DriverError::NotFound(format!("no partition {id}")));
+        }
+        Ok(())
+    }
+
+    fn partitions(&mut self) -> Result<Vec<Partition>, DriverError> {
+        Ok(self.partitions.clone())
+    }
+}
+
+xpud_sdk::export_driver!(Chaos);

@@ -1,0 +1,190 @@
+//! Durability: objects of every kind survive `kill -9` of the real binary, and
+//! come back live (services placed again, tasks bound again).
+
+mod support;
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+
+struct Xpud {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Xpud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(config: &std::path::Path) -> Xpud {
+    let (child, base) = spawn_xpud(config, Stdio::null());
+    Xpud { child, base }
+}
+
+fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let url = format!("{base}{path}");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut request = reqwest::Client::new().request(method, &url);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            request
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("json")
+        })
+}
+
+fn get(base: &str, path: &str) -> Value {
+    call(base, reqwest::Method::GET, path, None)
+}
+
+fn post(base: &str, path: &str, body: Value) -> Value {
+    call(base, reqwest::Method::POST, path, Some(body))
+}
+
+#[test]
+fn everything_acknowledged_survives_kill_dash_nine() {
+    let platform = FileServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    plugins.install("sim-xpu");
+    let config = data.path().join("xpud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n[sampler]\ninterval-ms = 50\n",
+            data.path().join("state"),
+            plugins.path()
+        ),
+    )
+    .unwrap();
+
+    let first = start(&config);
+    let base = first.base.clone();
+    assert!(wait_for(Duration::from_secs(10), || get(
+        &base,
+        "/CAP/Status"
+    )["data"]["basicInfos"][0]["gpu"]
+        == 2));
+    let cluster = post(&base, "/CCP/clusters", json!({
+        "name": "kept",
+        "spec": { "version": "1.24.1", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
+    }))["data"]["clusterCode"].as_str().unwrap().to_string();
+    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-9.0.0"));
+    post(
+        &base,
+        "/CAP/AlgoFilePackages",
+        json!({ "id": "pkg", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || get(
+        &base,
+        "/CAP/AlgoFilePackages/pkg"
+    )["data"]["status"]
+        == 0));
+    let (url, md5) = platform.publish("a.json", br#"{"relatedAlgoFilePackageId": "pkg"}"#);
+    post(
+        &base,
+        "/CAP/AlgoPackages",
+        json!({ "id": "algo", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || get(
+        &base,
+        "/CAP/AlgoPackages/algo"
+    )["data"]["status"]
+        == 0));
+    let service = post(
+        &base,
+        "/CAP/AlgoServices",
+        json!({ "envs": "k=v", "replicas": 2, "gpuType": "SIMULATED_XPU16", "algoId": "algo" }),
+    )["data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let task = post(&base, "/CAP/AlgoTasks", json!({
+        "algoServiceId": service,
+        "restartPolicy": "NEVER",
+        "taskInfo": {
+            "labels": { "algoCabinName": "passthrough", "version": "0.1.0" },
+            "rulesParams": [{ "areas": [], "destinations": { "HTTPDest": { "url": "http://127.0.0.1:9/events" } }, "eventType": "FRAME_SEEN" }],
+            "streamOptions": { "videoStreamOptions": { "resolution": "PIXELS_400W", "url": "rtsp://127.0.0.1/cam" } }
+        }
+    }))["data"]["createdStreams"][0]["taskInfo"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    post(&base, &format!("/CAP/AlgoTasks/{task}:pause"), json!({}));
+    let workload = post(
+        &base,
+        "/CCP/algoService/workloads",
+        json!({
+            "clusterCode": cluster, "nameSpace": "default", "name": "kept-workload",
+            "labels": { "app": "k" }, "labelSelector": { "app": "k" }, "replicas": 2,
+            "containerName": "c", "image": "XPUD-PT-9.0.0", "cpu": 1, "xpuType": "SIMULATED_XPU16",
+            "xpu": 0.5, "memory": 1
+        }),
+    );
+    assert_eq!(workload["code"], "0", "{workload}");
+
+    // No goodbye: SIGKILL.
+    drop(first);
+
+    let second = start(&config);
+    let base = second.base.clone();
+    assert_eq!(
+        get(&base, &format!("/CCP/clusters/{cluster}"))["data"]["phase"],
+        "running"
+    );
+    assert_eq!(
+        get(&base, &format!("/CCP/cluster/nodes?clusterCode={cluster}"))["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let package = get(&base, "/CAP/AlgoFilePackages/pkg");
+    assert_eq!(package["data"]["status"], 0, "{package}");
+    assert_eq!(package["data"]["name"], "passthrough");
+    assert_eq!(
+        get(&base, "/CAP/AlgoPackages/algo")["data"]["relatedAlgoFilePackageId"],
+        "pkg"
+    );
+    let detail = get(&base, &format!("/CAP/AlgoServices/{service}"));
+    assert_eq!(detail["data"]["status"], "runing", "{detail}");
+    assert_eq!(detail["data"]["replicas"], 2);
+    let detail = get(&base, &format!("/CAP/AlgoTasks/{task}"));
+    assert_eq!(detail["data"]["taskInfo"]["status"], "PAUSED", "{detail}");
+    assert_eq!(detail["data"]["restartPolicy"], "NEVER");
+    let pods = call(
+        &base,
+        reqwest::Method::GET,
+        "/CCP/algoService/pods",
+        Some(json!({
+            "clusterCode": cluster, "namespace": "default", "workloadName": "kept-workload"
+        })),
+    );
+    let pods = pods["data"]["pods"].as_array().unwrap().clone();
+    assert_eq!(pods.len(), 2);
+    assert!(pods.iter().all(|p| p["ready"] == true), "{pods:?}");
+    // Live again: the task resumes on its re-placed service.
+    assert_eq!(
+        post(&base, &format!("/CAP/AlgoTasks/{task}:resume"), json!({}))["data"],
+        true
+    );
+    assert_eq!(
+        get(&base, &format!("/CAP/AlgoTasks/{task}"))["data"]["taskInfo"]["status"],
+        "PENDING"
+    );
+}

@@ -1,0 +1,130 @@
+//! `xpud serve` as a process, over real HTTP: health, the plugin listing, and a
+//! crashing plugin becoming visible as unhealthy while everything else carries on.
+
+mod support;
+
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+struct Serve {
+    child: Child,
+    base: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- xpud log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn serve(data: &std::path::Path, plugins: &PluginDir) -> Serve {
+    let config = data.join("xpud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
+             [restart]\nmax-restarts = 1\nbackoff-initial-ms = 20\n\
+             [sampler]\ninterval-ms = 50\n",
+            data.join("state"),
+            plugins.path()
+        ),
+    )
+    .unwrap();
+    let log = data.join("xpud.log");
+    let (child, base) = spawn_xpud(&config, Stdio::from(std::fs::File::create(&log).unwrap()));
+    Serve { child, base, log }
+}
+
+fn get(base: &str, path: &str) -> Value {
+    let url = format!("{base}{path}");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let response = reqwest::get(&url).await.expect("request");
+            assert!(
+                response.status().is_success(),
+                "{url}: {}",
+                response.status()
+            );
+            response.json::<Value>().await.expect("json")
+        })
+}
+
+fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
+    list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+#[test]
+fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    plugins.install("sim-xpu");
+    plugins.install("passthrough");
+    let server = serve(data.path(), &plugins);
+    let base = server.base.clone();
+
+    assert_eq!(get(&base, "/healthz")["status"], "ok");
+    // The sampler fills in the devices shortly after start.
+    assert!(wait_for(Duration::from_secs(10), || {
+        let list = get(&base, "/plugins");
+        plugin(&list, "sim-xpu")
+            .is_some_and(|p| p["devices"].as_array().is_some_and(|d| d.len() == 2))
+    }));
+    let list = get(&base, "/plugins");
+    let sim = plugin(&list, "sim-xpu").unwrap();
+    assert_eq!(sim["state"], "loaded");
+    assert_eq!(sim["kind"], "driver");
+    assert_eq!(sim["instance"]["state"], "running");
+    assert_eq!(sim["devices"][0]["accelerator_type"], "SIMULATED_XPU16");
+    assert_eq!(plugin(&list, "passthrough").unwrap()["kind"], "algorithm");
+
+    // A plugin that traps on every sample is dropped in while serving.
+    plugins.install_as("chaos", "chaos", |m| {
+        set(m, "config", "mode", "trap".into())
+    });
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let list = get(&base, "/plugins");
+            plugin(&list, "chaos").is_some_and(|p| p["instance"]["state"] == "unhealthy")
+        }),
+        "chaos never became unhealthy"
+    );
+    let list = get(&base, "/plugins");
+    let chaos = plugin(&list, "chaos").unwrap();
+    assert_eq!(chaos["instance"]["restarts"], 1);
+    assert!(chaos["instance"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("trapped"));
+    // Everything else carries on.
+    assert_eq!(get(&base, "/healthz")["status"], "ok");
+    assert_eq!(
+        plugin(&list, "sim-xpu").unwrap()["instance"]["state"],
+        "running"
+    );
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("plugin marked unhealthy"), "{log}");
+
+    // Removal is picked up too.
+    plugins.remove("passthrough");
+    assert!(wait_for(Duration::from_secs(10), || {
+        plugin(&get(&base, "/plugins"), "passthrough").is_none()
+    }));
+}

@@ -1,0 +1,379 @@
+//! Helpers shared by the integration tests: the real built plugins, scratch plugin
+//! directories, and a registry wired like `xpud serve` wires it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xpud::plugins::supervisor::RestartPolicy;
+use xpud::plugins::{Registry, RegistryOptions};
+use xpud::runtime::inference::{InferenceOptions, Provider};
+use xpud::runtime::{Runtime, RuntimeOptions};
+
+/// The ONNX Runtime library scripts/test installs (XPUD_ONNXRUNTIME).
+pub fn onnxruntime() -> Option<PathBuf> {
+    std::env::var_os("XPUD_ONNXRUNTIME").map(PathBuf::from)
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where scripts/build-plugins packed a plugin (NAME.wasm + NAME.toml).
+pub fn built(name: &str) -> (PathBuf, PathBuf) {
+    let dir = if name == "chaos" {
+        repo().join("target/test-plugins")
+    } else {
+        repo().join("target/plugins")
+    };
+    let wasm = dir.join(format!("{name}.wasm"));
+    assert!(
+        wasm.exists(),
+        "{} is missing: run scripts/build-plugins (scripts/test does)",
+        wasm.display()
+    );
+    (wasm, dir.join(format!("{name}.toml")))
+}
+
+pub fn fixture(path: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(path)
+}
+
+/// A scratch plugin directory.
+pub struct PluginDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl PluginDir {
+    pub fn new() -> PluginDir {
+        PluginDir {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Installs a built plugin as it was packed.
+    pub fn install(&self, name: &str) {
+        self.install_as(name, name, |m| m);
+    }
+
+    /// Installs built plugin `name` under `as_name`, with its manifest edited by `edit`
+    /// (the manifest's `name` is set to `as_name` first).
+    pub fn install_as(
+        &self,
+        name: &str,
+        as_name: &str,
+        edit: impl FnOnce(toml::Table) -> toml::Table,
+    ) {
+        let (wasm, manifest) = built(name);
+        let mut table: toml::Table =
+            toml::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+        table.insert("name".into(), as_name.into());
+        let table = edit(table);
+        std::fs::copy(&wasm, self.path().join(format!("{as_name}.wasm"))).unwrap();
+        self.write_manifest(as_name, &table);
+    }
+
+    pub fn write_manifest(&self, name: &str, table: &toml::Table) {
+        let tmp = self.path().join(format!("{name}.toml.partial"));
+        std::fs::write(&tmp, toml::to_string(table).unwrap()).unwrap();
+        std::fs::rename(tmp, self.path().join(format!("{name}.toml"))).unwrap();
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.path().join(format!("{name}.toml")));
+        let _ = std::fs::remove_file(self.path().join(format!("{name}.wasm")));
+    }
+}
+
+/// Sets `[section] key = value` in a manifest table.
+pub fn set(mut table: toml::Table, section: &str, key: &str, value: toml::Value) -> toml::Table {
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    entry.as_table_mut().unwrap().insert(key.to_string(), value);
+    table
+}
+
+/// Fast restarts for tests: two restarts, then unhealthy.
+pub fn quick_restarts() -> RestartPolicy {
+    RestartPolicy {
+        max_restarts: 2,
+        window_s: 60,
+        backoff_initial_ms: 20,
+        backoff_max_ms: 100,
+    }
+}
+
+pub fn runtime() -> Arc<Runtime> {
+    Runtime::new(RuntimeOptions {
+        cache_dir: None,
+        max_instances: 32,
+        max_memory_bytes: 256 << 20,
+        inference: InferenceOptions {
+            library: onnxruntime(),
+            providers: vec![Provider::Cuda, Provider::Cpu],
+        },
+    })
+    .expect("runtime")
+}
+
+pub fn registry(plugins: &PluginDir, grant_root: &Path) -> Registry {
+    Registry::new(
+        runtime(),
+        RegistryOptions {
+            plugin_dir: plugins.path().to_path_buf(),
+            grant_root: grant_root.to_path_buf(),
+            allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
+            restart: quick_restarts(),
+        },
+    )
+    .expect("registry")
+}
+
+/// The loaded driver plugin `name`.
+pub fn driver(registry: &Registry, name: &str) -> Arc<xpud::plugins::driver::Driver> {
+    registry
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} is not loaded"))
+        .driver()
+        .unwrap_or_else(|| panic!("{name} is no driver"))
+        .clone()
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+/// An in-process `xpud serve` on a free loopback port, with its own data directory.
+pub struct TestServer {
+    pub base: String,
+    pub app: xpud::http::App,
+    pub data: tempfile::TempDir,
+    pub plugins: PluginDir,
+    runtime: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with the given plugins installed, and waits until every
+    /// driver has been sampled once.
+    pub fn start(plugins: &[&str]) -> TestServer {
+        Self::start_with(plugins, |_| {})
+    }
+
+    /// Like `start`, with the configuration edited first.
+    pub fn start_with(
+        plugins: &[&str],
+        edit: impl FnOnce(&mut xpud::config::ServeConfig),
+    ) -> TestServer {
+        let dir = PluginDir::new();
+        for name in plugins {
+            dir.install(name);
+        }
+        let data = tempfile::tempdir().unwrap();
+        let mut config = xpud::config::ServeConfig {
+            data_dir: data.path().to_path_buf(),
+            plugin_dir: Some(dir.path().to_path_buf()),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        };
+        config.sampler.interval_ms = 50;
+        config.inference.onnxruntime = onnxruntime();
+        edit(&mut config);
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let server = runtime
+            .block_on(xpud::server::Server::start(&config))
+            .unwrap();
+        let base = format!("http://{}", server.addr);
+        let app = server.app.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = runtime.spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let drivers = app.registry.drivers().len();
+        assert!(wait_for(Duration::from_secs(10), || {
+            app.registry
+                .drivers()
+                .iter()
+                .filter(|(name, _)| app.samples.get(name).is_some())
+                .count()
+                == drivers
+                && app.machine.latest().is_some()
+        }));
+        TestServer {
+            base,
+            app,
+            data,
+            plugins: dir,
+            runtime,
+            stop: Some(stop),
+            serving: Some(serving),
+        }
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub fn shutdown(&mut self) {
+        if let (Some(stop), Some(serving)) = (self.stop.take(), self.serving.take()) {
+            let _ = stop.send(());
+            self.runtime.block_on(serving).unwrap().unwrap();
+        }
+    }
+
+    /// Sends a request; returns the status and the JSON body.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.base);
+        self.runtime.block_on(async {
+            let client = reqwest::Client::new();
+            let mut request = client.request(method, &url);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let text = response.text().await.expect("body");
+            let json = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
+            (status, json)
+        })
+    }
+
+    pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None)
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, Some(body))
+    }
+
+    /// Sends raw bytes as a JSON body.
+    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.base);
+        self.runtime.block_on(async {
+            let response = reqwest::Client::new()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("request");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("json body"))
+        })
+    }
+}
+
+/// A static file server on loopback, serving the files of a directory (404 for
+/// others): the "platform" packages are downloaded from.
+pub struct FileServer {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FileServer {
+    pub fn start() -> FileServer {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::StatusCode;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route(
+                "/{name}",
+                axum::routing::get(
+                    |State(root): State<PathBuf>, UrlPath(name): UrlPath<String>| async move {
+                        match std::fs::read(root.join(&name)) {
+                            Ok(bytes) => Ok(bytes),
+                            Err(_) => Err(StatusCode::NOT_FOUND),
+                        }
+                    },
+                ),
+            )
+            .with_state(root);
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        FileServer {
+            base,
+            dir,
+            _runtime: runtime,
+        }
+    }
+
+    /// Publishes `bytes` as `name`; returns its URL and md5.
+    pub fn publish(&self, name: &str, bytes: &[u8]) -> (String, String) {
+        std::fs::write(self.dir.path().join(name), bytes).unwrap();
+        let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(bytes));
+        (format!("{}/{name}", self.base), md5)
+    }
+}
+
+/// Builds an algorithm file package from the packed passthrough plugin.
+pub fn passthrough_package(code: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("package.toml");
+    let text = std::fs::read_to_string(repo().join("examples/packages/passthrough.package.toml"))
+        .unwrap()
+        .replace("XPUD-PASSTHROUGH-0.1.0", code);
+    std::fs::write(&manifest, text).unwrap();
+    let (wasm, _) = built("passthrough");
+    let out = dir.path().join("package.tar.gz");
+    xpud::package::build(&manifest, wasm.parent().unwrap(), &out).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+/// How many partitions driver `driver` of `server` holds.
+pub fn partitions(server: &TestServer, driver: &str) -> usize {
+    let (_, driver) = server
+        .app
+        .registry
+        .drivers()
+        .into_iter()
+        .find(|(name, _)| name == driver)
+        .unwrap_or_else(|| panic!("no driver {driver}"));
+    driver.partitions().unwrap().len()
+}
+
+/// `xpud serve --config CONFIG` as a process, stderr to `log`; returns it with the
+/// base URL from its first stdout line.
+pub fn spawn_xpud(config: &Path, log: std::process::Stdio) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xpud"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("start xpud");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("xpud listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    (child, base)
+}
