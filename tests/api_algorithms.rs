@@ -1,13 +1,11 @@
 //! Appendix E over HTTP: file packages and algorithms pushed, downloaded from a
 //! local "platform", verified, installed, listed, deleted; and what goes wrong.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
-use support::*;
 
 fn wait_status(server: &TestServer, path: &str) -> serde_json::Value {
     let mut last = json!(null);

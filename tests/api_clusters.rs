@@ -1,11 +1,9 @@
 //! Appendix A over HTTP: clusters and nodes on the single-machine backend, with the
 //! text's example requests (JSON typos fixed).
 
-mod support;
-
+use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
-use support::*;
 
 /// Table A.10's example, typos fixed (a missing comma).
 fn example_cluster() -> serde_json::Value {

@@ -1,13 +1,11 @@
 //! Appendix I over HTTP: a machine in CAD mode receives a file package by id from the
 //! platform, installs (and so starts) it by code, lists it, uninstalls it.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
-use support::*;
 
 #[test]
 fn machine_packages_install_run_and_uninstall() {

@@ -1,10 +1,8 @@
 //! Appendices C, D.5 and H.5 over HTTP: this machine's figures and its accelerators',
 //! from the samplers, in each appendix's envelope.
 
-mod support;
-
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 fn running_cluster(server: &TestServer) -> (String, String) {
     let (_, body) = server.post(

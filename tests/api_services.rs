@@ -1,13 +1,11 @@
 //! Appendices F and G over HTTP: services placed on the (simulated) cards with real
 //! partitions, tasks bound to them, and the refusals that keep state consistent.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
-use support::*;
 
 /// Installs the passthrough package (gpu quota 0.5 on SIMULATED XPU16) and an
 /// algorithm for it; returns the algorithm id.

@@ -1,13 +1,11 @@
 //! Appendix B over HTTP: workloads of an installed algorithm package, their pods,
 //! scaling that really starts and stops workers and frees their share.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use reqwest::Method;
 use serde_json::json;
-use support::*;
 
 fn setup() -> (FileServer, TestServer, String) {
     let platform = FileServer::start();

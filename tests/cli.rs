@@ -1,10 +1,8 @@
 //! The `xpud` command line: plugin check and pack, help, and bad configuration.
 
-mod support;
-
 use std::process::{Command, Output};
 
-use support::*;
+use crate::support::*;
 
 fn xpud(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xpud"))

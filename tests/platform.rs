@@ -1,17 +1,15 @@
 //! Registration with the platform (D.2-D.4, H.2-H.4) against a local stand-in that
 //! is down at first, comes up, goes down and comes back.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use support::*;
 
 type Calls = Arc<Mutex<Vec<(String, Value)>>>;
 

@@ -1,12 +1,10 @@
 //! The plugin host against the real built plugins: loading, verification, hot
 //! reload, containment of misbehaving plugins, grants, and both worlds end to end.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use xpud::plugins::driver::DriverFailure;
 use xpud::plugins::supervisor::{CallError, Health};
 use xpud::runtime::bindings::driver_types::{DriverError, Isolation, PartitionSpec, Slicing};

@@ -1,13 +1,11 @@
 //! Durability: objects of every kind survive `kill -9` of the real binary, and
 //! come back live (services placed again, tasks bound again).
 
-mod support;
-
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{json, Value};
-use support::*;
 
 struct Xpud {
     child: Child,

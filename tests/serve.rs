@@ -1,13 +1,11 @@
 //! `xpud serve` as a process, over real HTTP: health, the plugin listing, and a
 //! crashing plugin becoming visible as unhealthy while everything else carries on.
 
-mod support;
-
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::Value;
-use support::*;
 
 struct Serve {
     child: Child,
