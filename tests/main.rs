@@ -10,6 +10,7 @@ mod api_monitors;
 mod api_services;
 mod api_workloads;
 mod cli;
+mod openapi;
 mod platform;
 mod plugin_host;
 mod restart;

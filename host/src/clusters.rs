@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::http::clusters::{ClusterCreateRequest, ClusterSpec, ResourceSpec, XpuResource};
 use crate::store::{Change, Store, Table};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClusterStatus {
     Creating,

@@ -44,6 +44,8 @@ enum Command {
     /// Work with algorithm file packages (docs/packages.md).
     #[command(subcommand)]
     Package(PackageCommand),
+    /// Print the HTTP API's OpenAPI 3 document (the one served at /openapi.json).
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -121,6 +123,10 @@ fn main() -> ExitCode {
             out,
         }) => xpud::package::build(&manifest, &plugin_dir, &out)
             .map(|md5| println!("{md5}  {}", out.display())),
+        Command::Openapi => {
+            println!("{}", xpud::http::openapi_json());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,7 @@ use crate::store::{Store, Table};
 /// Most replicas one service may ask for.
 pub const MAX_REPLICAS: u32 = 64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ServiceStatus {
     #[serde(rename = "starting")]
     Starting,

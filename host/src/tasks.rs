@@ -18,7 +18,7 @@ use crate::runtime::bindings::analyzer::{self, AnalyzerError};
 use crate::services::{ServiceStatus, Services};
 use crate::store::{Store, Table};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskStatus {
     Pending,

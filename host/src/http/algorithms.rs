@@ -4,11 +4,12 @@
 //! 1 downloading, 2 failed) and `statusDesc` say how it went.
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{Answer, CodeInt, Failure, Reply};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeInt, CodeIntBody, CodeIntFailures, Failure, Reply};
 use super::input::{Body, PathParam};
 use super::page::{self, Page};
 use super::App;
@@ -16,7 +17,7 @@ use crate::package::{EnvVar, GpuRequirement};
 use crate::packages::{Algorithm, FilePackage};
 
 /// Tables E.10 and E.18.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct PushRequest {
     pub id: String,
     pub md5: String,
@@ -24,7 +25,7 @@ pub struct PushRequest {
 }
 
 /// Table E.14 (E.22 has no `name`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SearchRequest {
     pub page_number: u32,
@@ -34,16 +35,16 @@ pub struct SearchRequest {
 }
 
 /// `data: {}`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Empty {}
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Deleted {
     id: String,
 }
 
 /// Table E.15's record.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct FilePackageRecord {
     id: String,
@@ -55,7 +56,7 @@ struct FilePackageRecord {
     status_desc: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct NameValue {
     name: String,
     value: String,
@@ -70,7 +71,7 @@ fn env(vars: &[EnvVar]) -> Vec<NameValue> {
         .collect()
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct BinView {
     #[serde(rename = "type")]
@@ -79,7 +80,7 @@ struct BinView {
     local_uri: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CapacitiesView {
     stream_video_quota: u32,
@@ -87,7 +88,7 @@ struct CapacitiesView {
     analyze_quota: u32,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct GpuView {
     quota: f64,
@@ -113,7 +114,7 @@ fn gpu(g: &GpuRequirement) -> GpuView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct RuntimeView {
     cmd: String,
@@ -122,7 +123,7 @@ struct RuntimeView {
 }
 
 /// Table E.17.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct FilePackageDetail {
     #[serde(flatten)]
@@ -147,7 +148,7 @@ fn record(file: &FilePackage) -> FilePackageRecord {
 }
 
 /// Tables E.23 and E.25.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct AlgorithmRecord {
     id: String,
@@ -167,23 +168,19 @@ fn algorithm_record(a: &Algorithm) -> AlgorithmRecord {
     }
 }
 
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/CAP/AlgoFilePackages", post(push_file))
-        .route("/CAP/AlgoFilePackages:search", post(search_files))
-        .route(
-            "/CAP/AlgoFilePackages/{id}",
-            get(file_detail).delete(delete_file),
-        )
-        .route("/CAP/AlgoPackages", post(push_algorithm))
-        .route("/CAP/AlgoPackages:search", post(search_algorithms))
-        .route(
-            "/CAP/AlgoPackages/{id}",
-            get(algorithm_detail).delete(delete_algorithm),
-        )
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(push_file))
+        .routes(routes!(search_files))
+        .routes(routes!(file_detail, delete_file))
+        .routes(routes!(push_algorithm))
+        .routes(routes!(search_algorithms))
+        .routes(routes!(algorithm_detail, delete_algorithm))
 }
 
-/// E.2
+/// E.2: Push an algorithm file package.
+#[utoipa::path(post, path = "/CAP/AlgoFilePackages", tag = "E", request_body = PushRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Empty>), CodeIntFailures))]
 async fn push_file(
     State(app): State<App>,
     Body(request, ..): Body<PushRequest, CodeInt>,
@@ -198,7 +195,9 @@ async fn push_file(
     Ok(Reply::data(Empty {}))
 }
 
-/// E.3
+/// E.3: Delete an algorithm file package.
+#[utoipa::path(delete, path = "/CAP/AlgoFilePackages/{id}", tag = "E", params(("id" = String, Path, description = "The file package's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Deleted>), CodeIntFailures))]
 async fn delete_file(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,
@@ -212,7 +211,9 @@ async fn delete_file(
     Ok(Reply::data(Deleted { id: deleted }))
 }
 
-/// E.4
+/// E.4: Search algorithm file packages.
+#[utoipa::path(post, path = "/CAP/AlgoFilePackages:search", tag = "E", request_body = SearchRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Page<FilePackageRecord>>), CodeIntFailures))]
 async fn search_files(
     State(app): State<App>,
     Body(request, ..): Body<SearchRequest, CodeInt>,
@@ -238,7 +239,9 @@ async fn search_files(
     )))
 }
 
-/// E.5
+/// E.5: An algorithm file package's detail.
+#[utoipa::path(get, path = "/CAP/AlgoFilePackages/{id}", tag = "E", params(("id" = String, Path, description = "The file package's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<FilePackageDetail>), CodeIntFailures))]
 async fn file_detail(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,
@@ -272,7 +275,9 @@ async fn file_detail(
     }))
 }
 
-/// E.6
+/// E.6: Push an algorithm.
+#[utoipa::path(post, path = "/CAP/AlgoPackages", tag = "E", request_body = PushRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Empty>), CodeIntFailures))]
 async fn push_algorithm(
     State(app): State<App>,
     Body(request, ..): Body<PushRequest, CodeInt>,
@@ -287,7 +292,9 @@ async fn push_algorithm(
     Ok(Reply::data(Empty {}))
 }
 
-/// E.7
+/// E.7: Delete an algorithm.
+#[utoipa::path(delete, path = "/CAP/AlgoPackages/{id}", tag = "E", params(("id" = String, Path, description = "The algorithm's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Empty>), CodeIntFailures))]
 async fn delete_algorithm(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,
@@ -300,7 +307,9 @@ async fn delete_algorithm(
     Ok(Reply::data(Empty {}))
 }
 
-/// E.8
+/// E.8: Search algorithms.
+#[utoipa::path(post, path = "/CAP/AlgoPackages:search", tag = "E", request_body = SearchRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Page<AlgorithmRecord>>), CodeIntFailures))]
 async fn search_algorithms(
     State(app): State<App>,
     Body(request, ..): Body<SearchRequest, CodeInt>,
@@ -315,7 +324,9 @@ async fn search_algorithms(
     )))
 }
 
-/// E.9
+/// E.9: An algorithm's detail.
+#[utoipa::path(get, path = "/CAP/AlgoPackages/{id}", tag = "E", params(("id" = String, Path, description = "The algorithm's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<AlgorithmRecord>), CodeIntFailures))]
 async fn algorithm_detail(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,

@@ -7,11 +7,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{Answer, CodeString, Failure, Reply};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Body, Params, PathParam};
 use super::App;
 use crate::clusters::{ClusterRecord, ClusterStatus, NodeRecord};
@@ -19,7 +21,7 @@ use crate::clusters::{ClusterRecord, ClusterStatus, NodeRecord};
 type Fail = Failure<CodeString>;
 
 /// Table A.11.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSpec {
     pub version: String,
@@ -29,7 +31,7 @@ pub struct ClusterSpec {
 }
 
 /// Table A.12.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSpec {
     pub node_resource: ResourceSpec,
@@ -37,7 +39,7 @@ pub struct NodeSpec {
 }
 
 /// Table A.13. Memory and disks in GB.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceSpec {
     pub cpu: u32,
@@ -46,11 +48,12 @@ pub struct ResourceSpec {
     pub local_disk_size: u32,
     /// The text's example writes one object where the table says a list: both parse.
     #[serde(default, deserialize_with = "one_or_many")]
+    #[schema(value_type = Vec<XpuResource>)]
     pub xpu_resources: Vec<XpuResource>,
 }
 
 /// Table A.14.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct XpuResource {
     pub xpu_type: String,
@@ -72,7 +75,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<XpuResource
 }
 
 /// Table A.10.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterCreateRequest {
     #[serde(default)]
@@ -82,7 +85,7 @@ pub struct ClusterCreateRequest {
 }
 
 /// Table A.16.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreatedCluster {
     cluster_code: String,
@@ -94,7 +97,7 @@ struct CreatedCluster {
 }
 
 /// Table A.22.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Metadata {
     cluster_code: String,
@@ -102,7 +105,7 @@ struct Metadata {
 }
 
 /// Tables A.21 and A.25 (`phase` in the detail only).
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ClusterView {
     metadata: Metadata,
@@ -130,7 +133,8 @@ fn view(cluster: &ClusterRecord, with_phase: bool) -> ClusterView {
 }
 
 /// `regionId` is optional everywhere and not used by a single machine.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionQuery {
     #[serde(default)]
@@ -138,7 +142,8 @@ pub struct RegionQuery {
 }
 
 /// Table A.26 (the code also comes in the path).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterQuery {
     #[serde(default)]
@@ -148,7 +153,7 @@ pub struct ClusterQuery {
 }
 
 /// Table A.28.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CertData {
     external_address: String,
@@ -159,7 +164,7 @@ struct CertData {
 }
 
 /// Table A.29.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCreateRequest {
     #[serde(default)]
@@ -170,14 +175,14 @@ pub struct NodeCreateRequest {
 }
 
 /// A.29's `spec`: a NodeSpec whose count is the request's `count`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeCreateSpec {
     pub node_resource: ResourceSpec,
 }
 
 /// Table A.30: the node ids at the top level, beside code and message.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct NodeCreateResponse {
     code: &'static str,
     message: &'static str,
@@ -194,7 +199,7 @@ impl IntoResponse for NodeCreateResponse {
 }
 
 /// Table A.31.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeDeleteRequest {
     #[serde(default)]
@@ -204,7 +209,8 @@ pub struct NodeDeleteRequest {
 }
 
 /// Table A.32.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeListRequest {
     #[serde(default)]
@@ -213,7 +219,7 @@ pub struct NodeListRequest {
 }
 
 /// Table A.34.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct NodeView {
     node_id: String,
@@ -234,21 +240,17 @@ struct NodeView {
     xpu_resources: Vec<XpuResource>,
 }
 
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/CCP/clusters", get(list_clusters).post(create_cluster))
-        .route(
-            "/CCP/clusters/{clusterCode}",
-            get(cluster_detail).delete(delete_cluster),
-        )
-        .route("/CCP/clusters/{clusterCode}/license", get(license))
-        .route(
-            "/CCP/cluster/nodes",
-            get(list_nodes).post(create_nodes).delete(delete_nodes),
-        )
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(list_clusters, create_cluster))
+        .routes(routes!(cluster_detail, delete_cluster))
+        .routes(routes!(license))
+        .routes(routes!(list_nodes, create_nodes, delete_nodes))
 }
 
-/// A.2
+/// A.2: Create a cluster.
+#[utoipa::path(post, path = "/CCP/clusters", tag = "A", request_body = ClusterCreateRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<CreatedCluster>), CodeStringFailures))]
 async fn create_cluster(
     State(app): State<App>,
     Body(request, ..): Body<ClusterCreateRequest, CodeString>,
@@ -264,7 +266,9 @@ async fn create_cluster(
     }))
 }
 
-/// A.3
+/// A.3: Delete a cluster.
+#[utoipa::path(delete, path = "/CCP/clusters/{clusterCode}", tag = "A", params(("clusterCode" = String, Path, description = "The cluster's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn delete_cluster(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,
@@ -279,7 +283,9 @@ async fn delete_cluster(
     Ok(Reply::empty())
 }
 
-/// A.4
+/// A.4: List the clusters.
+#[utoipa::path(get, path = "/CCP/clusters", tag = "A", params(RegionQuery),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<Vec<ClusterView>>), CodeStringFailures))]
 async fn list_clusters(
     State(app): State<App>,
     Params(..): Params<RegionQuery, CodeString>,
@@ -289,7 +295,9 @@ async fn list_clusters(
     ))
 }
 
-/// A.5
+/// A.5: A cluster's detail.
+#[utoipa::path(get, path = "/CCP/clusters/{clusterCode}", tag = "A", params(("clusterCode" = String, Path, description = "The cluster's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<ClusterView>), CodeStringFailures))]
 async fn cluster_detail(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,
@@ -297,8 +305,10 @@ async fn cluster_detail(
     Ok(Reply::data(view(&app.clusters.get(&code)?, true)))
 }
 
-/// A.6: where and how to reach this xpud. The certificate fields carry what exists:
+/// A.6: Where and how to reach this xpud. The certificate fields carry what exists:
 /// until TLS is configured, nothing (empty strings).
+#[utoipa::path(get, path = "/CCP/clusters/{clusterCode}/license", tag = "A", params(("clusterCode" = String, Path, description = "The cluster's code"), ClusterQuery),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<CertData>), CodeStringFailures))]
 async fn license(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,
@@ -320,7 +330,9 @@ async fn license(
     }))
 }
 
-/// A.7
+/// A.7: Add nodes to a cluster.
+#[utoipa::path(post, path = "/CCP/cluster/nodes", tag = "A", request_body = NodeCreateRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = NodeCreateResponse), CodeStringFailures))]
 async fn create_nodes(
     State(app): State<App>,
     Body(request, ..): Body<NodeCreateRequest, CodeString>,
@@ -343,7 +355,9 @@ async fn create_nodes(
     })
 }
 
-/// A.8
+/// A.8: Remove nodes from a cluster.
+#[utoipa::path(delete, path = "/CCP/cluster/nodes", tag = "A", request_body = NodeDeleteRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn delete_nodes(
     State(app): State<App>,
     Body(request, ..): Body<NodeDeleteRequest, CodeString>,
@@ -356,7 +370,9 @@ async fn delete_nodes(
     Ok(Reply::empty())
 }
 
-/// A.9
+/// A.9: List a cluster's nodes.
+#[utoipa::path(get, path = "/CCP/cluster/nodes", tag = "A", params(NodeListRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<Vec<NodeView>>), CodeStringFailures))]
 async fn list_nodes(
     State(app): State<App>,
     Params(request, ..): Params<NodeListRequest, CodeString>,

@@ -3,15 +3,16 @@
 //! Use figures are percentages (0-100); sizes GB.
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use serde::Serialize;
 
-use super::envelope::{Answer, CodeIntMessage, Reply};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeIntMessage, CodeIntMessageBody, CodeIntMessageFailures, Reply};
 use super::App;
 
 /// Table D.12, `basicInfos[]`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct BasicInfo {
     ip: String,
@@ -26,7 +27,7 @@ struct BasicInfo {
 }
 
 /// Table D.12, `gpuUsedetail[]`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuUseDetail {
     pub algo_id: String,
@@ -34,7 +35,7 @@ pub struct GpuUseDetail {
 }
 
 /// Table D.12, `opsInfos[]`.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct OpsInfo {
     ip: String,
@@ -47,7 +48,7 @@ struct OpsInfo {
     gpu_usedetail: Vec<GpuUseDetail>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CapStatus {
     basic_infos: Vec<BasicInfo>,
@@ -62,11 +63,13 @@ fn percent(part: f64, whole: f64) -> f64 {
     }
 }
 
-pub fn routes() -> Router<App> {
-    Router::new().route("/CAP/Status", get(status))
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new().routes(routes!(status))
 }
 
-/// D.5
+/// D.5: This machine's compute and its use.
+#[utoipa::path(get, path = "/CAP/Status", tag = "D",
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntMessageBody<CapStatus>), CodeIntMessageFailures))]
 async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
     let facts = app.machine.facts();
     let latest = app.machine.latest();

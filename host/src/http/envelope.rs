@@ -9,16 +9,21 @@
 //! Handlers return `Result<Reply<F, T>, Failure<F>>`: the family is part of the type,
 //! so a failure is always written in its endpoint's envelope.
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use utoipa::openapi::{RefOr, Response as ApiResponse, ResponseBuilder};
+use utoipa::{IntoResponses, PartialSchema, ToSchema};
 
 /// An envelope family.
 pub trait Family: Send + 'static {
     fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response;
+    /// The schema of a failure in this family, for the API document.
+    fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema>;
 }
 
 /// Appendices A, B, C, H and I.
@@ -32,28 +37,37 @@ fn request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-#[derive(Serialize)]
-struct StringBody<'a, T> {
+/// The body of every A, B, C, H and I answer.
+#[derive(Serialize, ToSchema)]
+pub struct CodeStringBody<T> {
+    /// `"0"` on success, else the HTTP status.
+    #[schema(example = "0")]
     code: String,
-    message: &'a str,
+    message: String,
     #[serde(rename = "requestId")]
     request_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<T>,
 }
 
-#[derive(Serialize)]
-struct IntMsgBody<'a, T> {
+/// The body of every E, F and G answer.
+#[derive(Serialize, ToSchema)]
+pub struct CodeIntBody<T> {
+    /// 0 on success, else the HTTP status.
+    #[schema(example = 0)]
     code: u16,
-    msg: &'a str,
+    msg: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<T>,
 }
 
-#[derive(Serialize)]
-struct IntMessageBody<'a, T> {
+/// The body of every D answer.
+#[derive(Serialize, ToSchema)]
+pub struct CodeIntMessageBody<T> {
+    /// 0 on success, else the HTTP status.
+    #[schema(example = 0)]
     code: u16,
-    message: &'a str,
+    message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<T>,
 }
@@ -73,35 +87,99 @@ fn status(code: u16) -> StatusCode {
 
 impl Family for CodeString {
     fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
-        let body = StringBody {
+        let body = CodeStringBody {
             code: envelope_code(code).to_string(),
-            message,
+            message: message.to_owned(),
             request_id: request_id(),
             data,
         };
         (status(code), Json(body)).into_response()
     }
+
+    fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        CodeStringBody::<()>::schema()
+    }
 }
 
 impl Family for CodeInt {
     fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
-        let body = IntMsgBody {
+        let body = CodeIntBody {
             code: envelope_code(code),
-            msg: message,
+            msg: message.to_owned(),
             data,
         };
         (status(code), Json(body)).into_response()
+    }
+
+    fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        CodeIntBody::<()>::schema()
     }
 }
 
 impl Family for CodeIntMessage {
     fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
-        let body = IntMessageBody {
+        let body = CodeIntMessageBody {
             code: envelope_code(code),
-            message,
+            message: message.to_owned(),
             data,
         };
         (status(code), Json(body)).into_response()
+    }
+
+    fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+        CodeIntMessageBody::<()>::schema()
+    }
+}
+
+/// The failures any endpoint may answer with, in its family's envelope, for the API
+/// document: `4XX` (the message says what was wrong, naming the field) and `5XX`.
+fn failures<F: Family>() -> BTreeMap<String, RefOr<ApiResponse>> {
+    let response = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(F::failure_schema()))
+                    .build(),
+            )
+            .build()
+            .into()
+    };
+    BTreeMap::from([
+        (
+            "4XX".to_string(),
+            response("The request was refused; `message` says why, naming the field"),
+        ),
+        (
+            "5XX".to_string(),
+            response("The server failed; the detail is in its log"),
+        ),
+    ])
+}
+
+/// [`failures`] of appendices A, B, C, H and I.
+pub struct CodeStringFailures;
+/// [`failures`] of appendices E, F and G.
+pub struct CodeIntFailures;
+/// [`failures`] of appendix D.
+pub struct CodeIntMessageFailures;
+
+impl IntoResponses for CodeStringFailures {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        failures::<CodeString>()
+    }
+}
+
+impl IntoResponses for CodeIntFailures {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        failures::<CodeInt>()
+    }
+}
+
+impl IntoResponses for CodeIntMessageFailures {
+    fn responses() -> BTreeMap<String, RefOr<ApiResponse>> {
+        failures::<CodeIntMessage>()
     }
 }
 

@@ -3,16 +3,17 @@
 //! utilisation a fraction ("0.11" is 11 %), sizes GB.
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use serde::Serialize;
 
-use super::envelope::{Answer, CodeString, Failure, Reply};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::PathParam;
 use super::App;
 
 /// Table H.10.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct DeviceInfo {
     device_code: String,
@@ -24,11 +25,14 @@ struct DeviceInfo {
     disk_free: Option<String>,
 }
 
-pub fn routes() -> Router<App> {
-    Router::new().route("/CAD/machine/status/{deviceCode}", get(status))
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new().routes(routes!(status))
 }
 
-/// H.5
+/// H.5: This machine's status.
+#[utoipa::path(get, path = "/CAD/machine/status/{deviceCode}", tag = "H",
+    params(("deviceCode" = String, Path, description = "This machine's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<DeviceInfo>), CodeStringFailures))]
 async fn status(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,

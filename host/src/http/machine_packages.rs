@@ -3,11 +3,12 @@
 //! writes `algopackages` and `algorithmPackages`, all served).
 
 use axum::extract::State;
-use axum::routing::{delete, get};
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{Answer, CodeString, Failure, Reply};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Body, Params, PathParam};
 use super::App;
 use crate::dates::format_ms;
@@ -15,7 +16,7 @@ use crate::machine_packages::{MachinePackage, RunState};
 use crate::package::PackageType;
 
 /// Table I.8.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FilePackageRequest {
     pub algo_file_package_id: u64,
@@ -26,7 +27,7 @@ pub struct FilePackageRequest {
 }
 
 /// Table I.10.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstallRequest {
     pub algo_package_code: String,
@@ -35,14 +36,15 @@ pub struct InstallRequest {
 }
 
 /// Table I.12.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListRequest {
     #[serde(default)]
     pub status: Option<RunState>,
 }
 
 /// Table I.14.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct MachineAlgoPackage {
     algo_package_name: String,
@@ -64,25 +66,30 @@ fn view((package, state): &(MachinePackage, RunState)) -> MachineAlgoPackage {
     }
 }
 
-pub fn routes() -> Router<App> {
-    let mut router = Router::new()
-        .route(
-            "/CAD/machine/algoFilePackages",
-            axum::routing::post(receive_file),
+/// Documented as `algoPackages`; the text also writes `algopackages` and
+/// `algorithmPackages`.
+pub fn routes() -> OpenApiRouter<App> {
+    let spelt = |router, routes| {
+        super::also_spelt(
+            router,
+            routes,
+            "/CAD/machine/algoPackages",
+            &[
+                "/CAD/machine/algopackages",
+                "/CAD/machine/algorithmPackages",
+            ],
         )
-        .route("/CAD/machine/algoFilePackages/{id}", delete(delete_file));
-    for spelling in ["algoPackages", "algopackages", "algorithmPackages"] {
-        router = router
-            .route(&format!("/CAD/machine/{spelling}"), get(list).post(install))
-            .route(
-                &format!("/CAD/machine/{spelling}/{{code}}"),
-                get(detail).delete(uninstall),
-            );
-    }
-    router
+    };
+    let router = OpenApiRouter::new()
+        .routes(routes!(receive_file))
+        .routes(routes!(delete_file));
+    let router = spelt(router, routes!(list, install));
+    spelt(router, routes!(detail, uninstall))
 }
 
-/// I.2: fetched from the platform at `[platform] package-url`, `{id}` replaced.
+/// I.2: Receive an algorithm file package: fetched from the platform at `[platform] package-url`, `{id}` replaced.
+#[utoipa::path(post, path = "/CAD/machine/algoFilePackages", tag = "I", request_body = FilePackageRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn receive_file(
     State(app): State<App>,
     Body(request, ..): Body<FilePackageRequest, CodeString>,
@@ -104,7 +111,10 @@ async fn receive_file(
     Ok(Reply::empty())
 }
 
-/// I.3
+/// I.3: Delete a received file package.
+#[utoipa::path(delete, path = "/CAD/machine/algoFilePackages/{id}", tag = "I",
+    params(("id" = String, Path, description = "The file package's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn delete_file(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeString>,
@@ -117,7 +127,9 @@ async fn delete_file(
     Ok(Reply::empty())
 }
 
-/// I.4: installs and starts.
+/// I.4: Install and start an algorithm package.
+#[utoipa::path(post, path = "/CAD/machine/algoPackages", tag = "I", request_body = InstallRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn install(
     State(app): State<App>,
     Body(request, ..): Body<InstallRequest, CodeString>,
@@ -131,7 +143,9 @@ async fn install(
     Ok(Reply::empty())
 }
 
-/// I.5
+/// I.5: Uninstall an algorithm package.
+#[utoipa::path(delete, path = "/CAD/machine/algoPackages/{code}", tag = "I", params(("code" = String, Path, description = "The algorithm package's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn uninstall(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,
@@ -141,7 +155,9 @@ async fn uninstall(
     Ok(Reply::empty())
 }
 
-/// I.6
+/// I.6: List the installed algorithm packages.
+#[utoipa::path(get, path = "/CAD/machine/algoPackages", tag = "I", params(ListRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<Vec<MachineAlgoPackage>>), CodeStringFailures))]
 async fn list(
     State(app): State<App>,
     Params(request, ..): Params<ListRequest, CodeString>,
@@ -156,7 +172,9 @@ async fn list(
     ))
 }
 
-/// I.7
+/// I.7: An installed algorithm package's detail.
+#[utoipa::path(get, path = "/CAD/machine/algoPackages/{code}", tag = "I", params(("code" = String, Path, description = "The algorithm package's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<MachineAlgoPackage>), CodeStringFailures))]
 async fn detail(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,

@@ -17,10 +17,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 pub mod algorithms;
 pub mod clusters;
@@ -159,23 +164,111 @@ impl App {
     }
 }
 
+/// The API document's frame; the paths and schemas come from the handlers'
+/// `#[utoipa::path]` attributes as each module's routes are registered.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "xpud",
+        description = "The central computing power interfaces of the video-analytics \
+            standard (Part 4), served by xpud. Each appendix answers in its own envelope \
+            (`CodeStringBody`: A, B, C, H, I; `CodeIntBody`: E, F, G; `CodeIntMessageBody`: \
+            D). GET parameters may come as a query string or as a JSON body. Pages are \
+            1-based."
+    ),
+    tags(
+        (name = "A", description = "Appendix A: cluster compute management"),
+        (name = "B", description = "Appendix B: algorithm workloads and their pods"),
+        (name = "C", description = "Appendix C: cluster and node resource monitors"),
+        (name = "D", description = "Appendix D.5: this machine's compute and its use"),
+        (name = "E", description = "Appendix E: algorithm file packages and algorithms"),
+        (name = "F", description = "Appendix F: algorithm services"),
+        (name = "G", description = "Appendix G: video analysis tasks"),
+        (name = "H", description = "Appendix H.5: machine status (CAD mode)"),
+        (name = "I", description = "Appendix I: machine algorithm packages (CAD mode)"),
+        (name = "xpud", description = "xpud's own endpoints"),
+    )
+)]
+struct ApiDoc;
+
+/// The API and its OpenAPI document, built from the same registrations.
+pub fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(plugins))
+        .merge(named("clusters", clusters::routes()))
+        .merge(named("workloads", workloads::routes()))
+        .merge(named("monitors", monitors::routes()))
+        .merge(named("compute", compute::routes()))
+        .merge(named("algorithms", algorithms::routes()))
+        .merge(named("services", services::routes()))
+        .merge(named("tasks", tasks::routes()))
+        .merge(named("machine", machine::routes()))
+        .merge(named("machine_packages", machine_packages::routes()))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as JSON.
+pub fn openapi_json() -> String {
+    let (_, document) = api();
+    document
+        .to_pretty_json()
+        .expect("an OpenAPI document always serialises")
+}
+
 pub fn router(app: App) -> Router {
-    let router = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/plugins", get(plugins))
-        .merge(clusters::routes())
-        .merge(workloads::routes())
-        .merge(monitors::routes())
-        .merge(compute::routes())
-        .merge(algorithms::routes())
-        .merge(services::routes())
-        .merge(tasks::routes())
-        .merge(machine::routes())
-        .merge(machine_packages::routes())
+    let (router, document) = api();
+    // Rendered once: the document does not change while serving.
+    let document = Bytes::from(
+        document
+            .to_pretty_json()
+            .expect("an OpenAPI document always serialises"),
+    );
+    router
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(CONTENT_TYPE, "application/json")], document) }),
+        )
         .layer(DefaultBodyLimit::max(input::MAX_BODY_BYTES))
         .fallback(no_such_endpoint)
-        .method_not_allowed_fallback(wrong_method);
-    router.with_state(app)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(app)
+}
+
+/// Operation ids are the handlers' names, which repeat across modules (`create`,
+/// `detail`): the module's name makes them unique.
+fn named(module: &str, mut router: OpenApiRouter<App>) -> OpenApiRouter<App> {
+    for item in router.get_openapi_mut().paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            if let Some(id) = &operation.operation_id {
+                operation.operation_id = Some(format!("{module}_{id}"));
+            }
+        }
+    }
+    router
+}
+
+/// Serves `routes` at its documented path and, undocumented, at the same path with
+/// `prefix` spelt each of `spellings` ways (the text spells some paths several ways).
+fn also_spelt(
+    router: OpenApiRouter<App>,
+    routes: UtoipaMethodRouter<App>,
+    prefix: &str,
+    spellings: &[&str],
+) -> OpenApiRouter<App> {
+    let mut router = router;
+    for path in routes.1.paths.keys() {
+        for spelling in spellings {
+            router = router.route(&path.replacen(prefix, spelling, 1), routes.2.clone());
+        }
+    }
+    router.routes(routes)
 }
 
 /// The envelope family of the appendix a path belongs to.
@@ -206,18 +299,20 @@ async fn wrong_method(
     family_of(uri.path())(405, &format!("{} does not take {method}", uri.path()))
 }
 
+/// Liveness: answers while the server runs.
+#[utoipa::path(get, path = "/healthz", tag = "xpud", responses((status = 200, description = "The server is up", body = Object, example = json!({"status": "ok"}))))]
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, ToSchema)]
 struct PluginList {
     allocator: Allocator,
     plugin_dir: String,
     plugins: Vec<PluginRow>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, ToSchema)]
 struct PluginRow {
     #[serde(flatten)]
     plugin: PluginView,
@@ -228,7 +323,7 @@ struct PluginRow {
     sampled_at_ms: Option<u64>,
 }
 
-#[derive(serde::Serialize)]
+#[derive(serde::Serialize, ToSchema)]
 struct DeviceRow {
     id: String,
     index: u32,
@@ -239,6 +334,7 @@ struct DeviceRow {
 
 /// Loaded and refused plugins with their state. Reads the registry's and the
 /// supervisors' bookkeeping and the sampler's cache only: it never calls a plugin.
+#[utoipa::path(get, path = "/plugins", tag = "xpud", responses((status = 200, description = "The plugin directory's state", body = PluginList)))]
 async fn plugins(State(state): State<App>) -> Json<PluginList> {
     let plugins = state
         .registry

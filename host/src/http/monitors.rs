@@ -5,11 +5,14 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::envelope::{Answer, CodeString, Failure, Reply};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Params, PathParam};
 use super::App;
 use crate::machine::Sample;
@@ -26,8 +29,22 @@ impl Serialize for TrendPoint {
     }
 }
 
+impl PartialSchema for TrendPoint {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .description(Some(
+                "One point: the sample's time (ms since the epoch) as the key",
+            ))
+            .additional_properties(Some(ObjectBuilder::new().schema_type(Type::Number)))
+            .examples([serde_json::json!({ "1764201600000": 0.42 })])
+            .into()
+    }
+}
+
+impl ToSchema for TrendPoint {}
+
 /// Table C.7.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct XpuMonitorInfo {
     xpu_memory: Option<u32>,
@@ -40,7 +57,7 @@ pub struct XpuMonitorInfo {
 }
 
 /// Tables C.6 and C.10: the shared figures.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     cpu: u32,
@@ -56,7 +73,7 @@ pub struct Usage {
 }
 
 /// Table C.6.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ClusterMonitorInfo {
     id: u64,
@@ -66,7 +83,7 @@ struct ClusterMonitorInfo {
 }
 
 /// Table C.10.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct NodeMonitorInfo {
     id: u64,
@@ -76,7 +93,8 @@ struct NodeMonitorInfo {
 }
 
 /// Table C.8 (the node id also comes in the path).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeMonitorRequest {
     pub cluster_code: String,
@@ -149,13 +167,16 @@ fn usage(app: &App, nodes: usize) -> Usage {
     }
 }
 
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/CCP/cluster/monitors/{clusterCode}", get(cluster_monitor))
-        .route("/CCP/node/monitors/{nodeId}", get(node_monitor))
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(cluster_monitor))
+        .routes(routes!(node_monitor))
 }
 
-/// C.2
+/// C.2: A cluster's resource monitor.
+#[utoipa::path(get, path = "/CCP/cluster/monitors/{clusterCode}", tag = "C",
+    params(("clusterCode" = String, Path, description = "The cluster's code")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<ClusterMonitorInfo>), CodeStringFailures))]
 async fn cluster_monitor(
     State(app): State<App>,
     PathParam(code, ..): PathParam<CodeString>,
@@ -169,7 +190,10 @@ async fn cluster_monitor(
     }))
 }
 
-/// C.3
+/// C.3: A node's resource monitor.
+#[utoipa::path(get, path = "/CCP/node/monitors/{nodeId}", tag = "C",
+    params(("nodeId" = String, Path, description = "The node's id"), NodeMonitorRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<NodeMonitorInfo>), CodeStringFailures))]
 async fn node_monitor(
     State(app): State<App>,
     PathParam(node_id, ..): PathParam<CodeString>,

@@ -6,7 +6,7 @@ use serde::Serialize;
 /// Largest page served.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Page<T> {
     pub page_number: u32,

@@ -2,19 +2,20 @@
 //! workers, one per replica, placed on this machine's accelerators.
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::algorithms::Empty;
-use super::envelope::{Answer, CodeInt, Failure, Reply};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeInt, CodeIntBody, CodeIntFailures, Failure, Reply};
 use super::input::{Body, PathParam};
 use super::page::{self, Page};
 use super::App;
 use crate::services::{ServiceRecord, ServiceStatus};
 
 /// Table F.6.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceCreateRequest {
     pub envs: String,
@@ -24,7 +25,7 @@ pub struct ServiceCreateRequest {
 }
 
 /// Table F.10: both optional.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSearchRequest {
     #[serde(default = "first_page")]
@@ -42,7 +43,7 @@ fn default_size() -> u32 {
 }
 
 /// Table F.11's record.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ServiceView {
     id: String,
@@ -62,7 +63,7 @@ fn view(s: &ServiceRecord) -> ServiceView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ReplicaDetail {
     node_host: String,
@@ -70,7 +71,7 @@ struct ReplicaDetail {
 }
 
 /// Table F.13.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ServiceDetail {
     #[serde(flatten)]
@@ -81,14 +82,16 @@ struct ServiceDetail {
     replicas_detail: Vec<ReplicaDetail>,
 }
 
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/CAP/AlgoServices", post(create))
-        .route("/CAP/AlgoServices:search", post(search))
-        .route("/CAP/AlgoServices/{id}", get(detail).delete(delete))
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(search))
+        .routes(routes!(detail, delete))
 }
 
-/// F.2: the service id.
+/// F.2: Create a service; the answer is its id.
+#[utoipa::path(post, path = "/CAP/AlgoServices", tag = "F", request_body = ServiceCreateRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<String>), CodeIntFailures))]
 async fn create(
     State(app): State<App>,
     Body(request, ..): Body<ServiceCreateRequest, CodeInt>,
@@ -108,7 +111,9 @@ async fn create(
     Ok(Reply::data(service.id))
 }
 
-/// F.3
+/// F.3: Delete a service.
+#[utoipa::path(delete, path = "/CAP/AlgoServices/{id}", tag = "F", params(("id" = String, Path, description = "The service's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Empty>), CodeIntFailures))]
 async fn delete(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,
@@ -118,7 +123,9 @@ async fn delete(
     Ok(Reply::data(Empty {}))
 }
 
-/// F.4
+/// F.4: Search services.
+#[utoipa::path(post, path = "/CAP/AlgoServices:search", tag = "F", request_body = ServiceSearchRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Page<ServiceView>>), CodeIntFailures))]
 async fn search(
     State(app): State<App>,
     Body(request, ..): Body<ServiceSearchRequest, CodeInt>,
@@ -133,7 +140,9 @@ async fn search(
     )))
 }
 
-/// F.5
+/// F.5: A service's detail.
+#[utoipa::path(get, path = "/CAP/AlgoServices/{id}", tag = "F", params(("id" = String, Path, description = "The service's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<ServiceDetail>), CodeIntFailures))]
 async fn detail(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,

@@ -4,19 +4,21 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::routing::post;
 use serde::{Deserialize, Serialize};
 
 use super::algorithms::Empty;
-use super::envelope::{Answer, CodeInt, Failure, Reply};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeInt, CodeIntBody, CodeIntFailures, Failure, Reply};
 use super::input::{Body, PathParam};
 use super::page::{self, Page};
 use super::App;
 use crate::tasks::{Filter, TaskRecord, TaskStatus};
 use serde_json::value::RawValue;
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RestartPolicy {
     Never,
@@ -24,7 +26,7 @@ pub enum RestartPolicy {
 }
 
 /// Table G.8.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCreateRequest {
     pub algo_service_id: String,
@@ -32,7 +34,7 @@ pub struct TaskCreateRequest {
     pub task_info: TaskInfo,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskInfo {
     pub labels: TaskLabels,
@@ -40,20 +42,21 @@ pub struct TaskInfo {
     pub stream_options: StreamOptions,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskLabels {
     pub algo_cabin_name: String,
     pub version: String,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RuleParams {
     pub areas: Vec<AreaParam>,
     pub destinations: Destinations,
     pub event_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub extend_params: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -61,7 +64,7 @@ pub struct RuleParams {
     pub masks: Vec<AreaParam>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AreaParam {
     pub areaid: i32,
@@ -69,7 +72,7 @@ pub struct AreaParam {
     pub points: Vec<PointParam>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AreaType {
     Polygon,
@@ -79,13 +82,13 @@ pub enum AreaType {
     MultiLineBoth,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, ToSchema)]
 pub struct PointParam {
     pub x: f64,
     pub y: f64,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Destinations {
     #[serde(rename = "HTTPDest", default, skip_serializing_if = "Option::is_none")]
@@ -94,12 +97,12 @@ pub struct Destinations {
     pub event_dest: Option<EventDest>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 pub struct HttpDest {
     pub url: String,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventDest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,7 +111,7 @@ pub struct EventDest {
     pub image_dest: Option<ImageDest>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MqDest {
     pub mq_type: String,
@@ -116,7 +119,7 @@ pub struct MqDest {
     pub url: String,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageDest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,14 +128,14 @@ pub struct ImageDest {
     pub full_image_dest: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamOptions {
     pub video_stream_options: VideoStreamOptions,
 }
 
 /// Rule 7: about 2, 4 and 8 megapixels.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
 pub enum Resolution {
     #[serde(rename = "PIXELS_200W")]
     Pixels200W,
@@ -152,7 +155,7 @@ impl Resolution {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VideoStreamOptions {
     pub resolution: Resolution,
@@ -160,14 +163,14 @@ pub struct VideoStreamOptions {
 }
 
 /// Table G.9's stream entry.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreatedStream {
     algo_service_id: String,
     task_info: CreatedTaskInfo,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreatedTaskInfo {
     id: String,
@@ -175,18 +178,18 @@ struct CreatedTaskInfo {
     stream_options: CreatedStreamOptions,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreatedStreamOptions {
     video_stream_options: CreatedVideo,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedVideo {
     url: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct CreateResult {
     created_streams: Vec<CreatedStream>,
@@ -194,7 +197,7 @@ struct CreateResult {
 }
 
 /// Table G.16.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSearchRequest {
     #[serde(default)]
@@ -208,7 +211,7 @@ pub struct TaskSearchRequest {
 }
 
 /// Table G.17's record; G.19's detail adds the status description and the stream.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct TaskView {
     algo_service_id: String,
@@ -216,7 +219,7 @@ struct TaskView {
     task_info: TaskInfoView,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct TaskInfoView {
     id: String,
@@ -256,15 +259,23 @@ fn detail_view(task: &TaskRecord) -> TaskView {
     view
 }
 
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/CAP/AlgoTasks", post(create))
-        .route("/CAP/AlgoTasks:search", post(search))
-        // POST is `{id}:resume` or `{id}:pause`: one path segment, split by `act`.
-        .route("/CAP/AlgoTasks/{id}", get(detail).delete(delete).post(act))
+pub fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(TaskActions::openapi())
+        .routes(routes!(create))
+        .routes(routes!(search))
+        .routes(routes!(detail, delete))
+        // axum routes no parameter with a suffix (`{id}:pause`): `act` takes the whole
+        // segment and splits it; the two actions are documented on their own.
+        .route("/CAP/AlgoTasks/{id}", post(act))
 }
 
-/// G.2
+#[derive(OpenApi)]
+#[openapi(paths(resume, pause))]
+struct TaskActions;
+
+/// G.2: Create a task.
+#[utoipa::path(post, path = "/CAP/AlgoTasks", tag = "G", request_body = TaskCreateRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<CreateResult>), CodeIntFailures))]
 async fn create(
     State(app): State<App>,
     Body(request, ..): Body<TaskCreateRequest, CodeInt>,
@@ -292,7 +303,9 @@ async fn create(
     }))
 }
 
-/// G.3
+/// G.3: Delete a task.
+#[utoipa::path(delete, path = "/CAP/AlgoTasks/{id}", tag = "G", params(("id" = String, Path, description = "The task's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Empty>), CodeIntFailures))]
 async fn delete(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,
@@ -301,7 +314,7 @@ async fn delete(
     Ok(Reply::data(Empty {}))
 }
 
-/// G.4 (`{id}:resume`) and G.5 (`{id}:pause`).
+/// G.4 (`{id}:resume`) and G.5 (`{id}:pause`): one path segment.
 async fn act(
     State(app): State<App>,
     PathParam(segment, ..): PathParam<CodeInt>,
@@ -309,20 +322,34 @@ async fn act(
     let (id, action) = segment.rsplit_once(':').ok_or_else(|| {
         Failure::not_found(format!("no such endpoint: POST /CAP/AlgoTasks/{segment}"))
     })?;
-    let (id, action) = (id.to_string(), action.to_string());
-    match action.as_str() {
-        "resume" => app.blocking(move |app| app.tasks.resume(&id)).await?,
-        "pause" => app.blocking(move |app| app.tasks.pause(&id)).await?,
-        other => {
-            return Err(Failure::not_found(format!(
-                "no action {other:?}: POST /CAP/AlgoTasks/{{id}}:resume or :pause"
-            )))
-        }
+    match action {
+        "resume" => resume(app, id.to_string()).await,
+        "pause" => pause(app, id.to_string()).await,
+        other => Err(Failure::not_found(format!(
+            "no action {other:?}: POST /CAP/AlgoTasks/{{id}}:resume or :pause"
+        ))),
     }
+}
+
+/// G.4: Resume a task.
+#[utoipa::path(post, path = "/CAP/AlgoTasks/{id}:resume", tag = "G", params(("id" = String, Path, description = "The task's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<bool>), CodeIntFailures))]
+async fn resume(app: App, id: String) -> Answer<CodeInt, bool> {
+    app.blocking(move |app| app.tasks.resume(&id)).await?;
     Ok(Reply::data(true))
 }
 
-/// G.6
+/// G.5: Pause a task.
+#[utoipa::path(post, path = "/CAP/AlgoTasks/{id}:pause", tag = "G", params(("id" = String, Path, description = "The task's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<bool>), CodeIntFailures))]
+async fn pause(app: App, id: String) -> Answer<CodeInt, bool> {
+    app.blocking(move |app| app.tasks.pause(&id)).await?;
+    Ok(Reply::data(true))
+}
+
+/// G.6: Search tasks.
+#[utoipa::path(post, path = "/CAP/AlgoTasks:search", tag = "G", request_body = TaskSearchRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<Page<TaskView>>), CodeIntFailures))]
 async fn search(
     State(app): State<App>,
     Body(request, ..): Body<TaskSearchRequest, CodeInt>,
@@ -345,7 +372,9 @@ async fn search(
     Ok(Reply::data(page))
 }
 
-/// G.7
+/// G.7: A task's detail.
+#[utoipa::path(get, path = "/CAP/AlgoTasks/{id}", tag = "G", params(("id" = String, Path, description = "The task's id")),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeIntBody<TaskView>), CodeIntFailures))]
 async fn detail(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeInt>,

@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{Answer, CodeString, Failure, Reply};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Body, Params, PathParam};
 use super::App;
 use crate::dates::format_ms;
@@ -17,7 +18,7 @@ use crate::workloads::{PodState, WorkloadRecord, WorkloadSpec};
 type Fail = Failure<CodeString>;
 
 /// Table B.9.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadCreateRequest {
     pub cluster_code: String,
@@ -39,7 +40,7 @@ pub struct WorkloadCreateRequest {
 }
 
 /// Table B.11.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct WorkloadResult {
     workload_name: String,
@@ -47,7 +48,8 @@ struct WorkloadResult {
 }
 
 /// Tables B.12, B.22 and B.24: the workload's coordinates (the name may come in the path).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRef {
     pub cluster_code: String,
@@ -58,7 +60,7 @@ pub struct WorkloadRef {
 }
 
 /// Table B.14.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadScaleRequest {
     pub cluster_code: String,
@@ -74,7 +76,7 @@ fn default_namespace() -> String {
 }
 
 /// Tables B.17 and B.18.
-#[derive(Debug, Deserialize, Serialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiPageRequest {
     pub page_number: u32,
@@ -83,7 +85,7 @@ pub struct ApiPageRequest {
     pub order_list: Vec<ApiOrder>,
 }
 
-#[derive(Debug, Deserialize, Serialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone, ToSchema)]
 pub struct ApiOrder {
     #[serde(default)]
     pub property: Option<String>,
@@ -92,7 +94,8 @@ pub struct ApiOrder {
 }
 
 /// Table B.16. As a query string, `pageNumber`/`pageSize` may stand alone.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadListRequest {
     pub cluster_code: String,
@@ -109,7 +112,7 @@ pub struct WorkloadListRequest {
 }
 
 /// Table B.21, and B.6's detail.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct WorkloadInfo {
     namespace: String,
@@ -120,7 +123,7 @@ struct WorkloadInfo {
     detail: Option<WorkloadDetail>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct WorkloadDetail {
     xpu_type: String,
@@ -135,7 +138,7 @@ struct WorkloadDetail {
 }
 
 /// Table B.20 with rule 5's page fields.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct WorkloadPage {
     page_request: ApiPageRequest,
@@ -146,14 +149,14 @@ struct WorkloadPage {
 }
 
 /// Table B.28.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Label {
     name: String,
     value: String,
 }
 
 /// Table B.27.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct PodVo {
     name: String,
@@ -176,13 +179,14 @@ struct PodVo {
 }
 
 /// Table B.26.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PodList {
     pods: Vec<PodVo>,
 }
 
 /// B.24 with B.29's pod name.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct PodRequest {
     pub cluster_code: String,
@@ -267,20 +271,17 @@ fn pod_vo(app: &App, pod: &PodState) -> PodVo {
     }
 }
 
-pub fn routes() -> Router<App> {
-    let mut router = Router::new();
-    for base in ["/CCP/algoService", "/CCP/algoservice"] {
-        router = router
-            .route(&format!("{base}/workloads"), get(list).post(create))
-            .route(
-                &format!("{base}/workloads/{{workloadName}}"),
-                get(detail).put(scale).delete(delete),
-            )
-            .route(&format!("{base}/pods"), get(pods))
-            .route(&format!("{base}/pods/{{podName}}"), get(pod));
-    }
-    router
+/// Documented under `/CCP/algoService`; the text also writes `/CCP/algoservice`.
+pub fn routes() -> OpenApiRouter<App> {
+    let spelt = |router, routes| super::also_spelt(router, routes, BASE, &["/CCP/algoservice"]);
+    let router = OpenApiRouter::new();
+    let router = spelt(router, routes!(list, create));
+    let router = spelt(router, routes!(detail, scale, delete));
+    let router = spelt(router, routes!(pods));
+    spelt(router, routes!(pod))
 }
+
+const BASE: &str = "/CCP/algoService";
 
 /// The name from the path, checked against the one in the parameters, if any.
 fn same_name(path: &str, given: Option<&str>) -> Result<(), Fail> {
@@ -292,7 +293,9 @@ fn same_name(path: &str, given: Option<&str>) -> Result<(), Fail> {
     }
 }
 
-/// B.2
+/// B.2: Create a workload.
+#[utoipa::path(post, path = "/CCP/algoService/workloads", tag = "B", request_body = WorkloadCreateRequest,
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<WorkloadResult>), CodeStringFailures))]
 async fn create(
     State(app): State<App>,
     Body(request, ..): Body<WorkloadCreateRequest, CodeString>,
@@ -331,7 +334,9 @@ async fn create(
     }))
 }
 
-/// B.3
+/// B.3: Delete a workload.
+#[utoipa::path(delete, path = "/CCP/algoService/workloads/{workloadName}", tag = "B", params(("workloadName" = String, Path, description = "The workload's name"), WorkloadRef),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn delete(
     State(app): State<App>,
     PathParam(name, ..): PathParam<CodeString>,
@@ -346,7 +351,9 @@ async fn delete(
     Ok(Reply::empty())
 }
 
-/// B.4
+/// B.4: Scale a workload.
+#[utoipa::path(put, path = "/CCP/algoService/workloads/{workloadName}", tag = "B", params(("workloadName" = String, Path, description = "The workload's name")),
+    request_body = WorkloadScaleRequest, responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<utoipa::TupleUnit>), CodeStringFailures))]
 async fn scale(
     State(app): State<App>,
     PathParam(name, ..): PathParam<CodeString>,
@@ -366,7 +373,9 @@ async fn scale(
     Ok(Reply::empty())
 }
 
-/// B.5
+/// B.5: List workloads.
+#[utoipa::path(get, path = "/CCP/algoService/workloads", tag = "B", params(WorkloadListRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<WorkloadPage>), CodeStringFailures))]
 async fn list(
     State(app): State<App>,
     Params(request, ..): Params<WorkloadListRequest, CodeString>,
@@ -432,7 +441,9 @@ async fn list(
     }))
 }
 
-/// B.6
+/// B.6: A workload's detail.
+#[utoipa::path(get, path = "/CCP/algoService/workloads/{workloadName}", tag = "B", params(("workloadName" = String, Path, description = "The workload's name"), WorkloadRef),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<WorkloadInfo>), CodeStringFailures))]
 async fn detail(
     State(app): State<App>,
     PathParam(name, ..): PathParam<CodeString>,
@@ -445,7 +456,9 @@ async fn detail(
     Ok(Reply::data(info(&app, &record, true)))
 }
 
-/// B.7
+/// B.7: List a workload's pods.
+#[utoipa::path(get, path = "/CCP/algoService/pods", tag = "B", params(PodRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<PodList>), CodeStringFailures))]
 async fn pods(
     State(app): State<App>,
     Params(request, ..): Params<PodRequest, CodeString>,
@@ -460,7 +473,10 @@ async fn pods(
     }))
 }
 
-/// B.8
+/// B.8: A pod's detail.
+#[utoipa::path(get, path = "/CCP/algoService/pods/{podName}", tag = "B",
+    params(("podName" = String, Path, description = "The pod's name"), PodRequest),
+    responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<PodVo>), CodeStringFailures))]
 async fn pod(
     State(app): State<App>,
     PathParam(name, ..): PathParam<CodeString>,

@@ -30,7 +30,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 const DEFAULT_MEMORY_MIB: u64 = 64;
 const DEFAULT_CALL_TIMEOUT_MS: u64 = 1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Driver,

@@ -111,7 +111,7 @@ struct Entry {
 }
 
 /// One row of `GET /plugins`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct PluginView {
     pub name: String,
     /// loaded | refused

@@ -69,7 +69,7 @@ pub enum CallError {
     Busy(Duration),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case", tag = "state")]
 pub enum Health {
     /// Loaded; no incarnation started yet.
@@ -85,7 +85,7 @@ pub enum Health {
     },
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Status {
     #[serde(flatten)]
     pub health: Health,
@@ -93,6 +93,7 @@ pub struct Status {
     pub crashes: u32,
     pub last_error: Option<String>,
     #[serde(with = "unix_ms_opt")]
+    #[schema(value_type = Option<u64>)]
     pub last_crash: Option<SystemTime>,
     /// When the next incarnation may start (while restarting).
     #[serde(skip)]

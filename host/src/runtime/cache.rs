@@ -22,7 +22,7 @@ pub struct CompileCache {
 }
 
 /// How a component came to be in memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadedFrom {
     Cache,

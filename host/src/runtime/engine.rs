@@ -39,7 +39,7 @@ pub struct RuntimeOptions {
     pub inference: InferenceOptions,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Allocator {
     Pooling,
