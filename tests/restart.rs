@@ -5,7 +5,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use crate::support::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 struct Xpud {
     child: Child,
@@ -22,35 +22,6 @@ impl Drop for Xpud {
 fn start(config: &std::path::Path) -> Xpud {
     let (child, base) = spawn_xpud(config, Stdio::null());
     Xpud { child, base }
-}
-
-fn call(base: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let url = format!("{base}{path}");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let mut request = reqwest::Client::new().request(method, &url);
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
-            request
-                .send()
-                .await
-                .expect("request")
-                .json()
-                .await
-                .expect("json")
-        })
-}
-
-fn get(base: &str, path: &str) -> Value {
-    call(base, reqwest::Method::GET, path, None)
-}
-
-fn post(base: &str, path: &str, body: Value) -> Value {
-    call(base, reqwest::Method::POST, path, Some(body))
 }
 
 #[test]
@@ -71,47 +42,38 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     .unwrap();
 
     let first = start(&config);
-    let base = first.base.clone();
-    assert!(wait_for(Duration::from_secs(10), || get(
-        &base,
-        "/CAP/Status"
-    )["data"]["basicInfos"][0]["gpu"]
+    let api = ApiClient::connect(&first.base, &data.path().join("state"));
+    assert!(wait_for(Duration::from_secs(10), || api.get("/CAP/Status")
+        ["data"]["basicInfos"][0]["gpu"]
         == 2));
-    let cluster = post(&base, "/CCP/clusters", json!({
+    let cluster = api.post("/CCP/clusters", json!({
         "name": "kept",
         "spec": { "version": "1.24.1", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
     }))["data"]["clusterCode"].as_str().unwrap().to_string();
     let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-9.0.0"));
-    post(
-        &base,
+    api.post(
         "/CAP/AlgoFilePackages",
         json!({ "id": "pkg", "md5": md5, "url": url }),
     );
-    assert!(wait_for(Duration::from_secs(20), || get(
-        &base,
-        "/CAP/AlgoFilePackages/pkg"
-    )["data"]["status"]
+    assert!(wait_for(Duration::from_secs(20), || api
+        .get("/CAP/AlgoFilePackages/pkg")["data"]["status"]
         == 0));
     let (url, md5) = platform.publish("a.json", br#"{"relatedAlgoFilePackageId": "pkg"}"#);
-    post(
-        &base,
+    api.post(
         "/CAP/AlgoPackages",
         json!({ "id": "algo", "md5": md5, "url": url }),
     );
-    assert!(wait_for(Duration::from_secs(20), || get(
-        &base,
-        "/CAP/AlgoPackages/algo"
-    )["data"]["status"]
+    assert!(wait_for(Duration::from_secs(20), || api
+        .get("/CAP/AlgoPackages/algo")["data"]["status"]
         == 0));
-    let service = post(
-        &base,
+    let service = api.post(
         "/CAP/AlgoServices",
         json!({ "envs": "k=v", "replicas": 2, "gpuType": "SIMULATED_XPU16", "algoId": "algo" }),
     )["data"]
         .as_str()
         .unwrap()
         .to_string();
-    let task = post(&base, "/CAP/AlgoTasks", json!({
+    let task = api.post("/CAP/AlgoTasks", json!({
         "algoServiceId": service,
         "restartPolicy": "NEVER",
         "taskInfo": {
@@ -123,9 +85,8 @@ fn everything_acknowledged_survives_kill_dash_nine() {
         .as_str()
         .unwrap()
         .to_string();
-    post(&base, &format!("/CAP/AlgoTasks/{task}:pause"), json!({}));
-    let workload = post(
-        &base,
+    api.post(&format!("/CAP/AlgoTasks/{task}:pause"), json!({}));
+    let workload = api.post(
         "/CCP/algoService/workloads",
         json!({
             "clusterCode": cluster, "nameSpace": "default", "name": "kept-workload",
@@ -140,33 +101,32 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     drop(first);
 
     let second = start(&config);
-    let base = second.base.clone();
+    let api = ApiClient::connect(&second.base, &data.path().join("state"));
     assert_eq!(
-        get(&base, &format!("/CCP/clusters/{cluster}"))["data"]["phase"],
+        api.get(&format!("/CCP/clusters/{cluster}"))["data"]["phase"],
         "running"
     );
     assert_eq!(
-        get(&base, &format!("/CCP/cluster/nodes?clusterCode={cluster}"))["data"]
+        api.get(&format!("/CCP/cluster/nodes?clusterCode={cluster}"))["data"]
             .as_array()
             .unwrap()
             .len(),
         1
     );
-    let package = get(&base, "/CAP/AlgoFilePackages/pkg");
+    let package = api.get("/CAP/AlgoFilePackages/pkg");
     assert_eq!(package["data"]["status"], 0, "{package}");
     assert_eq!(package["data"]["name"], "passthrough");
     assert_eq!(
-        get(&base, "/CAP/AlgoPackages/algo")["data"]["relatedAlgoFilePackageId"],
+        api.get("/CAP/AlgoPackages/algo")["data"]["relatedAlgoFilePackageId"],
         "pkg"
     );
-    let detail = get(&base, &format!("/CAP/AlgoServices/{service}"));
+    let detail = api.get(&format!("/CAP/AlgoServices/{service}"));
     assert_eq!(detail["data"]["status"], "runing", "{detail}");
     assert_eq!(detail["data"]["replicas"], 2);
-    let detail = get(&base, &format!("/CAP/AlgoTasks/{task}"));
+    let detail = api.get(&format!("/CAP/AlgoTasks/{task}"));
     assert_eq!(detail["data"]["taskInfo"]["status"], "PAUSED", "{detail}");
     assert_eq!(detail["data"]["restartPolicy"], "NEVER");
-    let pods = call(
-        &base,
+    let (_, pods) = api.call(
         reqwest::Method::GET,
         "/CCP/algoService/pods",
         Some(json!({
@@ -178,11 +138,11 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     assert!(pods.iter().all(|p| p["ready"] == true), "{pods:?}");
     // Live again: the task resumes on its re-placed service.
     assert_eq!(
-        post(&base, &format!("/CAP/AlgoTasks/{task}:resume"), json!({}))["data"],
+        api.post(&format!("/CAP/AlgoTasks/{task}:resume"), json!({}))["data"],
         true
     );
     assert_eq!(
-        get(&base, &format!("/CAP/AlgoTasks/{task}"))["data"]["taskInfo"]["status"],
+        api.get(&format!("/CAP/AlgoTasks/{task}"))["data"]["taskInfo"]["status"],
         "PENDING"
     );
 }

@@ -44,23 +44,6 @@ fn serve(data: &std::path::Path, plugins: &PluginDir) -> Serve {
     Serve { child, base, log }
 }
 
-fn get(base: &str, path: &str) -> Value {
-    let url = format!("{base}{path}");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let response = reqwest::get(&url).await.expect("request");
-            assert!(
-                response.status().is_success(),
-                "{url}: {}",
-                response.status()
-            );
-            response.json::<Value>().await.expect("json")
-        })
-}
-
 fn plugin<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
     list["plugins"]
         .as_array()
@@ -76,16 +59,21 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
     plugins.install("sim-xpu");
     plugins.install("passthrough");
     let server = serve(data.path(), &plugins);
-    let base = server.base.clone();
+    let api = ApiClient::connect(&server.base, &data.path().join("state"));
+    let get = |path: &str| {
+        let (status, body) = api.call(reqwest::Method::GET, path, None);
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    };
 
-    assert_eq!(get(&base, "/healthz")["status"], "ok");
+    assert_eq!(get("/healthz")["status"], "ok");
     // The sampler fills in the devices shortly after start.
     assert!(wait_for(Duration::from_secs(10), || {
-        let list = get(&base, "/plugins");
+        let list = get("/plugins");
         plugin(&list, "sim-xpu")
             .is_some_and(|p| p["devices"].as_array().is_some_and(|d| d.len() == 2))
     }));
-    let list = get(&base, "/plugins");
+    let list = get("/plugins");
     let sim = plugin(&list, "sim-xpu").unwrap();
     assert_eq!(sim["state"], "loaded");
     assert_eq!(sim["kind"], "driver");
@@ -99,12 +87,12 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
     });
     assert!(
         wait_for(Duration::from_secs(15), || {
-            let list = get(&base, "/plugins");
+            let list = get("/plugins");
             plugin(&list, "chaos").is_some_and(|p| p["instance"]["state"] == "unhealthy")
         }),
         "chaos never became unhealthy"
     );
-    let list = get(&base, "/plugins");
+    let list = get("/plugins");
     let chaos = plugin(&list, "chaos").unwrap();
     assert_eq!(chaos["instance"]["restarts"], 1);
     assert!(chaos["instance"]["last_error"]
@@ -112,7 +100,7 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
         .unwrap()
         .contains("trapped"));
     // Everything else carries on.
-    assert_eq!(get(&base, "/healthz")["status"], "ok");
+    assert_eq!(get("/healthz")["status"], "ok");
     assert_eq!(
         plugin(&list, "sim-xpu").unwrap()["instance"]["state"],
         "running"
@@ -123,6 +111,6 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
     // Removal is picked up too.
     plugins.remove("passthrough");
     assert!(wait_for(Duration::from_secs(10), || {
-        plugin(&get(&base, "/plugins"), "passthrough").is_none()
+        plugin(&get("/plugins"), "passthrough").is_none()
     }));
 }

@@ -28,7 +28,9 @@ struct Figures {
 }
 
 /// Hammers `url` from CONNECTIONS keep-alive connections for RUN.
-fn load(url: &str, body: Option<serde_json::Value>) -> Figures {
+/// Every request carries `token` (the baselines ignore it; xpud checks it).
+fn load(url: &str, body: Option<serde_json::Value>, token: &str) -> Figures {
+    let token = Arc::new(format!("Bearer {token}"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -45,6 +47,7 @@ fn load(url: &str, body: Option<serde_json::Value>) -> Figures {
         let tasks: Vec<_> = (0..CONNECTIONS)
             .map(|_| {
                 let (client, url, body) = (client.clone(), url.clone(), body.clone());
+                let token = token.clone();
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
                     while Instant::now() < deadline {
@@ -56,6 +59,7 @@ fn load(url: &str, body: Option<serde_json::Value>) -> Figures {
                                 .body(body.to_string()),
                             None => client.get(url.as_str()),
                         };
+                        let request = request.header("authorization", token.as_str());
                         let response = request.send().await.expect("request");
                         assert!(response.status().is_success(), "{}", response.status());
                         response.bytes().await.expect("body");
@@ -106,7 +110,10 @@ fn main() {
 
     // xpud with 1,000 tasks.
     let platform = FileServer::start();
-    let server = TestServer::start(&["sim-xpu"]);
+    // Plain HTTP like the baselines: the handlers are compared, TLS is not. Every
+    // request is authorised by its token, as in production.
+    let server = TestServer::start_with(&["sim-xpu"], |c| c.tls.insecure_http = true);
+    let token = server.client.token.clone();
     let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-BENCH"));
     server.post(
         "/CAP/AlgoFilePackages",
@@ -177,23 +184,24 @@ fn main() {
             f.rps / baseline.rps * 100.0
         );
     };
-    let tiny = load(&trivial, None);
+    let tiny = load(&trivial, None, &token);
     show("trivial handler, 12-byte answer (baseline A)", &tiny, &tiny);
     show(
         "GET /CAP/Status (vs A)",
-        &load(&format!("{}/CAP/Status", server.base), None),
+        &load(&format!("{}/CAP/Status", server.base), None, &token),
         &tiny,
     );
     let searching = load(
         &format!("{}/CAP/AlgoTasks:search", server.base),
         Some(search.clone()),
+        &token,
     );
     show(
         "POST /CAP/AlgoTasks:search, page of 20 (vs A)",
         &searching,
         &tiny,
     );
-    let sized = load(&format!("{trivial_base}/static"), Some(search));
+    let sized = load(&format!("{trivial_base}/static"), Some(search), &token);
     show(
         "trivial handler, same-size static answer (B)",
         &sized,
@@ -217,7 +225,10 @@ fn main() {
             runtime.block_on(async {
                 let started = Instant::now();
                 for _ in 0..n {
-                    let mut request = axum::http::Request::builder().method(method).uri(path);
+                    let mut request = axum::http::Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .header("authorization", format!("Bearer {token}"));
                     if body.is_some() {
                         request = request.header("content-type", "application/json");
                     }

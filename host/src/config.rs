@@ -36,6 +36,23 @@
 //! backoff-initial-ms = 500         # retry backoff while the platform is down
 //! backoff-max-ms = 30000
 //! package-url = "http://10.0.0.2:8080/packages/{id}.tar.gz"   # CAD mode (I.2)
+//! ca-bundle = "/etc/xpud/platform-ca.pem"   # CAs trusted for the platform's HTTPS
+//!
+//! [tls]                            # none: a local CA in data-dir/tls issues the certificate
+//! cert = "/etc/xpud/server.pem"    # chain, leaf first; reloaded when replaced
+//! key = "/etc/xpud/server.key"
+//! ca = "/etc/xpud/ca.pem"          # handed to clients by A.6
+//! insecure-http = false            # plain HTTP, local development only (--insecure-http)
+//!
+//! [auth]                           # OAuth2 client credentials (§9)
+//! token-ttl-s = 3600
+//! key-rotation-interval-s = 86400  # 0: only `xpud keys rotate`
+//! failed-auth-limit = 10           # failed authentications per address and window
+//! failed-auth-window-s = 60
+//! [[auth.clients]]                 # besides `xpud client add`
+//! id = "platform"
+//! secret-hash = "$argon2id$..."    # `xpud client hash` prints one
+//! scopes = ["read", "write"]
 //! ```
 
 use std::net::SocketAddr;
@@ -44,9 +61,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::auth::AuthConfig;
 use crate::platform::PlatformConfig;
 use crate::plugins::supervisor::RestartPolicy;
 use crate::runtime::inference::Provider;
+use crate::tls::TlsConfig;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -65,6 +84,8 @@ pub struct ServeConfig {
     pub sampler: SamplerConfig,
     pub inference: InferenceConfig,
     pub platform: PlatformConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -120,6 +141,8 @@ impl Default for ServeConfig {
             sampler: SamplerConfig::default(),
             inference: InferenceConfig::default(),
             platform: PlatformConfig::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -157,7 +180,8 @@ impl ServeConfig {
         if self.runtime.max_memory_mib == 0 {
             anyhow::bail!("runtime.max-memory-mib must be positive");
         }
-        Ok(())
+        self.tls.validate()?;
+        self.auth.validate()
     }
 
     pub fn plugin_dir(&self) -> PathBuf {

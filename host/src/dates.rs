@@ -23,6 +23,14 @@ pub fn format_ms(ms: u64) -> String {
     )
 }
 
+/// Milliseconds since the epoch, now (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

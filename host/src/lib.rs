@@ -6,6 +6,7 @@
 //! - [`http`]: the HTTP API;
 //! - [`config`]: `xpud serve` configuration with embedded defaults.
 
+pub mod auth;
 pub mod clusters;
 pub mod config;
 pub mod dates;
@@ -26,5 +27,7 @@ pub mod services;
 pub mod store;
 pub mod sync;
 pub mod tasks;
+pub mod tls;
 pub mod toml_input;
+pub mod transport;
 pub mod workloads;

@@ -46,6 +46,86 @@ enum Command {
     Package(PackageCommand),
     /// Print the HTTP API's OpenAPI 3 document (the one served at /openapi.json).
     Openapi,
+    /// Manage OAuth2 clients (stored in the data directory; a running server sees
+    /// changes at its next token request).
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Manage the access tokens' signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// Where the state is: the data directory, from the configuration file or a flag.
+#[derive(clap::Args)]
+struct StateArgs {
+    /// Configuration file (TOML) naming the data directory.
+    #[arg(long, short, env = "XPUD_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory [default: xpud-data].
+    #[arg(long, env = "XPUD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl StateArgs {
+    fn store(&self) -> anyhow::Result<xpud::store::Store> {
+        Ok(self.open()?.1)
+    }
+
+    fn open(&self) -> anyhow::Result<(ServeConfig, xpud::store::Store)> {
+        let mut config = match &self.config {
+            Some(path) => ServeConfig::from_file(path)?,
+            None => ServeConfig::default(),
+        };
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create {}", config.data_dir.display()))?;
+        let store = xpud::store::Store::open(&config.data_dir.join("xpud.db"))?;
+        Ok((config, store))
+    }
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Add a client with a new random secret, printed once: it is stored only hashed.
+    Add {
+        id: String,
+        /// Scopes the client may ask for.
+        #[arg(long, value_delimiter = ',', default_values = ["read", "write"])]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove a client; tokens it holds stay good until they expire.
+    Remove {
+        id: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List the clients (ids and scopes; never secrets).
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Read a secret from stdin and print its hash, for `[[auth.clients]]` in the
+    /// configuration.
+    Hash,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a new signing key; the previous ones keep verifying the tokens they signed
+    /// until those expire.
+    Rotate {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List the signing keys (ids and dates; never the keys).
+    List {
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +162,9 @@ struct ServeArgs {
     /// ONNX Runtime shared library (libonnxruntime.so) for native inference.
     #[arg(long, env = "XPUD_ONNXRUNTIME")]
     onnxruntime: Option<PathBuf>,
+    /// Serve plain HTTP instead of HTTPS: for local development only.
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 #[derive(Subcommand)]
@@ -127,6 +210,8 @@ fn main() -> ExitCode {
             println!("{}", xpud::http::openapi_json());
             Ok(())
         }
+        Command::Client(command) => client(command),
+        Command::Keys(command) => keys(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,15 +252,96 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(library) = args.onnxruntime {
         config.inference.onnxruntime = Some(library);
     }
+    if args.insecure_http {
+        config.tls.insecure_http = true;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start tokio")?;
     runtime.block_on(async move {
         let server = Server::start(&config).await?;
-        println!("xpud listening on http://{}", server.addr);
+        let scheme = if server.app.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        println!("xpud listening on {scheme}://{}", server.addr);
         server.run(shutdown_signal()).await
     })
+}
+
+fn client(command: ClientCommand) -> anyhow::Result<()> {
+    use xpud::auth::{clients, Scope};
+    match command {
+        ClientCommand::Add { id, scopes, state } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| {
+                    Scope::parse(s)
+                        .ok_or_else(|| anyhow::anyhow!("--scopes: {s:?} is not read or write"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let secret = clients::add(&state.store()?, &id, &scopes)?;
+            println!("client {id} added; its secret (shown this once):\n{secret}");
+        }
+        ClientCommand::Remove { id, state } => {
+            if !clients::remove(&state.store()?, &id)? {
+                anyhow::bail!("no client {id:?}");
+            }
+            println!("client {id} removed");
+        }
+        ClientCommand::List { state } => {
+            for client in clients::list(&state.store()?)? {
+                let scopes: Vec<&str> = client.scopes.iter().map(|s| s.as_str()).collect();
+                println!(
+                    "{}\t{}\tadded {}",
+                    client.id,
+                    scopes.join(","),
+                    xpud::dates::format_ms(client.created_ms as u64)
+                );
+            }
+        }
+        ClientCommand::Hash => {
+            let mut secret = String::new();
+            std::io::stdin()
+                .read_line(&mut secret)
+                .context("read the secret from stdin")?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            if secret.is_empty() {
+                anyhow::bail!("no secret on stdin");
+            }
+            println!("{}", clients::hash_secret(secret)?);
+        }
+    }
+    Ok(())
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    use xpud::auth::keys;
+    match command {
+        KeysCommand::Rotate { state } => {
+            let (config, store) = state.open()?;
+            // Older keys outlive the tokens they signed: the configured lifetime.
+            let ttl = std::time::Duration::from_secs(config.auth.token_ttl_s);
+            let kid = keys::rotate(&store, ttl)?;
+            println!("signing key {kid} added; a running server signs with it within seconds");
+        }
+        KeysCommand::List { state } => {
+            for key in keys::list(&state.store()?)? {
+                let retires = key
+                    .retire_at_ms
+                    .map(|ms| format!("retires {}", xpud::dates::format_ms(ms as u64)))
+                    .unwrap_or_else(|| "signing".into());
+                println!(
+                    "{}\tcreated {}\t{retires}",
+                    key.kid,
+                    xpud::dates::format_ms(key.created_ms as u64)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

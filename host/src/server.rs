@@ -1,11 +1,14 @@
 //! `xpud serve`: the runtime, the plugin directory and the HTTP API, assembled.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io::Write;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::auth::Auth;
 use crate::clusters::Clusters;
 use crate::config::ServeConfig;
 use crate::http::{self, App, AppState};
@@ -21,11 +24,14 @@ use crate::scheduler::Scheduler;
 use crate::services::Services;
 use crate::store::Store;
 use crate::tasks::Tasks;
+use crate::tls::Tls;
 use crate::workloads::Workloads;
 
 pub struct Server {
     pub addr: SocketAddr,
     pub app: App,
+    /// What to tell the operator about getting a token, once serving.
+    token_hint: String,
     platform: Option<Platform>,
     router: axum::Router,
     listener: tokio::net::TcpListener,
@@ -65,6 +71,8 @@ impl Server {
         );
         let store = Arc::new(Store::open(&config.data_dir.join("xpud.db"))?);
         let machine = Arc::new(Machine::probe(&config.data_dir, config.advertise_address)?);
+        let auth = Arc::new(Auth::new(&config.auth, store.clone())?);
+        let admin_secret = auth.bootstrap(&config.data_dir)?;
         {
             let registry = registry.clone();
             machine::spawn_sampler(
@@ -117,7 +125,31 @@ impl Server {
             .await
             .with_context(|| format!("listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let tls = if config.tls.insecure_http {
+            tracing::warn!("PLAIN HTTP (--insecure-http): tokens and data cross the network readable by anyone; for local development only");
+            None
+        } else {
+            let facts = machine.facts();
+            let mut addresses = vec![
+                facts.ip,
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(Ipv6Addr::LOCALHOST),
+            ];
+            if !addr.ip().is_unspecified() && !addresses.contains(&addr.ip()) {
+                addresses.push(addr.ip());
+            }
+            let names = vec!["localhost".to_string(), facts.host_name.clone()];
+            Some(Arc::new(Tls::prepare(
+                &config.tls,
+                &config.data_dir,
+                &names,
+                &addresses,
+            )?))
+        };
+        let token_hint = token_hint(addr, tls.as_deref(), admin_secret.as_deref());
         let app = App(Arc::new(AppState {
+            auth: auth.clone(),
+            tls: tls.clone(),
             registry,
             samples,
             machine,
@@ -146,13 +178,15 @@ impl Server {
                 address: SocketAddr::new(app.external_ip(), addr.port()),
             },
         )?;
-        let mut background = vec![watcher, sampler];
+        let mut background = vec![watcher, sampler, auth.spawn_maintenance()];
+        background.extend(tls.as_ref().map(|tls| tls.spawn_reloader()));
         if let Some(platform) = &platform {
             background.extend(platform.spawn());
         }
         Ok(Server {
             addr,
             app,
+            token_hint,
             router,
             listener,
             platform,
@@ -165,10 +199,16 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.addr, plugin_dir = %self.app.registry.plugin_dir().display(), "xpud serving");
-        let result = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let scheme = if self.app.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        tracing::info!(addr = %self.addr, scheme, plugin_dir = %self.app.registry.plugin_dir().display(), "xpud serving");
+        // Not println!: with stdout closed that would panic.
+        let _ = writeln!(std::io::stdout(), "{}", self.token_hint);
+        let acceptor = self.app.tls.as_ref().map(|tls| tls.acceptor());
+        let result = crate::transport::serve(self.listener, self.router, acceptor, shutdown).await;
         for task in &self.background {
             task.abort();
         }
@@ -176,5 +216,35 @@ impl Server {
             platform.unregister().await;
         }
         result.context("http server")
+    }
+}
+
+/// How to get a token from this server: a ready `curl` line when the bootstrap
+/// client's secret file is there (the line reads the file; the secret itself is
+/// never printed or logged).
+fn token_hint(addr: SocketAddr, tls: Option<&Tls>, admin_secret: Option<&Path>) -> String {
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+    } else {
+        addr
+    };
+    let (scheme, trust) = match tls {
+        Some(tls) => (
+            "https",
+            tls.ca_file()
+                .map(|ca| format!("--cacert {} ", ca.display()))
+                .unwrap_or_default(),
+        ),
+        None => ("http", String::new()),
+    };
+    let url = format!("{scheme}://{host}{}", crate::http::oauth::TOKEN_PATH);
+    match admin_secret {
+        Some(secret) => format!(
+            "Get a token: curl {trust}-u \"admin:$(cat {})\" -d grant_type=client_credentials {url}",
+            secret.display()
+        ),
+        None => format!(
+            "Get a token: curl {trust}-u CLIENT_ID:SECRET -d grant_type=client_credentials {url}  (clients: xpud client list)"
+        ),
     }
 }

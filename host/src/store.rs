@@ -16,7 +16,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Migrations, in order; the position is the schema version they lead to.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_objects.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_objects.sql"),
+    include_str!("../migrations/0002_auth.sql"),
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Table {
@@ -87,6 +90,10 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn =
             Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
+        // It holds client secrets' hashes and token signing keys: its owner's only
+        // (SQLite gives its journal files the same permissions).
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("restrict {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -98,6 +105,15 @@ impl Store {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         crate::sync::lock(&self.conn)
+    }
+
+    /// Runs `f` on the connection, for modules with tables of their own shape
+    /// (the auth tables); `f` opens its own transaction where it needs one.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> anyhow::Result<T> {
+        Ok(f(&mut self.conn())?)
     }
 
     /// Applies changes atomically: all of them are durable when this returns Ok, or

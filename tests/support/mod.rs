@@ -160,6 +160,8 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 /// An in-process `xpud serve` on a free loopback port, with its own data directory.
 pub struct TestServer {
     pub base: String,
+    /// Speaks HTTPS to it with a read-write token of the bootstrap client.
+    pub client: ApiClient,
     pub app: xpud::http::App,
     pub data: tempfile::TempDir,
     pub plugins: PluginDir,
@@ -193,12 +195,19 @@ impl TestServer {
         };
         config.sampler.interval_ms = 50;
         config.inference.onnxruntime = onnxruntime();
+        // Tests probe with bad tokens on purpose; the limit has a test of its own.
+        config.auth.failed_auth_limit = u32::MAX;
         edit(&mut config);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let server = runtime
             .block_on(xpud::server::Server::start(&config))
             .unwrap();
-        let base = format!("http://{}", server.addr);
+        let scheme = if server.app.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let base = format!("{scheme}://{}", server.addr);
         let app = server.app.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = runtime.spawn(server.run(async {
@@ -214,8 +223,10 @@ impl TestServer {
                 == drivers
                 && app.machine.latest().is_some()
         }));
+        let client = ApiClient::connect(&base, &config.data_dir);
         TestServer {
             base,
+            client,
             app,
             data,
             plugins: dir,
@@ -233,27 +244,14 @@ impl TestServer {
         }
     }
 
-    /// Sends a request; returns the status and the JSON body.
+    /// Sends a request with the read-write token; returns the status and the JSON body.
     pub fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        let url = format!("{}{path}", self.base);
-        self.runtime.block_on(async {
-            let client = reqwest::Client::new();
-            let mut request = client.request(method, &url);
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
-            let response = request.send().await.expect("request");
-            let status = response.status().as_u16();
-            let text = response.text().await.expect("body");
-            let json = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
-            (status, json)
-        })
+        self.client.call(method, path, body)
     }
 
     pub fn get(&self, path: &str) -> (u16, serde_json::Value) {
@@ -266,17 +264,128 @@ impl TestServer {
 
     /// Sends raw bytes as a JSON body.
     pub fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
-        let url = format!("{}{path}", self.base);
+        let request = self
+            .client
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.client.token)
+            .header("content-type", "application/json")
+            .body(body);
+        self.client.send(request)
+    }
+}
+
+/// A client of a running xpud: trusts the CA in its data directory (HTTPS) and
+/// holds a read-write token of the bootstrap client `admin`. Blocking, on a
+/// runtime of its own.
+pub struct ApiClient {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub token: String,
+    data_dir: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ApiClient {
+    pub fn connect(base: &str, data_dir: &Path) -> ApiClient {
+        let mut builder = reqwest::Client::builder();
+        if base.starts_with("https://") {
+            let ca = std::fs::read(data_dir.join("tls/ca.pem")).expect("the local CA");
+            builder = builder
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+                .tls_built_in_root_certs(false);
+        }
+        let mut client = ApiClient {
+            base: base.to_string(),
+            http: builder.build().unwrap(),
+            token: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        };
+        client.token = client.token(None);
+        client
+    }
+
+    /// The bootstrap client's secret.
+    pub fn admin_secret(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.secret")).expect("admin.secret")
+    }
+
+    /// The token endpoint's answer to a client-credentials request.
+    pub fn token_request(
+        &self,
+        form: &[(&str, &str)],
+        basic: Option<(&str, &str)>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/oauth/token", self.base))
+            .form(form);
+        if let Some((id, secret)) = basic {
+            request = request.basic_auth(id, Some(secret));
+        }
+        self.send(request)
+    }
+
+    /// A fresh token of `admin`, with `scope` ("read", "write", "read write") or all.
+    pub fn token(&self, scope: Option<&str>) -> String {
+        let secret = self.admin_secret();
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = scope {
+            form.push(("scope", scope));
+        }
+        let (status, body) = self.token_request(&form, Some(("admin", &secret)));
+        assert_eq!(status, 200, "token: {body}");
+        body["access_token"].as_str().unwrap().to_string()
+    }
+
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        self.call_as(Some(&self.token), method, path, body)
+    }
+
+    /// Like `call` with another token, or none.
+    pub fn call_as(
+        &self,
+        token: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(request)
+    }
+
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        self.call(reqwest::Method::GET, path, None).1
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        self.call(reqwest::Method::POST, path, Some(body)).1
+    }
+
+    pub fn send(&self, request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
         self.runtime.block_on(async {
-            let response = reqwest::Client::new()
-                .post(&url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("request");
+            let response = request.send().await.expect("request");
+            let url = response.url().to_string();
             let status = response.status().as_u16();
-            (status, response.json().await.expect("json body"))
+            let text = response.text().await.expect("body");
+            let json = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
+            (status, json)
         })
     }
 }
@@ -367,9 +476,10 @@ pub fn spawn_xpud(config: &Path, log: std::process::Stdio) -> (std::process::Chi
         .spawn()
         .expect("start xpud");
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut line).unwrap();
+    // Keep reading: a closed pipe would fail the server's next line.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let base = line
         .trim()
         .strip_prefix("xpud listening on ")

@@ -39,18 +39,36 @@ pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>>
     })
 }
 
-async fn body_bytes<S: Send + Sync, F>(req: Request, state: &S) -> Result<Bytes, Failure<F>> {
-    Bytes::from_request(req, state).await.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            Failure::new(
-                status,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            )
-        } else {
-            Failure::new(status, rejection.body_text())
+/// Past the limit, how much more of a body is read (and dropped) before answering
+/// 413: a client still writing when the server closes the connection gets a reset
+/// instead of the answer.
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
+
+async fn body_bytes<S: Send + Sync, F>(req: Request, _state: &S) -> Result<Bytes, Failure<F>> {
+    use http_body_util::BodyExt;
+    let mut body = req.into_body();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= MAX_BODY_BYTES {
+            bytes.extend_from_slice(&data);
+        } else if seen > MAX_BODY_BYTES + DRAIN_BYTES {
+            break;
         }
-    })
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    Ok(Bytes::from(bytes))
 }
 
 impl<S, T, F> FromRequest<S> for Body<T, F>

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::Method;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -35,6 +36,7 @@ mod input;
 pub mod machine;
 pub mod machine_packages;
 pub mod monitors;
+pub mod oauth;
 mod page;
 pub mod services;
 pub mod tasks;
@@ -57,6 +59,9 @@ use clusters::XpuResource;
 
 /// Everything the handlers share.
 pub struct AppState {
+    pub auth: Arc<crate::auth::Auth>,
+    /// None when serving plain HTTP (`--insecure-http`).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub registry: Arc<Registry>,
     pub samples: Arc<SampleCache>,
     pub machine: Arc<Machine>,
@@ -151,15 +156,21 @@ impl App {
         self.machine.facts().ip
     }
 
+    /// A.6: the addresses, and the CA and client pair of the TLS in use (empty when
+    /// serving plain HTTP).
     pub fn access(&self) -> Access {
         let port = self.listen.port();
+        let material = self
+            .tls
+            .as_ref()
+            .map(|tls| tls.client_material())
+            .unwrap_or_default();
         Access {
             external_address: SocketAddr::new(self.external_ip(), port).to_string(),
             inner_address: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port).to_string(),
-            // No TLS is configured yet: there is no certificate to hand out.
-            ca_cert: String::new(),
-            client_cert: String::new(),
-            client_key: String::new(),
+            ca_cert: material.ca_cert,
+            client_cert: material.client_cert,
+            client_key: material.client_key,
         }
     }
 }
@@ -193,8 +204,9 @@ struct ApiDoc;
 
 /// The API and its OpenAPI document, built from the same registrations.
 pub fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(healthz))
+        .routes(routes!(oauth::token))
         .routes(routes!(plugins))
         .merge(named("clusters", clusters::routes()))
         .merge(named("workloads", workloads::routes()))
@@ -205,7 +217,44 @@ pub fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
         .merge(named("tasks", tasks::routes()))
         .merge(named("machine", machine::routes()))
         .merge(named("machine_packages", machine_packages::routes()))
-        .split_for_parts()
+        .split_for_parts();
+    secure(&mut document);
+    (router, document)
+}
+
+/// Names the token endpoint as the OAuth2 scheme and, on every operation but the
+/// open ones, the scope it needs (the rule the guard applies).
+fn secure(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{
+        ClientCredentials, Flow, OAuth2, Scopes, SecurityRequirement, SecurityScheme,
+    };
+    let scopes = Scopes::from_iter([
+        ("read", "GET endpoints and the :search queries"),
+        ("write", "everything that changes state"),
+    ]);
+    let scheme = SecurityScheme::OAuth2(OAuth2::new([Flow::ClientCredentials(
+        ClientCredentials::new(oauth::TOKEN_PATH, scopes),
+    )]));
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme("oauth2", scheme);
+    for (path, item) in document.paths.paths.iter_mut() {
+        let operations = [
+            (Method::GET, &mut item.get),
+            (Method::PUT, &mut item.put),
+            (Method::POST, &mut item.post),
+            (Method::DELETE, &mut item.delete),
+        ];
+        for (method, operation) in operations {
+            if let (Some(operation), Some(scope)) =
+                (operation.as_mut(), oauth::required_scope(&method, path))
+            {
+                operation.security =
+                    Some(vec![SecurityRequirement::new("oauth2", [scope.as_str()])]);
+            }
+        }
+    }
 }
 
 /// The OpenAPI document as JSON.
@@ -229,9 +278,15 @@ pub fn router(app: App) -> Router {
             "/openapi.json",
             get(move || async move { ([(CONTENT_TYPE, "application/json")], document) }),
         )
-        .layer(DefaultBodyLimit::max(input::MAX_BODY_BYTES))
+        // Bodies are read, and limited, by `input` (which drains what is over).
+        .layer(DefaultBodyLimit::disable())
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(wrong_method)
+        // Outermost: no route, not even a 404, answers without a token.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            oauth::guard,
+        ))
         .with_state(app)
 }
 
