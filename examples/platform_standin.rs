@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo run -p xpud --example platform-standin -- 127.0.0.1:9000
 //! # then, in xpud's config:  [platform]  url = "http://127.0.0.1:9000"  modes = ["cap", "cad"]
+//! # and serve with --insecure-http: the stand-in speaks plain HTTP, and xpud sends
+//! # its platform credentials to a plain-HTTP platform only in that mode
 //! ```
 //!
 //! Every call is printed as one JSON line (passwords masked) and answered with

@@ -9,6 +9,7 @@ mod api_machine_packages;
 mod api_monitors;
 mod api_services;
 mod api_workloads;
+mod auth;
 mod cli;
 mod openapi;
 mod platform;

@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -41,6 +42,8 @@ pub struct PlatformConfig {
     /// CAD mode: where the platform serves algorithm file packages (I.2 sends only
     /// an id), e.g. `http://10.0.0.2:8080/packages/{id}.tar.gz`.
     pub package_url: Option<String>,
+    /// CA certificates (PEM) trusted for the platform's HTTPS besides the system's.
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl Default for PlatformConfig {
@@ -55,6 +58,7 @@ impl Default for PlatformConfig {
             backoff_initial_ms: 500,
             backoff_max_ms: 30_000,
             package_url: None,
+            ca_bundle: None,
         }
     }
 }
@@ -148,17 +152,46 @@ fn jitter() -> f64 {
 
 impl Platform {
     /// `None` when no platform URL is configured.
-    pub fn new(config: &PlatformConfig, identity: Identity) -> anyhow::Result<Option<Platform>> {
+    /// `plain_http`: whether an `http://` platform is accepted (`--insecure-http`);
+    /// otherwise the registration's password would cross the network readable.
+    pub fn new(
+        config: &PlatformConfig,
+        identity: Identity,
+        plain_http: bool,
+    ) -> anyhow::Result<Option<Platform>> {
         let Some(url) = &config.url else {
             return Ok(None);
         };
         crate::fetch::check_url(url).map_err(|e| anyhow::anyhow!("platform.{e}"))?;
+        if url.starts_with("http://") && !plain_http {
+            anyhow::bail!(
+                "platform.url {url:?} is plain HTTP, which would send the platform credentials readable: use https (or --insecure-http for local development)"
+            );
+        }
         if config.expires_s < 3 {
             anyhow::bail!("platform.expires-s must be at least 3");
         }
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()?;
+        let mut client = reqwest::Client::builder().timeout(Duration::from_secs(10));
+        if let Some(bundle) = &config.ca_bundle {
+            let pem = std::fs::read(bundle)
+                .with_context(|| format!("platform.ca-bundle {}", bundle.display()))?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!(
+                    "platform.ca-bundle {}: not PEM certificates",
+                    bundle.display()
+                )
+            })?;
+            if certificates.is_empty() {
+                anyhow::bail!(
+                    "platform.ca-bundle {}: no certificate in it",
+                    bundle.display()
+                );
+            }
+            for certificate in certificates {
+                client = client.add_root_certificate(certificate);
+            }
+        }
+        let client = client.build()?;
         Ok(Some(Platform {
             config: config.clone(),
             identity,
@@ -325,6 +358,32 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_plain_http_platform_needs_the_insecure_flag() {
+        let config = PlatformConfig {
+            url: Some("http://10.0.0.2:8080".into()),
+            ..Default::default()
+        };
+        let identity = || Identity {
+            id: "x".into(),
+            code: "y".into(),
+            address: "127.0.0.1:1".parse().unwrap(),
+        };
+        let refused = Platform::new(&config, identity(), false).err().unwrap();
+        assert!(refused.to_string().contains("plain HTTP"), "{refused}");
+        assert!(Platform::new(&config, identity(), true).unwrap().is_some());
+        let missing = PlatformConfig {
+            url: Some("https://10.0.0.2".into()),
+            ca_bundle: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let refused = Platform::new(&missing, identity(), false).err().unwrap();
+        assert!(
+            format!("{refused:#}").contains("platform.ca-bundle"),
+            "{refused:#}"
+        );
     }
 
     #[test]

@@ -177,6 +177,7 @@ impl Server {
                 code: app.machine_code.clone(),
                 address: SocketAddr::new(app.external_ip(), addr.port()),
             },
+            config.tls.insecure_http,
         )?;
         let mut background = vec![watcher, sampler, auth.spawn_maintenance()];
         background.extend(tls.as_ref().map(|tls| tls.spawn_reloader()));

@@ -223,7 +223,8 @@ impl TestServer {
                 == drivers
                 && app.machine.latest().is_some()
         }));
-        let client = ApiClient::connect(&base, &config.data_dir);
+        let ca = config.tls.ca.clone();
+        let client = ApiClient::connect_trusting(&base, &config.data_dir, ca.as_deref());
         TestServer {
             base,
             client,
@@ -288,9 +289,15 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn connect(base: &str, data_dir: &Path) -> ApiClient {
+        Self::connect_trusting(base, data_dir, None)
+    }
+
+    /// Trusting `ca` instead of the local CA.
+    pub fn connect_trusting(base: &str, data_dir: &Path, ca: Option<&Path>) -> ApiClient {
         let mut builder = reqwest::Client::builder();
         if base.starts_with("https://") {
-            let ca = std::fs::read(data_dir.join("tls/ca.pem")).expect("the local CA");
+            let ca = ca.map_or_else(|| data_dir.join("tls/ca.pem"), Path::to_path_buf);
+            let ca = std::fs::read(&ca).expect("the CA");
             builder = builder
                 .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
                 .tls_built_in_root_certs(false);
@@ -378,14 +385,33 @@ impl ApiClient {
     }
 
     pub fn send(&self, request: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let (status, _, json) = self.send_raw(request);
+        (status, json)
+    }
+
+    /// The status, the `WWW-Authenticate` header (or "") and the JSON body.
+    pub fn send_raw(&self, request: reqwest::RequestBuilder) -> (u16, String, serde_json::Value) {
+        self.try_send(request).expect("request")
+    }
+
+    pub fn try_send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, String, serde_json::Value), reqwest::Error> {
         self.runtime.block_on(async {
-            let response = request.send().await.expect("request");
+            let response = request.send().await?;
             let url = response.url().to_string();
             let status = response.status().as_u16();
-            let text = response.text().await.expect("body");
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let text = response.text().await?;
             let json = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
-            (status, json)
+            Ok((status, challenge, json))
         })
     }
 }
