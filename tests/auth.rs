@@ -494,3 +494,56 @@ fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
         "a client trusting only the old CA still connects"
     );
 }
+
+#[test]
+fn keys_rotate_on_their_interval_too() {
+    let server = TestServer::start_with(&[], |c| c.auth.key_rotation_interval_s = 1);
+    let kid = |token: &str| token.split('.').next().unwrap().to_string();
+    let first = server.client.token.clone();
+    assert!(wait_for(Duration::from_secs(10), || {
+        kid(&server.client.token(None)) != kid(&first)
+    }));
+    let (status, body) =
+        server
+            .client
+            .call_as(Some(&first), reqwest::Method::GET, "/CAP/Status", None);
+    assert_eq!(status, 200, "the previous key's token is refused: {body}");
+}
+
+#[test]
+fn configured_clients_authenticate_with_a_hash_made_by_the_cli() {
+    let mut hash = Command::new(env!("CARGO_BIN_EXE_xpud"))
+        .args(["client", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    hash.stdin
+        .take()
+        .unwrap()
+        .write_all(b"platform-secret\n")
+        .unwrap();
+    let out = hash.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let secret_hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(secret_hash.starts_with("$argon2id$"), "{secret_hash}");
+    let server = TestServer::start_with(&[], |c| {
+        c.auth.clients = vec![xpud::auth::clients::ConfiguredClient {
+            id: "platform".into(),
+            secret_hash,
+            scopes: vec![xpud::auth::Scope::Read],
+        }]
+    });
+    // With a client configured, no admin is made.
+    assert!(!server.data.path().join("admin.secret").exists());
+    let grant = [("grant_type", "client_credentials")];
+    let (status, body) = server
+        .client
+        .token_request(&grant, Some(("platform", "platform-secret")));
+    assert_eq!(
+        (status, body["scope"].as_str()),
+        (200, Some("read")),
+        "{body}"
+    );
+}

@@ -312,7 +312,10 @@ impl ApiClient {
                 .build()
                 .unwrap(),
         };
-        client.token = client.token(None);
+        // No bootstrap client when clients are configured: no token then.
+        if data_dir.join("admin.secret").exists() {
+            client.token = client.token(None);
+        }
         client
     }
 
