@@ -19,8 +19,11 @@ fn wait_status(server: &TestServer, path: &str) -> serde_json::Value {
 
 #[test]
 fn packages_and_algorithms_install_and_run() {
-    let platform = FileServer::start();
-    let server = TestServer::start(&[]);
+    // The platform serves its packages over HTTPS, from a CA xpud is told to trust.
+    let tls = TestTls::new();
+    let platform = FileServer::start_tls(&tls);
+    let bundle = tls.ca_bundle.path().to_path_buf();
+    let server = TestServer::start_with(&[], |c| c.platform.ca_bundle = Some(bundle));
     let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-1.0.0"));
 
     // E.2, the text's example shape with real values.

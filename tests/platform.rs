@@ -42,40 +42,9 @@ struct Platform {
     addr: SocketAddr,
     calls: Calls,
     serving: Option<tokio::task::JoinHandle<()>>,
-    /// The stand-in serves HTTPS with a certificate from a CA of its own...
-    tls: tokio_rustls::TlsAcceptor,
-    /// ...which xpud is told to trust (`platform.ca-bundle`).
-    ca_bundle: tempfile::NamedTempFile,
-}
-
-/// A CA, and a certificate for 127.0.0.1 issued by it.
-fn platform_tls() -> (tokio_rustls::TlsAcceptor, tempfile::NamedTempFile) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    let bundle = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(bundle.path(), ca.pem()).unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), bundle)
+    /// The stand-in serves HTTPS with a certificate from a CA of its own, which
+    /// xpud is told to trust (`platform.ca-bundle`).
+    tls: TestTls,
 }
 
 impl Platform {
@@ -85,14 +54,12 @@ impl Platform {
             .unwrap()
             .local_addr()
             .unwrap();
-        let (tls, ca_bundle) = platform_tls();
         Platform {
             runtime: tokio::runtime::Runtime::new().unwrap(),
             addr,
             calls: Arc::default(),
             serving: None,
-            tls,
-            ca_bundle,
+            tls: TestTls::new(),
         }
     }
 
@@ -102,7 +69,7 @@ impl Platform {
             .block_on(tokio::net::TcpListener::bind(self.addr))
             .unwrap();
         let app = standin(self.calls.clone());
-        let tls = self.tls.clone();
+        let tls = self.tls.acceptor.clone();
         self.serving = Some(self.runtime.spawn(async move {
             let _ = xpud::transport::serve(listener, app, Some(tls), std::future::pending()).await;
         }));
@@ -141,7 +108,7 @@ impl Platform {
 fn registration_survives_a_platform_that_goes_down_and_comes_back() {
     let mut platform = Platform::new();
     let url = format!("https://{}", platform.addr);
-    let bundle = platform.ca_bundle.path().to_path_buf();
+    let bundle = platform.tls.ca_bundle.path().to_path_buf();
     let mut server = TestServer::start_with(&[], |config| {
         config.machine_code = Some("machine_code".into());
         config.platform.url = Some(url);

@@ -13,6 +13,8 @@ use tokio::io::AsyncWriteExt;
 pub struct Limits {
     pub max_bytes: u64,
     pub timeout: Duration,
+    /// CAs trusted for HTTPS besides the system's (`[platform] ca-bundle`).
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 impl Default for Limits {
@@ -20,8 +22,21 @@ impl Default for Limits {
         Limits {
             max_bytes: 2 << 30,
             timeout: Duration::from_secs(600),
+            extra_roots: Vec::new(),
         }
     }
+}
+
+/// The certificates of a PEM bundle, for `extra_roots` and the platform client.
+pub fn load_ca_bundle(path: &Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    use anyhow::Context;
+    let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("{}: not PEM certificates", path.display()))?;
+    if certificates.is_empty() {
+        anyhow::bail!("{}: no certificate in it", path.display());
+    }
+    Ok(certificates)
 }
 
 /// `md5` must be 32 hex digits.
@@ -62,10 +77,11 @@ pub async fn download(
 
 async fn fetch(url: &str, md5: Option<&str>, dest: &Path, limits: &Limits) -> Result<(), String> {
     let url = check_url(url)?;
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| format!("http client: {e}"))?;
+    let mut client = reqwest::Client::builder().connect_timeout(Duration::from_secs(30));
+    for root in &limits.extra_roots {
+        client = client.add_root_certificate(root.clone());
+    }
+    let client = client.build().map_err(|e| format!("http client: {e}"))?;
     let mut response = client
         .get(url.clone())
         .send()

@@ -515,7 +515,7 @@ impl Packages {
             .join(format!("{id}-{nonce}.json"));
         let limits = Limits {
             max_bytes: MAX_ALGORITHM_BYTES,
-            timeout: self.limits.timeout,
+            ..self.limits.clone()
         };
         let outcome = match fetch::download(&record.url, Some(&record.md5), &path, &limits).await {
             Err(reason) => Err(reason),

@@ -42,7 +42,8 @@ pub struct PlatformConfig {
     /// CAD mode: where the platform serves algorithm file packages (I.2 sends only
     /// an id), e.g. `http://10.0.0.2:8080/packages/{id}.tar.gz`.
     pub package_url: Option<String>,
-    /// CA certificates (PEM) trusted for the platform's HTTPS besides the system's.
+    /// CA certificates (PEM) trusted for the platform's HTTPS besides the system's:
+    /// its calls and the packages downloaded from it.
     pub ca_bundle: Option<std::path::PathBuf>,
 }
 

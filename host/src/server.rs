@@ -94,7 +94,15 @@ impl Server {
             store.clone(),
             registry.clone(),
             &config.data_dir.join("packages"),
-            Default::default(),
+            crate::fetch::Limits {
+                extra_roots: match &config.platform.ca_bundle {
+                    Some(bundle) => {
+                        crate::fetch::load_ca_bundle(bundle).context("platform.ca-bundle")?
+                    }
+                    None => Vec::new(),
+                },
+                ..Default::default()
+            },
         )?);
         let scheduler = Arc::new(Scheduler::new(registry.clone()));
         let services = Arc::new(Services::new(

@@ -429,6 +429,15 @@ pub struct FileServer {
 
 impl FileServer {
     pub fn start() -> FileServer {
+        Self::serve(None)
+    }
+
+    /// Over HTTPS, with a certificate from a CA of its own (see [`TestTls`]).
+    pub fn start_tls(tls: &TestTls) -> FileServer {
+        Self::serve(Some(tls.acceptor.clone()))
+    }
+
+    fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FileServer {
         use axum::extract::{Path as UrlPath, State};
         use axum::http::StatusCode;
         let dir = tempfile::tempdir().unwrap();
@@ -437,7 +446,8 @@ impl FileServer {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let app = axum::Router::new()
             .route(
                 "/{name}",
@@ -451,7 +461,12 @@ impl FileServer {
                 ),
             )
             .with_state(root);
-        runtime.spawn(async move { axum::serve(listener, app).await });
+        runtime.spawn(xpud::transport::serve(
+            listener,
+            app,
+            tls,
+            std::future::pending(),
+        ));
         FileServer {
             base,
             dir,
@@ -464,6 +479,47 @@ impl FileServer {
         std::fs::write(self.dir.path().join(name), bytes).unwrap();
         let md5 = hex::encode(<md5::Md5 as md5::Digest>::digest(bytes));
         (format!("{}/{name}", self.base), md5)
+    }
+}
+
+/// A platform's TLS: a CA of its own, a certificate for 127.0.0.1 from it, and the
+/// CA as a PEM file to give xpud (`[platform] ca-bundle`).
+pub struct TestTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub ca_bundle: tempfile::NamedTempFile,
+}
+
+impl TestTls {
+    pub fn new() -> TestTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let ca_bundle = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca_bundle.path(), ca.pem()).unwrap();
+        TestTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            ca_bundle,
+        }
     }
 }
 
