@@ -47,7 +47,8 @@ const NO_PIPELINE: &str =
 /// a search copies JSON instead of building and serialising views.
 pub struct Stored {
     pub record: Arc<TaskRecord>,
-    pub summary: Box<serde_json::value::RawValue>,
+    /// Shared with the pages that carry it: a search copies pointers.
+    pub summary: Arc<serde_json::value::RawValue>,
 }
 
 impl Stored {
@@ -311,7 +312,7 @@ impl Tasks {
         filter: &Filter<'_>,
         number: u32,
         size: u32,
-    ) -> (usize, Vec<Box<serde_json::value::RawValue>>) {
+    ) -> (usize, Vec<Arc<serde_json::value::RawValue>>) {
         let state = self.read();
         let index = crate::sync::read(&self.index);
         let all: Vec<usize>;

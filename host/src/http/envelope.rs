@@ -14,7 +14,6 @@ use std::marker::PhantomData;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 use utoipa::openapi::{RefOr, Response as ApiResponse, ResponseBuilder};
 use utoipa::{IntoResponses, PartialSchema, ToSchema};
@@ -85,6 +84,27 @@ fn status(code: u16) -> StatusCode {
     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
+/// The body as JSON. Written into a buffer that fits a page of records at once
+/// (axum's `Json` starts at 128 bytes and regrows for anything larger).
+fn json(code: u16, body: &impl Serialize) -> Response {
+    let mut buffer = Vec::with_capacity(4096);
+    match serde_json::to_writer(&mut buffer, body) {
+        Ok(()) => (
+            status(code),
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            buffer,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!("answer not serialisable: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
 impl Family for CodeString {
     fn body<T: Serialize>(code: u16, message: &str, data: Option<T>) -> Response {
         let body = CodeStringBody {
@@ -93,7 +113,7 @@ impl Family for CodeString {
             request_id: request_id(),
             data,
         };
-        (status(code), Json(body)).into_response()
+        json(code, &body)
     }
 
     fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {
@@ -108,7 +128,7 @@ impl Family for CodeInt {
             msg: message.to_owned(),
             data,
         };
-        (status(code), Json(body)).into_response()
+        json(code, &body)
     }
 
     fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {
@@ -123,7 +143,7 @@ impl Family for CodeIntMessage {
             message: message.to_owned(),
             data,
         };
-        (status(code), Json(body)).into_response()
+        json(code, &body)
     }
 
     fn failure_schema() -> RefOr<utoipa::openapi::schema::Schema> {

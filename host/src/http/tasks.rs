@@ -247,9 +247,11 @@ fn view(task: &TaskRecord) -> TaskView {
 }
 
 /// A task's search record as JSON, rendered when the task is written.
-pub fn summary_json(task: &TaskRecord) -> Box<serde_json::value::RawValue> {
+pub fn summary_json(task: &TaskRecord) -> std::sync::Arc<RawValue> {
     let json = serde_json::to_string(&view(task)).expect("task views serialise");
-    serde_json::value::RawValue::from_string(json).expect("serde_json wrote valid JSON")
+    RawValue::from_string(json)
+        .expect("serde_json wrote valid JSON")
+        .into()
 }
 
 fn detail_view(task: &TaskRecord) -> TaskView {
@@ -353,7 +355,7 @@ async fn pause(app: App, id: String) -> Answer<CodeInt, bool> {
 async fn search(
     State(app): State<App>,
     Body(request, ..): Body<TaskSearchRequest, CodeInt>,
-) -> Answer<CodeInt, Page<Box<RawValue>>> {
+) -> Answer<CodeInt, Page<std::sync::Arc<RawValue>>> {
     page::check(request.page_number, request.page_size).map_err(Failure::bad_request)?;
     let filter = Filter {
         id: request.id.as_deref(),
