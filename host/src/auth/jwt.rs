@@ -100,6 +100,12 @@ pub fn verify(token: &str, keys: &KeyRing, now_s: u64) -> Result<Claims, TokenEr
     Ok(claims)
 }
 
+/// The `kid` of a token's header (no other check).
+pub fn key_id(token: &str) -> Option<String> {
+    let header: Header = decode_json(token.split('.').next()?).ok()?;
+    Some(header.kid)
+}
+
 fn decode_json<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, TokenError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part)

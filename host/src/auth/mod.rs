@@ -11,6 +11,7 @@ pub mod clients;
 pub mod jwt;
 pub mod keys;
 pub mod limiter;
+mod verified;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use clients::{Clients, ConfiguredClient};
 use jwt::{Claims, TokenError};
 use keys::KeyRing;
 use limiter::FailureLimiter;
+use verified::VerifiedTokens;
 
 /// What a token allows: reads (GET and the `:search` queries) or changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -116,6 +118,7 @@ pub struct Auth {
     keys: KeyRing,
     clients: Clients,
     limiter: FailureLimiter,
+    verified: VerifiedTokens,
     token_ttl: Duration,
     rotation_interval: Option<Duration>,
 }
@@ -130,6 +133,7 @@ impl Auth {
                 config.failed_auth_limit,
                 Duration::from_secs(config.failed_auth_window_s),
             ),
+            verified: VerifiedTokens::default(),
             token_ttl: Duration::from_secs(config.token_ttl_s),
             rotation_interval: (config.key_rotation_interval_s > 0)
                 .then(|| Duration::from_secs(config.key_rotation_interval_s)),
@@ -212,8 +216,21 @@ impl Auth {
         })
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        jwt::verify(token, &self.keys, crate::dates::now_ms() / 1000)
+    /// A bearer token's claims, if it is good now: the signature is checked the
+    /// first time a token is seen, expiry and key every time.
+    pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        let now = crate::dates::now_ms() / 1000;
+        if let Some(claims) = self
+            .verified
+            .get(token, now, |kid| self.keys.verifying(kid).is_some())
+        {
+            return Ok(claims);
+        }
+        let claims = Arc::new(jwt::verify(token, &self.keys, now)?);
+        if let Some(kid) = jwt::key_id(token) {
+            self.verified.insert(token, &kid, claims.clone());
+        }
+        Ok(claims)
     }
 
     /// Keeps the keys current: reads rotations made by `xpud keys rotate`, and
