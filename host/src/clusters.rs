@@ -7,7 +7,6 @@
 //! cluster at a time.
 
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -103,13 +102,6 @@ struct State {
 pub struct Clusters {
     store: Arc<Store>,
     state: RwLock<State>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Kubernetes versions the text offers (table A.11).
@@ -252,7 +244,7 @@ impl Clusters {
                 ClusterStatus::Running
             },
             reason: failure,
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
             spec: request.spec,
         };
         let node = (cluster.status == ClusterStatus::Running).then(|| NodeRecord {
@@ -340,7 +332,7 @@ impl Clusters {
             node_id: offer.node_id.clone(),
             cluster_code: code.to_string(),
             resource,
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         self.store.put(Table::Nodes, &node.node_id, &node)?;
         state.nodes.push(node);

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sysinfo::{Disks, Networks, System};
 
@@ -64,13 +64,6 @@ pub struct Sample {
 pub struct Machine {
     facts: Facts,
     history: RwLock<VecDeque<Arc<Sample>>>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The disk whose mount point holds `path` (the longest matching mount point).
@@ -255,7 +248,7 @@ pub fn spawn_sampler(
                     .map(|d| d.available_space() as f64 / GIB)
                     .unwrap_or(0.0);
                 machine.record(Sample {
-                    at_ms: unix_ms(),
+                    at_ms: crate::dates::now_ms(),
                     cpu_utilization: f64::from(system.global_cpu_usage()) / 100.0,
                     memory_used_gb: system.used_memory() as f64 / GIB,
                     memory_total_gb: system.total_memory() as f64 / GIB,

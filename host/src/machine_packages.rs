@@ -6,7 +6,6 @@
 //! while the worker lives, STOPPED once its supervisor gives up on it.
 
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -46,13 +45,6 @@ pub struct MachinePackages {
     packages: Arc<Packages>,
     scheduler: Arc<Scheduler>,
     state: RwLock<Vec<Installed>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl MachinePackages {
@@ -168,7 +160,7 @@ impl MachinePackages {
             args: args.to_string(),
             file_package_id: file.id.clone(),
             manifest,
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         let worker = self.start(&package, xpus)?;
         if let Err(e) = self.store.put(Table::MachinePackages, code, &package) {

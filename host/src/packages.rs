@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -103,13 +102,6 @@ pub struct Packages {
     root: PathBuf,
     limits: Limits,
     state: RwLock<State>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Ids become file names: 1-128 characters, no path separators, no control or
@@ -320,7 +312,7 @@ impl Packages {
             status: Status::Downloading,
             status_desc: "downloading".into(),
             manifest: None,
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         self.store.put(Table::FilePackages, id, &record)?;
         state.files.retain(|f| f.id != id);
@@ -495,7 +487,7 @@ impl Packages {
             status: Status::Downloading,
             status_desc: "downloading".into(),
             file_package_id: None,
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         self.store.put(Table::Algorithms, id, &record)?;
         state.algorithms.retain(|a| a.id != id);

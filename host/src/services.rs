@@ -7,7 +7,6 @@
 //! otherwise.
 
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,13 +59,6 @@ pub fn parse_envs(envs: &str) -> std::result::Result<Vec<(String, String)>, Stri
             _ => Err(format!("envs: {entry:?} is not key=value")),
         })
         .collect()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct Running {
@@ -274,7 +266,7 @@ impl Services {
             status_desc: "starting".into(),
             gpu_quota,
             placements: Vec::new(),
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         let workers = self.place_and_start(&mut record, xpus)?;
         if let Err(e) = self.store.put(Table::Services, &record.id, &record) {

@@ -8,7 +8,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -79,13 +78,6 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let mut conn =
@@ -121,7 +113,7 @@ impl Store {
     pub fn apply(&self, changes: &[Change<'_>]) -> anyhow::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now = now_ms();
+        let now = crate::dates::now_ms() as i64;
         for change in changes {
             match change {
                 Change::Put { table, key, body } => {

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,13 +142,6 @@ pub struct Tasks {
     /// (writes are rare, searches are not), always under `state`'s write lock.
     index: RwLock<Index>,
     bindings: Mutex<HashMap<String, Binding>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn area(a: &AreaParam) -> analyzer::Area {
@@ -389,7 +381,7 @@ impl Tasks {
             task_info: request.task_info,
             status: TaskStatus::Pending,
             status_desc: NO_PIPELINE.into(),
-            created_ms: now_ms(),
+            created_ms: crate::dates::now_ms(),
         };
         self.bind(&task)?;
         if let Err(e) = self.store.put(Table::Tasks, &task.id, &task) {

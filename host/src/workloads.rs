@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -119,13 +118,6 @@ pub struct Workloads {
     packages: Arc<Packages>,
     scheduler: Arc<Scheduler>,
     state: RwLock<Vec<Live>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn pod_name(workload: &str) -> String {
@@ -318,7 +310,7 @@ impl Workloads {
         }
         let (package_id, algorithm) = self.resolve_image(&spec.image)?;
         let workers = self.start_pods(&spec, &algorithm, spec.replicas, xpus)?;
-        let now = now_ms();
+        let now = crate::dates::now_ms();
         let record = WorkloadRecord {
             pods: (0..spec.replicas)
                 .map(|_| PodRecord {
@@ -420,7 +412,7 @@ impl Workloads {
         if replicas > current {
             let (_, algorithm) = self.resolve_image(&spec.image)?;
             let workers = self.start_pods(&spec, &algorithm, replicas - current, xpus)?;
-            let now = now_ms();
+            let now = crate::dates::now_ms();
             record.pods.extend((current..replicas).map(|_| PodRecord {
                 name: pod_name(&spec.name),
                 created_ms: now,

@@ -56,10 +56,6 @@ fn new_secret() -> anyhow::Result<Vec<u8>> {
     Ok(secret)
 }
 
-fn now_ms() -> i64 {
-    crate::dates::now_ms() as i64
-}
-
 impl KeyRing {
     /// Reads the keys, creating the first one on a new store.
     pub fn load(store: &Store) -> anyhow::Result<KeyRing> {
@@ -80,7 +76,7 @@ impl KeyRing {
             keys: RwLock::new(vec![Arc::new(SigningKey {
                 kid: uuid::Uuid::new_v4().simple().to_string(),
                 mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
-                created_ms: now_ms(),
+                created_ms: crate::dates::now_ms() as i64,
                 retire_at_ms: None,
             })]),
         }
@@ -109,7 +105,7 @@ impl KeyRing {
 
     /// The key named `kid`, if it still verifies.
     pub fn verifying(&self, kid: &str) -> Option<Arc<SigningKey>> {
-        let now = now_ms();
+        let now = crate::dates::now_ms() as i64;
         read(&self.keys)
             .iter()
             .find(|k| k.kid == kid && k.retire_at_ms.is_none_or(|at| now < at))
@@ -123,7 +119,7 @@ impl KeyRing {
 pub fn rotate(store: &Store, token_ttl: Duration) -> anyhow::Result<String> {
     let kid = uuid::Uuid::new_v4().simple().to_string();
     let secret = new_secret()?;
-    let now = now_ms();
+    let now = crate::dates::now_ms() as i64;
     let retire_at = now + token_ttl.as_millis() as i64 + NOTICE_MARGIN_MS;
     store
         .with(|conn| {
