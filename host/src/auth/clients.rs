@@ -46,10 +46,8 @@ static DECOY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 pub fn hash_secret(secret: &str) -> anyhow::Result<String> {
-    let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    let salt = SaltString::encode_b64(&super::random_bytes::<16>()?)
+        .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
     Ok(Argon2::default()
         .hash_password(secret.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("hash the secret: {e}"))?
@@ -67,10 +65,7 @@ fn verify_secret(secret: &str, hash: &str) -> bool {
 
 /// A random secret: 32 bytes, base64url.
 pub fn new_secret() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    Ok(URL_SAFE_NO_PAD.encode(bytes))
+    Ok(URL_SAFE_NO_PAD.encode(super::random_bytes::<32>()?))
 }
 
 fn check_id(id: &str) -> anyhow::Result<()> {

@@ -49,13 +49,6 @@ pub struct KeyInfo {
     pub retire_at_ms: Option<i64>,
 }
 
-fn new_secret() -> anyhow::Result<Vec<u8>> {
-    let mut secret = vec![0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
-    Ok(secret)
-}
-
 impl KeyRing {
     /// Reads the keys, creating the first one on a new store.
     pub fn load(store: &Store) -> anyhow::Result<KeyRing> {
@@ -71,7 +64,7 @@ impl KeyRing {
 
     /// A ring with one key of its own, outside any store (tests, benchmarks).
     pub fn ephemeral() -> KeyRing {
-        let secret = new_secret().expect("random source");
+        let secret = super::random_bytes::<32>().expect("random source");
         KeyRing {
             keys: RwLock::new(vec![Arc::new(SigningKey {
                 kid: uuid::Uuid::new_v4().simple().to_string(),
@@ -118,7 +111,7 @@ impl KeyRing {
 /// the new key's id.
 pub fn rotate(store: &Store, token_ttl: Duration) -> anyhow::Result<String> {
     let kid = uuid::Uuid::new_v4().simple().to_string();
-    let secret = new_secret()?;
+    let secret = super::random_bytes::<32>()?.to_vec();
     let now = crate::dates::now_ms() as i64;
     let retire_at = now + token_ttl.as_millis() as i64 + NOTICE_MARGIN_MS;
     store

@@ -27,6 +27,14 @@ use keys::KeyRing;
 use limiter::FailureLimiter;
 use verified::VerifiedTokens;
 
+/// `N` bytes from the system's random source (secrets, salts, signing keys).
+pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random source failed"))?;
+    Ok(bytes)
+}
+
 /// What a token allows: reads (GET and the `:search` queries) or changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
