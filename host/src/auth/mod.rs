@@ -268,8 +268,4 @@ impl Auth {
         }
         self.keys.refresh(&self.store)
     }
-
-    pub fn token_ttl(&self) -> Duration {
-        self.token_ttl
-    }
 }

@@ -48,7 +48,7 @@ pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>>
 /// instead of the answer.
 const DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
-async fn body_bytes<S: Send + Sync, F>(req: Request, _state: &S) -> Result<Bytes, Failure<F>> {
+async fn body_bytes<F>(req: Request) -> Result<Bytes, Failure<F>> {
     use http_body_util::BodyExt;
     let mut body = req.into_body();
     let mut bytes = Vec::new();
@@ -93,8 +93,8 @@ where
 {
     type Rejection = Failure<F>;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body_bytes(req, state).await?;
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body_bytes(req).await?;
         if bytes.is_empty() {
             return Err(Failure::bad_request(
                 "request body is empty; a JSON object is required",
@@ -115,9 +115,9 @@ where
 {
     type Rejection = Failure<F>;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         let query = req.uri().query().unwrap_or("").to_string();
-        let bytes = body_bytes(req, state).await?;
+        let bytes = body_bytes(req).await?;
         if bytes.iter().any(|b| !b.is_ascii_whitespace()) {
             return Ok(Params(parse_json(&bytes)?, PhantomData));
         }

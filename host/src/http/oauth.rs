@@ -61,11 +61,11 @@ fn retry_after(mut response: Response, wait: std::time::Duration) -> Response {
 
 /// Lets a request with a good token through, and answers the rest.
 pub async fn guard(State(app): State<App>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
-    let Some(needed) = required_scope(request.method(), &path) else {
+    let path = request.uri().path();
+    let Some(needed) = required_scope(request.method(), path) else {
         return next.run(request).await;
     };
-    let envelope = super::family_of(&path);
+    let envelope = super::family_of(path);
     let address = peer(request.extensions());
     let refuse = |status: u16, challenge: String, message: &str| {
         let mut response = envelope(status, message);
@@ -252,7 +252,8 @@ pub async fn token(State(app): State<App>, request: Request) -> Response {
             wait,
         );
     }
-    let headers = request.headers().clone();
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let form = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -264,7 +265,7 @@ pub async fn token(State(app): State<App>, request: Request) -> Response {
             "the body must be application/x-www-form-urlencoded",
         );
     }
-    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+    let body = match axum::body::to_bytes(body, 64 * 1024).await {
         Ok(body) => body,
         Err(_) => {
             return token_error(
@@ -310,11 +311,11 @@ pub async fn token(State(app): State<App>, request: Request) -> Response {
         (None, _) => match (form.client_id, form.client_secret) {
             (Some(id), Some(secret)) => (id, secret),
             _ => {
-                return no_store(challenge_basic(token_error(
+                return challenge_basic(token_error(
                     StatusCode::UNAUTHORIZED,
                     "invalid_client",
                     "client authentication is required: HTTP Basic, or client_id and client_secret in the body",
-                )))
+                ))
             }
         },
     };
