@@ -240,16 +240,8 @@ fn secure(document: &mut utoipa::openapi::OpenApi) {
         .get_or_insert_with(Default::default)
         .add_security_scheme("oauth2", scheme);
     for (path, item) in document.paths.paths.iter_mut() {
-        let operations = [
-            (Method::GET, &mut item.get),
-            (Method::PUT, &mut item.put),
-            (Method::POST, &mut item.post),
-            (Method::DELETE, &mut item.delete),
-        ];
-        for (method, operation) in operations {
-            if let (Some(operation), Some(scope)) =
-                (operation.as_mut(), oauth::required_scope(&method, path))
-            {
+        for (method, operation) in operations(item) {
+            if let Some(scope) = oauth::required_scope(&method, path) {
                 operation.security =
                     Some(vec![SecurityRequirement::new("oauth2", [scope.as_str()])]);
             }
@@ -257,9 +249,26 @@ fn secure(document: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// The operations of the methods xpud serves, with their method.
+fn operations(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = (Method, &mut utoipa::openapi::path::Operation)> {
+    [
+        (Method::GET, &mut item.get),
+        (Method::PUT, &mut item.put),
+        (Method::POST, &mut item.post),
+        (Method::DELETE, &mut item.delete),
+    ]
+    .into_iter()
+    .filter_map(|(method, operation)| Some((method, operation.as_mut()?)))
+}
+
 /// The OpenAPI document as JSON.
 pub fn openapi_json() -> String {
-    let (_, document) = api();
+    render(&api().1)
+}
+
+fn render(document: &utoipa::openapi::OpenApi) -> String {
     document
         .to_pretty_json()
         .expect("an OpenAPI document always serialises")
@@ -268,11 +277,7 @@ pub fn openapi_json() -> String {
 pub fn router(app: App) -> Router {
     let (router, document) = api();
     // Rendered once: the document does not change while serving.
-    let document = Bytes::from(
-        document
-            .to_pretty_json()
-            .expect("an OpenAPI document always serialises"),
-    );
+    let document = Bytes::from(render(&document));
     router
         .route(
             "/openapi.json",
@@ -294,13 +299,7 @@ pub fn router(app: App) -> Router {
 /// `detail`): the module's name makes them unique.
 fn named(module: &str, mut router: OpenApiRouter<App>) -> OpenApiRouter<App> {
     for item in router.get_openapi_mut().paths.paths.values_mut() {
-        let operations = [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-        ];
-        for operation in operations.into_iter().flatten() {
+        for (_, operation) in operations(item) {
             if let Some(id) = &operation.operation_id {
                 operation.operation_id = Some(format!("{module}_{id}"));
             }
