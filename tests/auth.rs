@@ -428,36 +428,22 @@ fn the_license_hands_out_the_ca_and_a_client_pair() {
         .contains("PRIVATE KEY"));
 }
 
-/// A CA of the test's own, and a server certificate for 127.0.0.1 from it.
-fn issue(dir: &std::path::Path, name: &str) -> String {
-    use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("test CA {name}"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
+/// Writes a fresh CA's server certificate and key (and the CA) into `dir`; returns the CA.
+fn issue(dir: &std::path::Path) -> String {
+    let (ca, cert, key) = localhost_certificate();
     // Key first, then the certificate, each written whole.
     std::fs::write(dir.join("server.key.new"), key.serialize_pem()).unwrap();
     std::fs::rename(dir.join("server.key.new"), dir.join("server.key")).unwrap();
     std::fs::write(dir.join("server.pem.new"), cert.pem()).unwrap();
     std::fs::rename(dir.join("server.pem.new"), dir.join("server.pem")).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    ca.pem()
+    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+    ca
 }
 
 #[test]
 fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     let certs = tempfile::tempdir().unwrap();
-    let first_ca = issue(certs.path(), "one");
+    let first_ca = issue(certs.path());
     let dir = certs.path().to_path_buf();
     let server = TestServer::start_with(&[], |c| {
         c.tls.cert = Some(dir.join("server.pem"));
@@ -480,7 +466,7 @@ fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     };
     assert_eq!(healthz(&trusting(&first_ca)), Some(200));
     std::thread::sleep(Duration::from_millis(1100)); // a new modification time
-    let second_ca = issue(certs.path(), "two");
+    let second_ca = issue(certs.path());
     let started = Instant::now();
     assert!(
         wait_for(Duration::from_secs(10), || healthz(&trusting(&second_ca))

@@ -489,20 +489,27 @@ pub struct TestTls {
     pub ca_bundle: tempfile::NamedTempFile,
 }
 
+/// A fresh CA (its PEM) and a certificate for localhost and 127.0.0.1 issued by it,
+/// with its key.
+pub fn localhost_certificate() -> (String, rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert, key)
+}
+
 impl TestTls {
     pub fn new() -> TestTls {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (ca, cert, key) = localhost_certificate();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -515,7 +522,7 @@ impl TestTls {
         )
         .unwrap();
         let ca_bundle = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(ca_bundle.path(), ca.pem()).unwrap();
+        std::fs::write(ca_bundle.path(), ca).unwrap();
         TestTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             ca_bundle,
