@@ -6,7 +6,8 @@
 //! belongs to, with `WWW-Authenticate` saying what was wrong: 401 for a missing,
 //! malformed, forged, unknown-key or expired token, 403 for a token without the
 //! scope the endpoint needs. Failed client authentications and forged tokens count
-//! against the client's address; past the limit it gets 429 until the window ends.
+//! against the client's address; past the limit those (and only those) get 429
+//! until the window ends. A valid token is always served.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -74,18 +75,6 @@ pub async fn guard(State(app): State<App>, request: Request, next: Next) -> Resp
         }
         response
     };
-    if let Err(wait) = app.auth.limiter().check(address) {
-        return retry_after(
-            envelope(
-                429,
-                &format!(
-                    "too many failed authentications from {address}; retry in {} s",
-                    wait.as_secs().max(1)
-                ),
-            ),
-            wait,
-        );
-    }
     let token = request
         .headers()
         .get(AUTHORIZATION)
@@ -106,8 +95,22 @@ pub async fn guard(State(app): State<App>, request: Request, next: Next) -> Resp
         Ok(claims) => claims,
         Err(e) => {
             // An expired token is a client that should fetch a new one; the others
-            // are guesses or forgeries, and count against the address.
+            // are guesses or forgeries, and count against the address. Only they are
+            // throttled: a valid token is always served, so that a guesser behind
+            // the platform's NAT cannot lock the platform out.
             if e != TokenError::Expired {
+                if let Err(wait) = app.auth.limiter().check(address) {
+                    return retry_after(
+                        envelope(
+                            429,
+                            &format!(
+                                "too many failed authentications from {address}; retry in {} s",
+                                wait.as_secs().max(1)
+                            ),
+                        ),
+                        wait,
+                    );
+                }
                 app.auth.limiter().record_failure(address);
             }
             return refuse(
@@ -161,8 +164,9 @@ pub struct TokenResponse {
 /// RFC 6749 §5.2.
 #[derive(Serialize, ToSchema)]
 pub struct TokenErrorBody {
-    /// `invalid_request`, `invalid_client`, `unsupported_grant_type`,
-    /// `invalid_scope`, or `slow_down` (429, too many failures from this address).
+    /// `invalid_request`, `invalid_client` (also with 429, after too many failed
+    /// client authentications from this address), `unsupported_grant_type` or
+    /// `invalid_scope`.
     error: &'static str,
     error_description: String,
 }
@@ -235,15 +239,17 @@ fn basic_credentials(headers: &HeaderMap) -> Option<Result<(String, String), Str
         (status = 200, description = "The access token", body = TokenResponse),
         (status = 400, description = "invalid_request, unsupported_grant_type or invalid_scope", body = TokenErrorBody),
         (status = 401, description = "invalid_client", body = TokenErrorBody),
-        (status = 429, description = "slow_down: too many failed authentications from this address", body = TokenErrorBody),
+        (status = 429, description = "invalid_client: too many failed client authentications from this address; Retry-After says when to try again", body = TokenErrorBody),
     ))]
 pub async fn token(State(app): State<App>, request: Request) -> Response {
     let address = peer(request.extensions());
     if let Err(wait) = app.auth.limiter().check(address) {
         return retry_after(
+            // RFC 6749 §5.2 has no throttling error (`slow_down` is RFC 8628's device
+            // flow): the client authentication is what is refused, for now.
             token_error(
                 StatusCode::TOO_MANY_REQUESTS,
-                "slow_down",
+                "invalid_client",
                 format!(
                     "too many failed authentications from {address}; retry in {} s",
                     wait.as_secs().max(1)
