@@ -45,6 +45,10 @@ fn plugin_check_describes_a_good_plugin_and_refuses_bad_ones() {
     );
     assert!(stdout.contains("links:    ok"), "{stdout}");
     assert!(
+        stdout.contains("exports:  ok (xpu:plugin/driver matches the contract)"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("manifest:") && stdout.contains(" ok"),
         "{stdout}"
     );
@@ -130,4 +134,25 @@ fn the_example_config_parses_to_the_embedded_defaults() {
     let example = xpud::config::ServeConfig::from_file(&repo().join("examples/xpud.toml")).unwrap();
     let defaults = xpud::config::ServeConfig::default();
     assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn output_cut_short_by_its_reader_is_not_a_crash() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xpud"))
+        .arg("openapi")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run xpud");
+    // Read a little, then hang up, as `xpud openapi | head -c 16` does.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -11,6 +11,8 @@ mod api_services;
 mod api_workloads;
 mod auth;
 mod cli;
+mod hostile;
+mod interop;
 mod openapi;
 mod platform;
 mod plugin_host;

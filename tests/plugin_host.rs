@@ -253,6 +253,13 @@ fn trap_is_contained_restarted_then_marked_unhealthy() {
     }
     assert_eq!(errors.len(), 4, "{errors:#?}");
     assert!(errors[0].contains("trapped"), "{}", errors[0]);
+    // The whole reason: the trap's cause and where it happened, not a first line
+    // that ends in "wasm backtrace:".
+    assert!(
+        errors[0].contains("unreachable") && errors[0].contains("backtrace"),
+        "{}",
+        errors[0]
+    );
     assert!(
         errors[3].starts_with("unhealthy: 3 crashes"),
         "{}",

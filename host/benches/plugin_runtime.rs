@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             library: None,
             providers: vec![],
         },
+        limits: Default::default(),
     })?;
     let engine = runtime.engine().clone();
     println!(
@@ -155,6 +156,10 @@ fn main() -> anyhow::Result<()> {
         memory_limit_bytes: 32 << 20,
         assets: None,
         inference: runtime.inference().clone(),
+        limits: std::sync::Arc::new(runtime.options.limits.clone()),
+        log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(
+            runtime.options.limits.log_lines_per_s,
+        )),
     };
     let config = vec![("cards".to_string(), "8".to_string())];
     let native_config = Config::new(config.clone());

@@ -13,6 +13,16 @@
 //! grant-root = "/"                 # host directory plugin grants are resolved under
 //! allowed-grants = ["/sys", "/proc/driver"]
 //!
+//! [plugin-limits]                  # what a plugin may make the host do
+//! max-call-timeout-ms = 30000      # ceiling on a manifest's call-timeout-ms
+//! log-lines-per-s = 100            # per plugin; bursts of 10 s; the rest dropped, counted
+//! max-model-bytes = 1073741824     # largest model file a plugin may load
+//! max-models-per-instance = 8      # models one instance may hold loaded
+//! model-load-timeout-ms = 60000    # a model load past it is abandoned
+//! max-devices = 64                 # devices (and cards per sample) a driver may report
+//! max-partitions = 1024            # partitions a driver may report
+//! max-string-bytes = 256           # longest string in a driver's answer
+//!
 //! [restart]                        # supervision of crashing plugins
 //! max-restarts = 3
 //! window-s = 60
@@ -65,6 +75,7 @@ use crate::auth::AuthConfig;
 use crate::platform::PlatformConfig;
 use crate::plugins::supervisor::RestartPolicy;
 use crate::runtime::inference::Provider;
+use crate::runtime::PluginLimits;
 use crate::tls::TlsConfig;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -80,6 +91,7 @@ pub struct ServeConfig {
     /// (`node-<hostname>`).
     pub machine_code: Option<String>,
     pub runtime: RuntimeConfig,
+    pub plugin_limits: PluginLimits,
     pub restart: RestartPolicy,
     pub sampler: SamplerConfig,
     pub inference: InferenceConfig,
@@ -137,6 +149,7 @@ impl Default for ServeConfig {
             advertise_address: None,
             machine_code: None,
             runtime: RuntimeConfig::default(),
+            plugin_limits: PluginLimits::default(),
             restart: RestartPolicy::default(),
             sampler: SamplerConfig::default(),
             inference: InferenceConfig::default(),
@@ -180,6 +193,7 @@ impl ServeConfig {
         if self.runtime.max_memory_mib == 0 {
             anyhow::bail!("runtime.max-memory-mib must be positive");
         }
+        self.plugin_limits.validate()?;
         self.tls.validate()?;
         self.auth.validate()
     }

@@ -198,15 +198,21 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
     out
 }
 
+/// The shortest window CPU usage can be measured over (sysinfo's minimum).
+const FIRST_WINDOW: Duration = Duration::from_millis(250);
+
 /// Samples the machine every `interval` into its history, on a thread of its own
-/// that ends once the machine is dropped.
+/// that ends once the machine is dropped. The first sample is taken after
+/// `FIRST_WINDOW`; the receiver hears when it is recorded, so that the server
+/// need not open its listener on figures it does not have yet.
 pub fn spawn_sampler(
     machine: &Arc<Machine>,
     data_dir: PathBuf,
     samples: Arc<SampleCache>,
     drivers: impl Fn() -> Vec<String> + Send + 'static,
     interval: Duration,
-) {
+) -> std::sync::mpsc::Receiver<()> {
+    let (first_recorded, first) = std::sync::mpsc::channel();
     let machine = Arc::downgrade(machine);
     let spawned = std::thread::Builder::new()
         .name("machine-sampler".into())
@@ -224,9 +230,11 @@ pub fn spawn_sampler(
             };
             system.refresh_cpu_usage();
             let mut last = std::time::Instant::now();
+            let mut wait = FIRST_WINDOW.min(interval);
             loop {
                 // CPU usage is measured between two refreshes: sleep first.
-                std::thread::sleep(interval);
+                std::thread::sleep(wait);
+                wait = interval;
                 let Some(machine) = machine.upgrade() else {
                     break;
                 };
@@ -258,9 +266,11 @@ pub fn spawn_sampler(
                     net_tx_bps: tx as f64 / elapsed,
                     xpus: xpus(&samples, &drivers()),
                 });
+                let _ = first_recorded.send(());
             }
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the machine sampler: {e}; host monitoring is off");
     }
+    first
 }

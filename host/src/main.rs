@@ -9,9 +9,11 @@ use sha2::{Digest, Sha256};
 
 use xpud::config::ServeConfig;
 use xpud::plugins::inspect::inspect;
-use xpud::plugins::Manifest;
+use xpud::plugins::{Kind, Manifest};
+use xpud::runtime::bindings::algorithm::AlgorithmPluginPre;
+use xpud::runtime::bindings::driver::DriverPluginPre;
 use xpud::runtime::inference::InferenceOptions;
-use xpud::runtime::{Runtime, RuntimeOptions};
+use xpud::runtime::{PluginLimits, Runtime, RuntimeOptions};
 use xpud::server::Server;
 
 #[derive(Parser)]
@@ -189,6 +191,21 @@ enum PluginCommand {
     },
 }
 
+/// Writes `text` and a newline to stdout. A reader that stops early (`| head`)
+/// closes the pipe: that ends the output, it is not an error (`println!` would panic).
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("write to stdout"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -206,10 +223,7 @@ fn main() -> ExitCode {
             out,
         }) => xpud::package::build(&manifest, &plugin_dir, &out)
             .map(|md5| println!("{md5}  {}", out.display())),
-        Command::Openapi => {
-            println!("{}", xpud::http::openapi_json());
-            Ok(())
-        }
+        Command::Openapi => print_out(&xpud::http::openapi_json()),
         Command::Client(command) => client(command),
         Command::Keys(command) => keys(command),
     };
@@ -393,6 +407,7 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
             library: None,
             providers: vec![],
         },
+        limits: PluginLimits::default(),
     })?;
     let (component, report) = runtime
         .load_component(&wasm, &sha256)
@@ -422,7 +437,7 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
     for name in &inspection.imports {
         out!(report_out, "import:   {name}");
     }
-    runtime
+    let pre = runtime
         .linker()
         .instantiate_pre(&component)
         .map_err(anyhow::Error::from)
@@ -430,6 +445,23 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
     out!(
         report_out,
         "links:    ok (every import is provided by this host)"
+    );
+    // The same typed check the server makes at load: the world's export must have
+    // the contract's exact signatures, not only the right name.
+    let typed = match inspection.kind {
+        Kind::Driver => DriverPluginPre::new(pre).map(drop),
+        Kind::Algorithm => AlgorithmPluginPre::new(pre).map(drop),
+    };
+    typed.map_err(anyhow::Error::from).with_context(|| {
+        format!(
+            "its {} export does not match the contract",
+            inspection.kind.export_interface()
+        )
+    })?;
+    out!(
+        report_out,
+        "exports:  ok ({} matches the contract)",
+        inspection.kind.export_interface()
     );
     let manifest_path = file.with_extension("toml");
     if manifest_path.exists() {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use crate::plugins::driver::Driver;
+use crate::plugins::driver::{Driver, DriverFailure};
 use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{Device, Metrics};
 
@@ -36,15 +36,19 @@ impl SampleCache {
         crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot);
     }
 
+    fn remove(&self, driver: &str) {
+        crate::sync::write(&self.snapshots).remove(driver);
+    }
+
     /// Drops drivers that are no longer loaded.
     fn retain(&self, names: &HashSet<String>) {
         crate::sync::write(&self.snapshots).retain(|name, _| names.contains(name));
     }
 }
 
-fn sample_one(driver: &Driver) -> Result<Snapshot, String> {
-    let devices = driver.devices().map_err(|e| e.to_string())?;
-    let metrics = driver.sample().map_err(|e| e.to_string())?;
+fn sample_one(driver: &Driver) -> Result<Snapshot, DriverFailure> {
+    let devices = driver.devices()?;
+    let metrics = driver.sample()?;
     Ok(Snapshot {
         devices,
         metrics,
@@ -84,6 +88,9 @@ pub fn spawn(
                 tokio::task::spawn_blocking(move || {
                     match sample_one(&driver) {
                         Ok(snapshot) => cache.put(&name, snapshot),
+                        // A broken answer's figures are dropped, never mixed in (the
+                        // driver logged why).
+                        Err(DriverFailure::Contract(_)) => cache.remove(&name),
                         // The supervisor has logged crashes; a restarting or unhealthy
                         // driver simply has no fresh sample.
                         Err(e) => tracing::debug!(plugin = %name, "no sample: {e}"),

@@ -52,6 +52,7 @@ impl Server {
                 library: config.inference.onnxruntime.clone(),
                 providers: config.inference.providers.clone(),
             },
+            limits: config.plugin_limits.clone(),
         })?;
         let registry = Arc::new(Registry::new(
             runtime,
@@ -73,22 +74,6 @@ impl Server {
         let machine = Arc::new(Machine::probe(&config.data_dir, config.advertise_address)?);
         let auth = Arc::new(Auth::new(&config.auth, store.clone())?);
         let admin_secret = auth.bootstrap(&config.data_dir)?;
-        {
-            let registry = registry.clone();
-            machine::spawn_sampler(
-                &machine,
-                config.data_dir.clone(),
-                samples.clone(),
-                move || {
-                    registry
-                        .drivers()
-                        .into_iter()
-                        .map(|(name, _)| name)
-                        .collect()
-                },
-                std::time::Duration::from_millis(config.sampler.interval_ms),
-            );
-        }
         let clusters = Clusters::load(store.clone())?;
         let packages = Arc::new(Packages::load(
             store.clone(),
@@ -125,6 +110,32 @@ impl Server {
             machine_packages.restore(&xpus)?;
             tasks.restore()
         })?;
+        // The machine's first sample (with the drivers' cards just sampled) is in
+        // before the listener opens: D.5's figures are required, never placeholders.
+        let first_sample = {
+            let registry = registry.clone();
+            machine::spawn_sampler(
+                &machine,
+                config.data_dir.clone(),
+                samples.clone(),
+                move || {
+                    registry
+                        .drivers()
+                        .into_iter()
+                        .map(|(name, _)| name)
+                        .collect()
+                },
+                std::time::Duration::from_millis(config.sampler.interval_ms),
+            )
+        };
+        tokio::task::block_in_place(|| {
+            if first_sample
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .is_err()
+            {
+                tracing::warn!("no machine sample within 5 s of start; serving without one");
+            }
+        });
         let machine_code = config
             .machine_code
             .clone()
@@ -172,6 +183,16 @@ impl Server {
             machine_packages,
             package_url: config.platform.package_url.clone(),
         }));
+        let advertised = app.external_ip();
+        if !addr.ip().is_unspecified() && addr.ip() != advertised {
+            tracing::warn!(
+                %advertised,
+                listen = %addr,
+                "the address given to the platform and in A.6, A.9 and D.5 is not one this \
+                 listener serves: other machines cannot reach it; listen on it (or on 0.0.0.0), \
+                 or set advertise-address"
+            );
+        }
         // Built here, not in `run`: a bad route fails the start, loudly.
         let router = http::router(app.clone());
         let platform = Platform::new(

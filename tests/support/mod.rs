@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use xpud::plugins::supervisor::RestartPolicy;
 use xpud::plugins::{Registry, RegistryOptions};
 use xpud::runtime::inference::{InferenceOptions, Provider};
-use xpud::runtime::{Runtime, RuntimeOptions};
+use xpud::runtime::{PluginLimits, Runtime, RuntimeOptions};
 
 /// The ONNX Runtime library scripts/test installs (XPUD_ONNXRUNTIME).
 pub fn onnxruntime() -> Option<PathBuf> {
@@ -110,6 +110,10 @@ pub fn quick_restarts() -> RestartPolicy {
 }
 
 pub fn runtime() -> Arc<Runtime> {
+    runtime_with(PluginLimits::default())
+}
+
+pub fn runtime_with(limits: PluginLimits) -> Arc<Runtime> {
     Runtime::new(RuntimeOptions {
         cache_dir: None,
         max_instances: 32,
@@ -118,13 +122,18 @@ pub fn runtime() -> Arc<Runtime> {
             library: onnxruntime(),
             providers: vec![Provider::Cuda, Provider::Cpu],
         },
+        limits,
     })
     .expect("runtime")
 }
 
 pub fn registry(plugins: &PluginDir, grant_root: &Path) -> Registry {
+    registry_with(plugins, grant_root, PluginLimits::default())
+}
+
+pub fn registry_with(plugins: &PluginDir, grant_root: &Path, limits: PluginLimits) -> Registry {
     Registry::new(
-        runtime(),
+        runtime_with(limits),
         RegistryOptions {
             plugin_dir: plugins.path().to_path_buf(),
             grant_root: grant_root.to_path_buf(),

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use wasmtime::{Engine, Store};
 
+use super::contract::{self, Violation};
 use super::supervisor::{lock, CallError, Incarnation, RestartPolicy, Status, Supervised};
 use crate::runtime::bindings::driver::{DriverPlugin as DriverBindings, DriverPluginPre};
 use crate::runtime::bindings::driver_types::{
     Device, DriverError, DriverInfo, Label, Metrics, Partition, PartitionSpec,
 };
-use crate::runtime::{PluginState, Sandbox};
+use crate::runtime::{PluginLimits, PluginState, Sandbox};
 
 pub struct DriverIncarnation {
     store: Store<PluginState>,
@@ -41,12 +42,22 @@ pub enum DriverFailure {
     Plugin(#[from] CallError),
     #[error("driver error: {0}")]
     Driver(DriverError),
+    /// The driver answered, but the answer breaks the contract (ranges, counts,
+    /// sizes): it is not used.
+    #[error("driver answer refused: {0}")]
+    Contract(Violation),
 }
 
 pub struct Driver {
     supervised: Supervised<DriverIncarnation>,
     info: std::sync::Mutex<Option<DriverInfo>>,
     ledger: std::sync::Mutex<Vec<LedgerEntry>>,
+    limits: Arc<PluginLimits>,
+    /// The devices of the last good `devices()` answer: what partitions are checked
+    /// against.
+    devices: std::sync::Mutex<Option<Vec<Device>>>,
+    /// The last answer that broke the contract, while no good one has come since.
+    violation: std::sync::Mutex<Option<Violation>>,
 }
 
 /// A partition created through the host.
@@ -111,6 +122,7 @@ impl Driver {
         timeout: Duration,
     ) -> Arc<Driver> {
         let plugin = name.to_string();
+        let limits = sandbox.limits.clone();
         Arc::new_cyclic(|weak: &std::sync::Weak<Driver>| {
             let weak = weak.clone();
             let start = move || -> Result<DriverIncarnation, CallError> {
@@ -125,6 +137,8 @@ impl Driver {
                     .call_init(&mut store, &config)
                     .map_err(start_error)?
                     .map_err(|e| CallError::Start(format!("init refused: {e}")))?;
+                contract::info(&info, &sandbox.limits)
+                    .map_err(|v| CallError::Start(format!("init answer refused: {v}")))?;
                 if let Some(driver) = weak.upgrade() {
                     *lock(&driver.info) = Some(info);
                     let ledger = lock(&driver.ledger).clone();
@@ -140,12 +154,45 @@ impl Driver {
                 supervised: Supervised::new(name, policy, timeout, start),
                 info: std::sync::Mutex::new(None),
                 ledger: std::sync::Mutex::new(Vec::new()),
+                limits,
+                devices: std::sync::Mutex::new(None),
+                violation: std::sync::Mutex::new(None),
             }
         })
     }
 
     pub fn status(&self) -> Status {
         self.supervised.status()
+    }
+
+    /// Why the driver's last answer was refused, until a good one comes.
+    pub fn violation(&self) -> Option<Violation> {
+        lock(&self.violation).clone()
+    }
+
+    /// Checks an answer against the contract, and remembers the verdict.
+    fn vet<R>(
+        &self,
+        answer: R,
+        check: impl FnOnce(&R) -> Result<(), Violation>,
+    ) -> Result<R, DriverFailure> {
+        match check(&answer) {
+            Ok(()) => {
+                lock(&self.violation).take();
+                Ok(answer)
+            }
+            Err(violation) => Err(self.refuse(violation)),
+        }
+    }
+
+    /// Records a broken answer (logged once per distinct reason).
+    fn refuse(&self, violation: Violation) -> DriverFailure {
+        let mut last = lock(&self.violation);
+        if last.as_deref() != Some(violation.as_str()) {
+            tracing::warn!(plugin = %self.supervised.plugin(), "driver degraded: answer refused: {violation}");
+        }
+        *last = Some(violation.clone());
+        DriverFailure::Contract(violation)
     }
 
     /// What the driver said of itself at its last start.
@@ -186,11 +233,22 @@ impl Driver {
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
-        self.call(|s, b| b.xpu_plugin_driver().call_devices(s))
+        let devices = self.call(|s, b| b.xpu_plugin_driver().call_devices(s))?;
+        let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
+        *lock(&self.devices) = Some(devices.clone());
+        Ok(devices)
     }
 
+    /// Samples the cards and partitions, checked against the devices of the last
+    /// `devices()` answer (asked for first if there is none).
     pub fn sample(&self) -> Result<Metrics, DriverFailure> {
-        let mut metrics = self.call(|s, b| b.xpu_plugin_driver().call_sample(s))?;
+        let known = lock(&self.devices).clone();
+        let devices = match known {
+            Some(devices) => devices,
+            None => self.devices()?,
+        };
+        let metrics = self.call(|s, b| b.xpu_plugin_driver().call_sample(s))?;
+        let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;
         for instance in &mut metrics.instances {
             instance.partition_id = self.stable_id(&instance.partition_id);
         }
@@ -199,6 +257,16 @@ impl Driver {
 
     pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
         let partition = self.call(|s, b| b.xpu_plugin_driver().call_create_partition(s, spec))?;
+        let known = lock(&self.devices).clone();
+        let checked = contract::created(&spec, &partition, known.as_deref(), &self.limits);
+        if let Err(violation) = checked {
+            // Whatever the driver made is not what was asked for: undo it.
+            let id = partition.id.clone();
+            if let Err(e) = self.call(|s, b| b.xpu_plugin_driver().call_destroy_partition(s, &id)) {
+                tracing::warn!(plugin = %self.supervised.plugin(), partition = %id, "cannot destroy a partition that broke the contract: {e}");
+            }
+            return Err(self.refuse(violation));
+        }
         let mut ledger = lock(&self.ledger);
         // A restarted simulator may hand out an id a caller already holds.
         let mut id = partition.id.clone();
@@ -226,7 +294,8 @@ impl Driver {
     }
 
     pub fn partitions(&self) -> Result<Vec<Partition>, DriverFailure> {
-        let mut partitions = self.call(|s, b| b.xpu_plugin_driver().call_partitions(s))?;
+        let partitions = self.call(|s, b| b.xpu_plugin_driver().call_partitions(s))?;
+        let mut partitions = self.vet(partitions, |p| contract::partitions(p, &self.limits))?;
         for partition in &mut partitions {
             partition.id = self.stable_id(&partition.id);
         }
@@ -234,6 +303,7 @@ impl Driver {
     }
 
     pub fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
-        self.call(|s, b| b.xpu_plugin_driver().call_labels(s))
+        let labels = self.call(|s, b| b.xpu_plugin_driver().call_labels(s))?;
+        self.vet(labels, |l| contract::labels(l, &self.limits))
     }
 }

@@ -211,21 +211,16 @@ impl Manifest {
         })
     }
 
-    /// Reads and parses `path`, refusing oversized files.
+    /// Reads and parses `path`, a regular file (not a link) of bounded size.
     pub fn read(path: &Path) -> Result<Manifest, ManifestError> {
         let file = path.display().to_string();
         let fail = |message: String| ManifestError {
             file: file.clone(),
             message,
         };
-        let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
-        if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(fail(format!(
-                "{} bytes; a manifest is at most {MAX_MANIFEST_BYTES}",
-                meta.len()
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let bytes = super::files::read_regular_file(path, MAX_MANIFEST_BYTES)
+            .map_err(|e| fail(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".into()))?;
         Manifest::parse(&text, &file)
     }
 }

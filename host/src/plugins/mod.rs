@@ -7,7 +7,9 @@
 //! backoff and marks it unhealthy past its restart budget.
 
 pub mod algorithm;
+pub mod contract;
 pub mod driver;
+pub mod files;
 pub mod inspect;
 pub mod manifest;
 pub mod registry;

@@ -16,12 +16,15 @@ use sha2::{Digest, Sha256};
 
 use super::algorithm::AlgorithmPlugin;
 use super::driver::Driver;
+use super::files::read_regular_file;
 use super::inspect::{inspect, Inspection};
+use super::manifest::MAX_MANIFEST_BYTES;
 use super::supervisor::{RestartPolicy, Status};
 use super::{Kind, Manifest};
 use crate::runtime::bindings::algorithm::AlgorithmPluginPre;
 use crate::runtime::bindings::driver::DriverPluginPre;
 use crate::runtime::cache::LoadedFrom;
+use crate::runtime::log::LogBudget;
 use crate::runtime::{Runtime, Sandbox};
 
 /// Largest plugin accepted: far above any real plugin, far below hurting the host.
@@ -45,9 +48,10 @@ struct Fingerprint {
     wasm: (u64, Option<SystemTime>),
 }
 
+/// From the files' own metadata: links are not followed (and are refused at load).
 fn fingerprint(manifest: &Path, wasm: &Path) -> Option<Fingerprint> {
     let stat = |p: &Path| {
-        std::fs::metadata(p)
+        std::fs::symlink_metadata(p)
             .ok()
             .map(|m| (m.len(), m.modified().ok()))
     };
@@ -59,7 +63,7 @@ fn fingerprint(manifest: &Path, wasm: &Path) -> Option<Fingerprint> {
 
 pub enum Handle {
     Driver(Arc<Driver>),
-    Algorithm(AlgorithmPlugin),
+    Algorithm(Box<AlgorithmPlugin>),
 }
 
 /// A verified, compiled plugin.
@@ -72,6 +76,8 @@ pub struct Plugin {
     /// Grants actually mounted (those present on this host).
     pub mounted: Vec<String>,
     pub handle: Handle,
+    /// The plugin's log rate (lines dropped past it).
+    pub log: Arc<LogBudget>,
 }
 
 impl Plugin {
@@ -84,7 +90,7 @@ impl Plugin {
 
     pub fn algorithm(&self) -> Option<&AlgorithmPlugin> {
         match &self.handle {
-            Handle::Algorithm(a) => Some(a),
+            Handle::Algorithm(a) => Some(a.as_ref()),
             Handle::Driver(_) => None,
         }
     }
@@ -127,6 +133,10 @@ pub struct PluginView {
     pub exports: Vec<String>,
     /// The supervisor's state (drivers).
     pub instance: Option<Status>,
+    /// Log lines dropped past `[plugin-limits] log-lines-per-s`.
+    pub log_lines_dropped: u64,
+    /// Why the driver's last answer was refused (degraded), until a good one comes.
+    pub answer_refused: Option<String>,
     /// Why the current files were refused (an older version may still be loaded).
     pub refused: Option<String>,
     pub refused_at_ms: Option<u64>,
@@ -210,6 +220,8 @@ impl Registry {
                     grants: p.map(|p| p.mounted.clone()).unwrap_or_default(),
                     exports: p.map(|p| p.inspection.exports.clone()).unwrap_or_default(),
                     instance: p.and_then(|p| p.status()),
+                    log_lines_dropped: p.map_or(0, |p| p.log.dropped()),
+                    answer_refused: p.and_then(|p| p.driver()).and_then(|d| d.violation()),
                     refused: entry.refused.as_ref().map(|r| r.reason.clone()),
                     refused_at_ms: entry.refused.as_ref().map(|r| unix_ms(r.at)),
                 }
@@ -231,13 +243,15 @@ impl Registry {
             let manifest_path = self.options.plugin_dir.join(format!("{name}.toml"));
             let wasm_path = self.options.plugin_dir.join(format!("{name}.wasm"));
             let seen = fingerprint(&manifest_path, &wasm_path);
-            let content = content_id(&manifest_path, &wasm_path);
+            let mut content = None;
             {
                 let mut entries = self.write();
                 if let Some(entry) = entries.get_mut(name) {
                     if entry.seen.is_some() && entry.seen == seen {
                         continue;
                     }
+                    // Hashed only when the files changed, and only if they load.
+                    content = content_id(&manifest_path, &wasm_path);
                     if entry.loaded.is_some() && content.is_some() && entry.content == content {
                         // Touched, not changed: keep the running instance.
                         entry.seen = seen;
@@ -263,7 +277,7 @@ impl Registry {
                         "{}", if replaced { "plugin replaced" } else { "plugin loaded" }
                     );
                     entry.loaded = Some(Arc::new(plugin));
-                    entry.content = content;
+                    entry.content = content.or_else(|| content_id(&manifest_path, &wasm_path));
                     entry.refused = None;
                     if replaced {
                         report.replaced.push(name.clone());
@@ -333,7 +347,7 @@ impl Registry {
                 manifest.name
             );
         }
-        let wasm = read_wasm(wasm_path)?;
+        let wasm = read_regular_file(wasm_path, MAX_WASM_BYTES)?;
         let actual = hex::encode(Sha256::digest(&wasm));
         if actual != manifest.sha256 {
             bail!(
@@ -375,6 +389,15 @@ impl Registry {
             None => None,
             Some(rel) => {
                 let dir = dir.join(rel);
+                // A real directory in the plugin's directory, not a link out of it.
+                let meta = std::fs::symlink_metadata(&dir)
+                    .with_context(|| format!("assets directory {}", dir.display()))?;
+                if !meta.is_dir() {
+                    bail!(
+                        "assets {}: not a directory (links are not followed)",
+                        dir.display()
+                    );
+                }
                 let dir = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())
                     .with_context(|| format!("assets directory {}", dir.display()))?;
                 Some(Arc::new(dir))
@@ -387,12 +410,24 @@ impl Registry {
                 manifest.memory_mib
             );
         }
+        let limits = &self.runtime.options.limits;
+        if manifest.call_timeout_ms > limits.max_call_timeout_ms {
+            bail!(
+                "limits.call-timeout-ms {} is above this host's ceiling of {} \
+                 ([plugin-limits] max-call-timeout-ms)",
+                manifest.call_timeout_ms,
+                limits.max_call_timeout_ms
+            );
+        }
+        let log = Arc::new(LogBudget::new(limits.log_lines_per_s));
         let sandbox = Sandbox {
             plugin: Arc::from(name),
             preopens,
             memory_limit_bytes: (manifest.memory_mib as usize) << 20,
             assets,
             inference: self.runtime.inference().clone(),
+            limits: Arc::new(limits.clone()),
+            log: log.clone(),
         };
         let pre = self
             .runtime
@@ -422,14 +457,14 @@ impl Registry {
                 driver.start().context("start")?;
                 Handle::Driver(driver)
             }
-            Kind::Algorithm => Handle::Algorithm(AlgorithmPlugin::new(
+            Kind::Algorithm => Handle::Algorithm(Box::new(AlgorithmPlugin::new(
                 name,
                 engine,
                 sandbox,
                 AlgorithmPluginPre::new(pre)?,
                 policy,
                 timeout,
-            )),
+            ))),
         };
         Ok(Plugin {
             manifest,
@@ -439,6 +474,7 @@ impl Registry {
             loaded_at: SystemTime::now(),
             mounted,
             handle,
+            log,
         })
     }
 
@@ -470,24 +506,13 @@ impl Registry {
     }
 }
 
-/// Hash of both files' contents: tells a real change from a touch.
+/// Hash of both files' contents: tells a real change from a touch. `None` for
+/// files that would not load anyway (links, oversized).
 fn content_id(manifest: &Path, wasm: &Path) -> Option<String> {
     let mut hasher = Sha256::new();
-    hasher.update(std::fs::read(manifest).ok()?);
-    hasher.update(std::fs::read(wasm).ok()?);
+    hasher.update(read_regular_file(manifest, MAX_MANIFEST_BYTES).ok()?);
+    hasher.update(read_regular_file(wasm, MAX_WASM_BYTES).ok()?);
     Some(hex::encode(hasher.finalize()))
-}
-
-fn read_wasm(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-    if meta.len() > MAX_WASM_BYTES {
-        bail!(
-            "{} is {} bytes; the limit is {MAX_WASM_BYTES}",
-            path.display(),
-            meta.len()
-        );
-    }
-    std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

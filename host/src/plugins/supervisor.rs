@@ -219,6 +219,10 @@ impl<I: Incarnation> Supervised<I> {
         }
     }
 
+    pub fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
     pub fn status(&self) -> Status {
         let mut status = lock(&self.status).clone();
         if let (Health::Restarting { .. }, Some(at)) = (&status.health, status.retry_at) {
@@ -335,14 +339,52 @@ fn classify(
         return CallError::Timeout(timeout);
     }
     let stderr = store.data().stderr_tail();
-    let message = format!("{error:#}");
-    // The first line says what trapped; the wasm backtrace after it is for debuggers.
-    let first = message.lines().next().unwrap_or("").to_string();
+    let reason = trap_reason(&error);
     if stderr.is_empty() {
-        CallError::Trap(first)
+        CallError::Trap(reason)
     } else {
-        CallError::Trap(format!("{first} (stderr: {stderr})"))
+        CallError::Trap(format!("{reason} (stderr: {stderr})"))
     }
+}
+
+/// Longest trap reason kept (a deep wasm backtrace can run to many kilobytes).
+const MAX_REASON: usize = 4096;
+
+/// What trapped, and where: wasmtime's message is "error while executing at wasm
+/// backtrace: <frames>" with the cause (the trap code, or a host error) in the
+/// error's chain. Both are kept, on one line, the cause first.
+fn trap_reason(error: &wasmtime::Error) -> String {
+    let cause = error
+        .downcast_ref::<wasmtime::Trap>()
+        .map(|trap| trap.to_string())
+        .or_else(|| error.chain().last().map(|e| e.to_string()))
+        .unwrap_or_default();
+    let context: Vec<String> = error
+        .chain()
+        .map(|e| e.to_string())
+        .filter(|e| *e != cause)
+        .collect();
+    let mut reason = cause;
+    if !context.is_empty() {
+        reason.push_str(" (");
+        reason.push_str(
+            &context
+                .join(": ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        reason.push(')');
+    }
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str(" [truncated]");
+    }
+    reason
 }
 
 pub(crate) use crate::sync::lock;

@@ -22,7 +22,9 @@ pub const RESCAN_EVERY: Duration = Duration::from_secs(30);
 pub async fn watch(registry: Arc<Registry>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only changes: a scan's own reads raise open/close-nowrite (access) events,
+        // which would otherwise trigger the next scan, forever.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })?;

@@ -20,10 +20,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::cache::{CompileCache, LoadReport, LoadedFrom};
 use super::inference::{Inference, InferenceOptions};
-use super::PluginState;
-
-/// Freed pool slots whose pages are returned to the kernel together.
-const DECOMMIT_BATCH: usize = 32;
+use super::{PluginLimits, PluginState};
 
 /// Epoch granularity: deadlines are rounded up to this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -37,6 +34,8 @@ pub struct RuntimeOptions {
     /// Ceiling on any one plugin's linear memory, whatever its manifest asks.
     pub max_memory_bytes: usize,
     pub inference: InferenceOptions,
+    /// What a plugin may make the host do on its behalf.
+    pub limits: PluginLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -70,9 +69,10 @@ fn engine_config(options: &RuntimeOptions, pooling: bool) -> Config {
             .total_tables(n.saturating_mul(4))
             .total_stacks(n)
             .max_memory_size(options.max_memory_bytes)
-            // Returning a slot's dirty pages costs a madvise and a TLB shootdown;
-            // batching them pays that once per batch instead of once per instance.
-            .decommit_batch_size(DECOMMIT_BATCH);
+            // A freed slot's pages go back to the kernel at once. Batching would save
+            // a madvise per instance, but a plugin that crashed at a 1 GiB cap would
+            // then leave its gigabyte resident until 31 more slots were freed.
+            .decommit_batch_size(1);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     config

@@ -1,27 +1,35 @@
 //! `xpu:plugin/inference`: models run natively in ONNX Runtime, never in the guest.
 //!
 //! The runtime library is loaded once per process from the configured path
-//! (`[inference] onnxruntime`, else `XPUD_ONNXRUNTIME`). Each model session tries the
-//! configured execution providers in order (CUDA, then CPU by default), each told to
-//! fail rather than fall back silently, and logs which one runs it. Without a usable
-//! library, `load` answers `unavailable` and the host says so once, at start.
+//! (`[inference] onnxruntime`, else `XPUD_ONNXRUNTIME`), with one thread pool for
+//! every session (sized to the machine, not multiplied by the models loaded). Each
+//! model session tries the configured execution providers in order (CUDA, then CPU
+//! by default), each told to fail rather than fall back silently, and logs which
+//! one runs it. Without a usable library, `load` answers `unavailable` and the host
+//! says so once, at start.
 //!
 //! Model files come from the plugin's package directory through a cap-std `Dir`:
-//! a path cannot climb out of it.
+//! a path cannot climb out of it. Sessions are shared and bounded (`models`): what a
+//! plugin can make the host spend is limited by `[plugin-limits]`, not only by its
+//! own memory cap.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
+use sha2::{Digest, Sha256};
 use wasmtime::component::Resource;
 
-use super::bindings::wit_inference::{Host, HostModel, InferenceError, Preprocess, Tensor};
+use super::bindings::wit_inference::{Host, HostModel, InferenceError, Layout, Preprocess, Tensor};
 use super::frames::Frame;
+use super::models::{Build, ModelCache, SharedModel, Watchdog};
 use super::preprocess::input_tensor;
 use super::PluginState;
 
-/// Largest model file read into memory.
-const MAX_MODEL_BYTES: u64 = 2 << 30;
+/// Pixels a model input of dynamic size may always have, whatever the frame: a crop
+/// may be scaled up, but not to more than this or the frame's own size.
+const MIN_DYNAMIC_PIXELS: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,6 +59,7 @@ pub struct InferenceOptions {
 pub struct Inference {
     backend: Result<ort::environment::Environment, String>,
     providers: Vec<Provider>,
+    models: Arc<ModelCache>,
 }
 
 /// ONNX Runtime can be loaded once per process: the first configuration wins.
@@ -76,8 +85,11 @@ impl Inference {
                     Some(path) => ort::init_from(path)
                         .map_err(|e| format!("cannot load {}: {e}", path.display()))
                         .and_then(|builder| {
+                            let pool = global_thread_pool()
+                                .map_err(|e| format!("cannot size ONNX Runtime's thread pool: {e}"))?;
                             builder
                                 .with_name("xpud")
+                                .with_global_thread_pool(pool)
                                 .build()
                                 .map_err(|e| format!("cannot start ONNX Runtime: {e}"))
                         }),
@@ -95,6 +107,7 @@ impl Inference {
                 Arc::new(Inference {
                     backend,
                     providers: options.providers.clone(),
+                    models: Arc::default(),
                 })
             })
             .clone()
@@ -104,55 +117,118 @@ impl Inference {
         self.backend.is_ok()
     }
 
-    /// A session for `bytes` on the first provider that accepts it.
-    fn session(&self, bytes: &[u8]) -> Result<(Session, Provider), InferenceError> {
+    /// Model sessions alive in the process.
+    pub fn sessions(&self) -> usize {
+        self.models.sessions()
+    }
+
+    /// The shared session of the model in `bytes`: built (off the caller's thread)
+    /// unless some instance loaded the same model already. Waits until `wait_until`.
+    fn model(
+        &self,
+        bytes: Vec<u8>,
+        wait_until: Instant,
+        build_timeout: Duration,
+    ) -> Result<Arc<SharedModel>, InferenceError> {
         let env = self
             .backend
             .as_ref()
-            .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
-        let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
-        let mut refusals = Vec::new();
-        for &provider in &self.providers {
-            let builder = Session::builder(env).map_err(runtime)?;
-            let builder = match provider {
-                Provider::Cpu => Ok(builder),
-                Provider::Cuda => builder
-                    .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                    .map_err(|e| e.to_string()),
-            };
-            let mut builder = match builder {
-                Ok(builder) => builder,
-                Err(reason) => {
-                    refusals.push(format!("{}: {reason}", provider.name()));
-                    continue;
-                }
-            };
-            match builder.commit_from_memory(bytes) {
-                Ok(session) => {
-                    if !refusals.is_empty() {
-                        tracing::info!(provider = provider.name(), skipped = ?refusals, "inference provider fallback");
+            .map_err(|reason| InferenceError::Unavailable(reason.clone()))?
+            .clone();
+        let key = hex::encode(Sha256::digest(&bytes));
+        let providers = self.providers.clone();
+        let build = move || -> Build {
+            Box::new(move || {
+                let (session, provider) = session(&env, &providers, &bytes)?;
+                let input = session
+                    .inputs()
+                    .first()
+                    .ok_or_else(|| InferenceError::InvalidModel("the model has no input".into()))?;
+                let input_shape = match input.dtype() {
+                    ort::value::ValueType::Tensor { shape, .. } => shape.to_vec(),
+                    other => {
+                        return Err(InferenceError::InvalidModel(format!(
+                            "input {}: {other:?}, not a tensor",
+                            input.name()
+                        )))
                     }
-                    return Ok((session, provider));
-                }
-                Err(e) => return Err(InferenceError::InvalidModel(e.to_string())),
-            }
-        }
-        Err(InferenceError::Unavailable(format!(
-            "no execution provider accepted the model: {}",
-            refusals.join("; ")
-        )))
+                };
+                Ok(SharedModel {
+                    provider,
+                    input: input.name().to_string(),
+                    input_shape,
+                    session: std::sync::Mutex::new(session),
+                })
+            })
+        };
+        self.models
+            .get_or_build(&key, build, wait_until, build_timeout)
     }
 }
 
-/// A loaded model, owned by the plugin instance that loaded it.
+/// One pool of intra-op threads for every session, as many as the machine has
+/// cores: without it each session starts a pool of its own.
+fn global_thread_pool() -> ort::Result<ort::environment::GlobalThreadPoolOptions> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ort::environment::GlobalThreadPoolOptions::default()
+        .with_intra_threads(cores)?
+        .with_inter_threads(1)?
+        .with_spin_control(false)
+}
+
+/// A session for `bytes` on the first provider that accepts it.
+fn session(
+    env: &ort::environment::Environment,
+    providers: &[Provider],
+    bytes: &[u8],
+) -> Result<(Session, Provider), InferenceError> {
+    let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
+    let mut refusals = Vec::new();
+    for &provider in providers {
+        let builder = Session::builder(env).map_err(runtime)?;
+        let builder = match provider {
+            Provider::Cpu => Ok(builder),
+            Provider::Cuda => builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| e.to_string()),
+        };
+        let mut builder = match builder {
+            Ok(builder) => builder,
+            Err(reason) => {
+                refusals.push(format!("{}: {reason}", provider.name()));
+                continue;
+            }
+        };
+        match builder.commit_from_memory(bytes) {
+            Ok(session) => {
+                if !refusals.is_empty() {
+                    tracing::info!(provider = provider.name(), skipped = ?refusals, "inference provider fallback");
+                }
+                return Ok((session, provider));
+            }
+            Err(e) => return Err(InferenceError::InvalidModel(e.to_string())),
+        }
+    }
+    Err(InferenceError::Unavailable(format!(
+        "no execution provider accepted the model: {}",
+        refusals.join("; ")
+    )))
+}
+
+/// A model as one plugin instance holds it: its path there, and the shared session.
 pub struct Model {
     path: String,
-    provider: Provider,
-    input: String,
-    session: Session,
+    shared: Arc<SharedModel>,
 }
 
 impl Host for PluginState {}
+
+impl PluginState {
+    /// When the current call must end (its deadline, or now if none is armed).
+    fn deadline(&self) -> Instant {
+        self.call_deadline.unwrap_or_else(Instant::now)
+    }
+}
 
 impl HostModel for PluginState {
     fn load(&mut self, path: String) -> wasmtime::Result<Result<Resource<Model>, InferenceError>> {
@@ -161,40 +237,44 @@ impl HostModel for PluginState {
                 "{path}: the plugin has no package directory"
             ))));
         };
+        let max_models = self.limits.max_models_per_instance;
+        if self.models_loaded >= max_models {
+            return Ok(Err(InferenceError::Runtime(format!(
+                "{path}: this instance holds {max_models} models already, the limit \
+                 ([plugin-limits] max-models-per-instance); drop one first"
+            ))));
+        }
+        let max_bytes = self.limits.max_model_bytes;
         let bytes = match assets.metadata(&path) {
-            Ok(meta) if meta.len() > MAX_MODEL_BYTES => {
+            Ok(meta) if !meta.is_file() => {
+                return Ok(Err(InferenceError::ModelNotFound(format!(
+                    "{path}: not a regular file"
+                ))))
+            }
+            Ok(meta) if meta.len() > max_bytes => {
                 return Ok(Err(InferenceError::InvalidModel(format!(
-                    "{path}: {} bytes, above the {MAX_MODEL_BYTES} limit",
+                    "{path}: {} bytes, above the {max_bytes} limit ([plugin-limits] max-model-bytes)",
                     meta.len()
                 ))))
             }
-            Ok(_) => match assets.read(&path) {
+            Ok(_) => match read_bounded(&assets, &path, max_bytes) {
                 Ok(bytes) => bytes,
-                Err(e) => return Ok(Err(InferenceError::ModelNotFound(format!("{path}: {e}")))),
+                Err(e) => return Ok(Err(e)),
             },
             Err(e) => return Ok(Err(InferenceError::ModelNotFound(format!("{path}: {e}")))),
         };
-        let (session, provider) = match self.inference.session(&bytes) {
-            Ok(found) => found,
-            Err(e) => return Ok(Err(e)),
+        let build_timeout = Duration::from_millis(self.limits.model_load_timeout_ms);
+        let shared = match self.inference.model(bytes, self.deadline(), build_timeout) {
+            Ok(shared) => shared,
+            Err(e) => return Ok(Err(prefixed(&path, e))),
         };
-        let Some(input) = session.inputs().first().map(|i| i.name().to_string()) else {
-            return Ok(Err(InferenceError::InvalidModel(format!(
-                "{path}: the model has no input"
-            ))));
-        };
-        tracing::info!(plugin = &*self.plugin, model = %path, provider = provider.name(), "model loaded");
-        let model = Model {
-            path,
-            provider,
-            input,
-            session,
-        };
-        Ok(Ok(self.table().push(model)?))
+        tracing::info!(plugin = &*self.plugin, model = %path, provider = shared.provider.name(), "model loaded");
+        self.models_loaded += 1;
+        Ok(Ok(self.table().push(Model { path, shared })?))
     }
 
     fn provider(&mut self, model: Resource<Model>) -> wasmtime::Result<String> {
-        Ok(self.table().get(&model)?.provider.name().to_string())
+        Ok(self.table().get(&model)?.shared.provider.name().to_string())
     }
 
     fn run(
@@ -205,32 +285,124 @@ impl HostModel for PluginState {
     ) -> wasmtime::Result<Result<Vec<Tensor>, InferenceError>> {
         let frame = self.table().get(&input)?.clone();
         let budget = self.limiter.limit();
-        let model = self.table().get_mut(&model)?;
-        Ok(run(model, &frame, &pre, budget))
+        let deadline = self.deadline();
+        let model = self.table().get(&model)?;
+        Ok(run(model, &frame, &pre, budget, deadline))
     }
 
     fn drop(&mut self, model: Resource<Model>) -> wasmtime::Result<()> {
         self.table().delete(model)?;
+        self.models_loaded = self.models_loaded.saturating_sub(1);
         Ok(())
     }
 }
 
-/// Runs a model on a frame. `budget` bounds the bytes handed back to the guest,
-/// which must fit them in its own memory.
+/// Reads a model file, refusing it if it grew past `max` since it was measured.
+fn read_bounded(
+    assets: &cap_std::fs::Dir,
+    path: &str,
+    max: u64,
+) -> Result<Vec<u8>, InferenceError> {
+    use std::io::Read;
+    let not_found = |e: std::io::Error| InferenceError::ModelNotFound(format!("{path}: {e}"));
+    let file = assets.open(path).map_err(not_found)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(not_found)?;
+    if bytes.len() as u64 > max {
+        return Err(InferenceError::InvalidModel(format!(
+            "{path}: above the {max} bytes limit ([plugin-limits] max-model-bytes)"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Names the model file in an error that came from its session.
+fn prefixed(path: &str, error: InferenceError) -> InferenceError {
+    match error {
+        InferenceError::InvalidModel(m) => InferenceError::InvalidModel(format!("{path}: {m}")),
+        InferenceError::Runtime(m) => InferenceError::Runtime(format!("{path}: {m}")),
+        other => other,
+    }
+}
+
+/// The input size `pre` asks for, checked against what the model declares and the
+/// frame: a static input must be asked for at its size; a dynamic one no larger
+/// than the frame (or `MIN_DYNAMIC_PIXELS`). Host memory for the tensor is bounded
+/// by the frame, not by what a plugin asks.
+fn check_input_size(
+    declared: &[i64],
+    pre: &Preprocess,
+    frame: &Frame,
+) -> Result<(), InferenceError> {
+    let (h, w) = match (pre.layout, declared) {
+        (Layout::Nchw, [_, _, h, w]) | (Layout::Nhwc, [_, h, w, _]) => (*h, *w),
+        _ => (-1, -1),
+    };
+    for (side, asked, name) in [(w, pre.width, "width"), (h, pre.height, "height")] {
+        if side > 0 && i64::from(asked) != side {
+            return Err(InferenceError::InvalidInput(format!(
+                "preprocess {name} {asked}: the model's input is {side}"
+            )));
+        }
+    }
+    let asked = u64::from(pre.width) * u64::from(pre.height);
+    let frame_pixels = u64::from(frame.width()) * u64::from(frame.height());
+    let allowed = frame_pixels.max(MIN_DYNAMIC_PIXELS);
+    if (w <= 0 || h <= 0) && asked > allowed {
+        return Err(InferenceError::InvalidInput(format!(
+            "preprocess size {}x{}: more pixels than the {}x{} frame (or {MIN_DYNAMIC_PIXELS})",
+            pre.width,
+            pre.height,
+            frame.width(),
+            frame.height()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a model on a frame, stopped at `deadline`. `budget` bounds the bytes handed
+/// back to the guest, which must fit them in its own memory.
 fn run(
-    model: &mut Model,
+    model: &Model,
     frame: &Frame,
     pre: &Preprocess,
     budget: usize,
+    deadline: Instant,
 ) -> Result<Vec<Tensor>, InferenceError> {
+    let shared = &model.shared;
+    check_input_size(&shared.input_shape, pre, frame)?;
     let input = input_tensor(frame, pre).map_err(InferenceError::InvalidInput)?;
     let runtime = |e: ort::Error| InferenceError::Runtime(format!("{}: {e}", model.path));
     let tensor = ort::value::TensorRef::from_array_view((input.shape, input.data.as_slice()))
         .map_err(runtime)?;
-    let outputs = model
-        .session
-        .run(ort::inputs![model.input.as_str() => tensor])
-        .map_err(runtime)?;
+    let options = Arc::new(RunOptions::new().map_err(runtime)?);
+    if Instant::now() >= deadline {
+        return Err(InferenceError::Runtime(format!(
+            "{}: the call's deadline passed before the run could start",
+            model.path
+        )));
+    }
+    // Another instance's run of the same session ends at its own deadline at most.
+    let mut session = crate::sync::lock(&shared.session);
+    // Stopped a tenth before the call's deadline, so that the plugin gets the error
+    // back with time to spare, instead of trapping at its epoch deadline.
+    let now = Instant::now();
+    let stop_at = now + deadline.saturating_duration_since(now).mul_f32(0.9);
+    let _armed = Watchdog::arm(stop_at, options.clone());
+    let outputs = session
+        .run_with_options(ort::inputs![shared.input.as_str() => tensor], &*options)
+        .map_err(|e| {
+            if Instant::now() >= stop_at {
+                InferenceError::Runtime(format!(
+                    "{}: stopped at the call's deadline ({e})",
+                    model.path
+                ))
+            } else {
+                runtime(e)
+            }
+        })?;
     let mut tensors = Vec::new();
     let mut bytes = 0usize;
     for (name, value) in outputs.iter() {
@@ -264,11 +436,13 @@ mod tests {
         let inference = Inference {
             backend: Err("no ONNX Runtime library configured".into()),
             providers: vec![Provider::Cuda, Provider::Cpu],
+            models: Arc::default(),
         };
         assert!(!inference.available());
-        match inference.session(b"whatever") {
+        let soon = Instant::now() + Duration::from_secs(1);
+        match inference.model(b"whatever".to_vec(), soon, Duration::from_secs(1)) {
             Err(InferenceError::Unavailable(reason)) => assert!(reason.contains("no ONNX Runtime")),
-            other => panic!("{:?}", other.map(|(_, p)| p)),
+            other => panic!("{:?}", other.map(|m| m.provider)),
         }
     }
 }

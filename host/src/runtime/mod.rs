@@ -12,12 +12,15 @@ pub mod clocks;
 pub mod engine;
 pub mod frames;
 pub mod inference;
+pub mod limits;
 pub mod log;
+pub mod models;
 pub mod preprocess;
 pub mod sandbox;
 pub mod stderr;
 
 pub use engine::{Runtime, RuntimeOptions};
+pub use limits::PluginLimits;
 pub use sandbox::{PluginState, Sandbox};
 
 /// The WIT API versions this host implements (`xpu:plugin@X`): a plugin built against

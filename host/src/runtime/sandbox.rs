@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use super::clocks::SandboxClock;
 use super::inference::Inference;
+use super::limits::PluginLimits;
+use super::log::LogBudget;
 use super::stderr::StderrTail;
 use super::Runtime;
 use anyhow::Context;
@@ -23,6 +25,14 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 /// How much of a plugin's stderr is kept (a panic message fits easily).
 const STDERR_CAPACITY: usize = 16 * 1024;
 
+/// Bytes the host may allocate for the arguments and results one guest call hands
+/// it (wasmtime's "hostcall fuel"). Strings and lists are copied out of guest
+/// memory, and a hostile guest can point 100,000 list entries at the same megabyte:
+/// its memory cap does not bound the copies, this does. Set here, not left to
+/// wasmtime's default (128 MiB), so that an upgrade cannot loosen it; the largest
+/// legitimate transfer (a driver's whole answer) is far below it.
+const HOSTCALL_FUEL: usize = 16 << 20;
+
 /// Everything needed to build a store for one plugin, computed once at load.
 #[derive(Clone, Debug)]
 pub struct Sandbox {
@@ -33,6 +43,9 @@ pub struct Sandbox {
     /// The plugin's package directory, where `inference` finds model files.
     pub assets: Option<Arc<cap_std::fs::Dir>>,
     pub inference: Arc<Inference>,
+    pub limits: Arc<PluginLimits>,
+    /// The plugin's log rate, shared by all its instances.
+    pub log: Arc<LogBudget>,
 }
 
 /// The data of a plugin's `Store`.
@@ -44,6 +57,10 @@ pub struct PluginState {
     stderr: StderrTail,
     pub(crate) assets: Option<Arc<cap_std::fs::Dir>>,
     pub(crate) inference: Arc<Inference>,
+    pub(crate) limits: Arc<PluginLimits>,
+    pub(crate) log: Arc<LogBudget>,
+    /// Models this instance holds loaded (bounded by the limits).
+    pub(crate) models_loaded: u32,
     pub(crate) clock: SandboxClock,
     /// When the call in progress must end; sleeps are capped at it.
     pub(crate) call_deadline: Option<Instant>,
@@ -149,11 +166,15 @@ impl Sandbox {
             stderr,
             assets: self.assets.clone(),
             inference: self.inference.clone(),
+            limits: self.limits.clone(),
+            log: self.log.clone(),
+            models_loaded: 0,
             clock,
             call_deadline: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
+        store.set_hostcall_fuel(HOSTCALL_FUEL);
         Ok(store)
     }
 }

@@ -14,7 +14,15 @@
 //!   variables and arguments, and the result of a TCP connect to config `path`
 //!   (an address), as its device type;
 //! - `sleep`: sleeps for an hour inside a host call (WASI poll), where epoch
-//!   deadlines do not reach.
+//!   deadlines do not reach;
+//! - `nan`: a sample whose utilisation is NaN and whose memory used is above total;
+//! - `many`: 200,000 devices;
+//! - `huge`: a device whose accelerator type is a 20 MB string;
+//! - `duplicate`: two devices with the same index;
+//! - `bogus-partition`: `create-partition` "succeeds" on device 99 with a quota of
+//!   1 TiB, whatever was asked;
+//! - `log-flood`: each `sample` writes 3,000 log lines, the first forging a line of
+//!   the host's with a newline.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -62,9 +70,31 @@ impl Driver for Chaos {
             let text = std::fs::read_to_string(&self.path)
                 .map_err(|e| DriverError::DeviceFailure(format!("read {}: {e}", self.path)))?;
             text.lines().next().unwrap_or("").to_string()
+        } else if self.mode == "huge" {
+            "X".repeat(20 << 20)
         } else {
             "CHAOS_TEST".to_string()
         };
+        let device = |index: u32| Device {
+            id: format!("chaos:{index}"),
+            uuid: None,
+            index,
+            accelerator_type: "CHAOS_TEST".into(),
+            memory_total_mib: Some(1024),
+            decoder_units: None,
+            encoder_units: None,
+            pci_bus_id: None,
+            health: Health::Healthy,
+        };
+        match self.mode.as_str() {
+            "many" => return Ok((0..200_000).map(device).collect()),
+            "duplicate" => {
+                let mut twin = device(0);
+                twin.id = "chaos:twin".into();
+                return Ok(vec![device(0), twin]);
+            }
+            _ => {}
+        }
         Ok(vec![Device {
             id: "chaos:0".into(),
             uuid: None,
@@ -99,6 +129,26 @@ impl Driver for Chaos {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
             }
+            "nan" => Ok(Metrics {
+                cards: vec![CardMetrics {
+                    device_index: 0,
+                    ai_utilization_pct: Some(f32::NAN),
+                    memory_used_mib: Some(u64::MAX),
+                    memory_total_mib: Some(1024),
+                    video_decode_utilization_pct: None,
+                    picture_decode_utilization_pct: None,
+                    temperature_celsius: None,
+                    power_watts: None,
+                }],
+                instances: vec![],
+            }),
+            "log-flood" => {
+                xpud_sdk::error!("forged\n2026-12-01T00:00:00Z ERROR xpud: plugin marked unhealthy plugin=sim-xpu");
+                for i in 1..3000 {
+                    xpud_sdk::info!("flood line {i}");
+                }
+                self.healthy_metrics()
+            }
             "oom" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -106,33 +156,20 @@ impl Driver for Chaos {
                     std::hint::black_box(&hoard);
                 }
             }
-            _ => Ok(Metrics {
-                cards: vec![CardMetrics {
-                    device_index: 0,
-                    ai_utilization_pct: Some(1.0),
-                    memory_used_mib: Some(1),
-                    memory_total_mib: Some(1024),
-                    video_decode_utilization_pct: None,
-                    picture_decode_utilization_pct: None,
-                    temperature_celsius: None,
-                    power_watts: None,
-                }],
-                instances: self
-                    .partitions
-                    .iter()
-                    .map(|p| InstanceMetrics {
-                        partition_id: p.id.clone(),
-                        device_index: 0,
-                        ai_utilization_pct: None,
-                        memory_used_mib: None,
-                        memory_quota_mib: p.spec.memory_quota_mib,
-                    })
-                    .collect(),
-            }),
+            _ => self.healthy_metrics(),
         }
     }
 
     fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
+        let spec = if self.mode == "bogus-partition" {
+            PartitionSpec {
+                device_index: 99,
+                memory_quota_mib: 1 << 20,
+                ..spec
+            }
+        } else {
+            spec
+        };
         let partition = Partition {
             id: format!("c{}", self.next_partition),
             spec,
@@ -153,6 +190,34 @@ impl Driver for Chaos {
 
     fn partitions(&mut self) -> Result<Vec<Partition>, DriverError> {
         Ok(self.partitions.clone())
+    }
+}
+
+impl Chaos {
+    fn healthy_metrics(&self) -> Result<Metrics, DriverError> {
+        Ok(Metrics {
+            cards: vec![CardMetrics {
+                device_index: 0,
+                ai_utilization_pct: Some(1.0),
+                memory_used_mib: Some(1),
+                memory_total_mib: Some(1024),
+                video_decode_utilization_pct: None,
+                picture_decode_utilization_pct: None,
+                temperature_celsius: None,
+                power_watts: None,
+            }],
+            instances: self
+                .partitions
+                .iter()
+                .map(|p| InstanceMetrics {
+                    partition_id: p.id.clone(),
+                    device_index: 0,
+                    ai_utilization_pct: None,
+                    memory_used_mib: None,
+                    memory_quota_mib: p.spec.memory_quota_mib,
+                })
+                .collect(),
+        })
     }
 }
 

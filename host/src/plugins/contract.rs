@@ -1,0 +1,415 @@
+//! A driver's answers, checked against the contract before the host uses them.
+//!
+//! The WIT types say what shape an answer has; this says which values make sense:
+//! bounded counts and string lengths (`[plugin-limits]`), finite figures in their
+//! ranges, unique device indices, memory used within the total, a partition that
+//! is the one asked for on a device that exists. An answer that breaks it is
+//! refused whole: its figures are never mixed with good ones, and the driver is
+//! shown degraded with the reason.
+
+use std::collections::HashSet;
+
+use crate::runtime::bindings::driver_types::{
+    Device, DriverInfo, Label, Metrics, Partition, PartitionSpec,
+};
+use crate::runtime::PluginLimits;
+
+/// No accelerator has more memory than this (16 TiB, in MiB).
+const MAX_MEMORY_MIB: u64 = 16 << 20;
+const CELSIUS: std::ops::RangeInclusive<f32> = -60.0..=250.0;
+const WATTS: std::ops::RangeInclusive<f32> = 0.0..=10_000.0;
+
+pub type Violation = String;
+
+fn text(field: &str, value: &str, limits: &PluginLimits) -> Result<(), Violation> {
+    let max = limits.max_string_bytes as usize;
+    if value.len() > max {
+        return Err(format!(
+            "{field} is {} bytes, above {max} ([plugin-limits] max-string-bytes)",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} contains control characters"));
+    }
+    Ok(())
+}
+
+fn count(field: &str, n: usize, max: u32, key: &str) -> Result<(), Violation> {
+    if n > max as usize {
+        return Err(format!("{n} {field}, above {max} ([plugin-limits] {key})"));
+    }
+    Ok(())
+}
+
+fn percent(field: &str, value: Option<f32>) -> Result<(), Violation> {
+    match value {
+        Some(v) if !(0.0..=100.0).contains(&v) => {
+            Err(format!("{field} is {v}, outside 0-100 percent"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn within(
+    field: &str,
+    value: Option<f32>,
+    range: std::ops::RangeInclusive<f32>,
+) -> Result<(), Violation> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(format!(
+            "{field} is {v}, outside {}-{}",
+            range.start(),
+            range.end()
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn memory(field: &str, value: Option<u64>) -> Result<(), Violation> {
+    match value {
+        Some(v) if v > MAX_MEMORY_MIB => Err(format!(
+            "{field} is {v} MiB, more than any accelerator has ({MAX_MEMORY_MIB})"
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub fn info(info: &DriverInfo, limits: &PluginLimits) -> Result<(), Violation> {
+    text("vendor", &info.vendor, limits)?;
+    text("version", &info.version, limits)?;
+    count(
+        "accelerator types",
+        info.accelerator_types.len(),
+        limits.max_devices,
+        "max-devices",
+    )?;
+    for t in &info.accelerator_types {
+        text("accelerator type", t, limits)?;
+    }
+    Ok(())
+}
+
+pub fn devices(devices: &[Device], limits: &PluginLimits) -> Result<(), Violation> {
+    count("devices", devices.len(), limits.max_devices, "max-devices")?;
+    let mut indices = HashSet::new();
+    let mut ids = HashSet::new();
+    for d in devices {
+        let at = format!("device {}", d.index);
+        if !indices.insert(d.index) {
+            return Err(format!("{at}: index reported twice"));
+        }
+        text(&format!("{at} id"), &d.id, limits)?;
+        if !ids.insert(d.id.as_str()) {
+            return Err(format!("{at}: id {:?} reported twice", d.id));
+        }
+        text(
+            &format!("{at} accelerator-type"),
+            &d.accelerator_type,
+            limits,
+        )?;
+        for (field, value) in [("uuid", &d.uuid), ("pci-bus-id", &d.pci_bus_id)] {
+            if let Some(value) = value {
+                text(&format!("{at} {field}"), value, limits)?;
+            }
+        }
+        memory(&format!("{at} memory-total-mib"), d.memory_total_mib)?;
+    }
+    Ok(())
+}
+
+pub fn metrics(
+    metrics: &Metrics,
+    devices: &[Device],
+    limits: &PluginLimits,
+) -> Result<(), Violation> {
+    count(
+        "cards",
+        metrics.cards.len(),
+        limits.max_devices,
+        "max-devices",
+    )?;
+    count(
+        "instances",
+        metrics.instances.len(),
+        limits.max_partitions,
+        "max-partitions",
+    )?;
+    let mut seen = HashSet::new();
+    for card in &metrics.cards {
+        let at = format!("card {}", card.device_index);
+        if !seen.insert(card.device_index) {
+            return Err(format!("{at}: sampled twice"));
+        }
+        let Some(device) = devices.iter().find(|d| d.index == card.device_index) else {
+            return Err(format!("{at}: no such device"));
+        };
+        percent(&format!("{at} ai-utilization-pct"), card.ai_utilization_pct)?;
+        percent(
+            &format!("{at} video-decode-utilization-pct"),
+            card.video_decode_utilization_pct,
+        )?;
+        percent(
+            &format!("{at} picture-decode-utilization-pct"),
+            card.picture_decode_utilization_pct,
+        )?;
+        within(
+            &format!("{at} temperature-celsius"),
+            card.temperature_celsius,
+            CELSIUS,
+        )?;
+        within(&format!("{at} power-watts"), card.power_watts, WATTS)?;
+        memory(&format!("{at} memory-used-mib"), card.memory_used_mib)?;
+        memory(&format!("{at} memory-total-mib"), card.memory_total_mib)?;
+        let total = card.memory_total_mib.or(device.memory_total_mib);
+        if let (Some(used), Some(total)) = (card.memory_used_mib, total) {
+            if used > total {
+                return Err(format!(
+                    "{at}: memory-used-mib {used} is above its total {total}"
+                ));
+            }
+        }
+    }
+    let mut partitions = HashSet::new();
+    for instance in &metrics.instances {
+        let at = format!("instance {:?}", instance.partition_id);
+        text("instance partition-id", &instance.partition_id, limits)?;
+        if !partitions.insert(instance.partition_id.as_str()) {
+            return Err(format!("{at}: sampled twice"));
+        }
+        if !devices.iter().any(|d| d.index == instance.device_index) {
+            return Err(format!(
+                "{at}: on device {}, which does not exist",
+                instance.device_index
+            ));
+        }
+        percent(
+            &format!("{at} ai-utilization-pct"),
+            instance.ai_utilization_pct,
+        )?;
+        memory(&format!("{at} memory-used-mib"), instance.memory_used_mib)?;
+        memory(
+            &format!("{at} memory-quota-mib"),
+            Some(instance.memory_quota_mib),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn partitions(partitions: &[Partition], limits: &PluginLimits) -> Result<(), Violation> {
+    count(
+        "partitions",
+        partitions.len(),
+        limits.max_partitions,
+        "max-partitions",
+    )?;
+    let mut ids = HashSet::new();
+    for p in partitions {
+        text("partition id", &p.id, limits)?;
+        if !ids.insert(p.id.as_str()) {
+            return Err(format!("partition {:?} reported twice", p.id));
+        }
+    }
+    Ok(())
+}
+
+/// A partition the driver says it made for `asked`: the same spec, on a device it
+/// reported, within that device's memory.
+pub fn created(
+    asked: &PartitionSpec,
+    made: &Partition,
+    devices: Option<&[Device]>,
+    limits: &PluginLimits,
+) -> Result<(), Violation> {
+    text("partition id", &made.id, limits)?;
+    let s = &made.spec;
+    let same = s.device_index == asked.device_index
+        && s.isolation == asked.isolation
+        && s.slicing == asked.slicing
+        && s.memory_quota_mib == asked.memory_quota_mib
+        && s.compute_share_pct == asked.compute_share_pct;
+    if !same {
+        return Err(format!(
+            "partition {:?} does not match the spec asked for (device {}, {} MiB, {} %): \
+             device {}, {} MiB, {} %",
+            made.id,
+            asked.device_index,
+            asked.memory_quota_mib,
+            asked.compute_share_pct,
+            s.device_index,
+            s.memory_quota_mib,
+            s.compute_share_pct
+        ));
+    }
+    if let Some(devices) = devices {
+        let Some(device) = devices.iter().find(|d| d.index == s.device_index) else {
+            return Err(format!(
+                "partition {:?} was made on device {}, which the driver does not report",
+                made.id, s.device_index
+            ));
+        };
+        if let Some(total) = device.memory_total_mib {
+            if s.memory_quota_mib > total {
+                return Err(format!(
+                    "partition {:?} has {} MiB on a device of {total} MiB",
+                    made.id, s.memory_quota_mib
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn labels(labels: &[Label], limits: &PluginLimits) -> Result<(), Violation> {
+    count("labels", labels.len(), limits.max_devices, "max-devices")?;
+    for label in labels {
+        text("label key", &label.key, limits)?;
+        text("label value", &label.value, limits)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::bindings::driver_types::{CardMetrics, Health, InstanceMetrics};
+
+    fn device(index: u32) -> Device {
+        Device {
+            id: format!("d{index}"),
+            uuid: None,
+            index,
+            accelerator_type: "SIM_T4".into(),
+            memory_total_mib: Some(16_384),
+            decoder_units: None,
+            encoder_units: None,
+            pci_bus_id: None,
+            health: Health::Healthy,
+        }
+    }
+
+    fn card(index: u32) -> CardMetrics {
+        CardMetrics {
+            device_index: index,
+            ai_utilization_pct: Some(10.0),
+            memory_used_mib: Some(100),
+            memory_total_mib: Some(16_384),
+            video_decode_utilization_pct: None,
+            picture_decode_utilization_pct: None,
+            temperature_celsius: Some(40.0),
+            power_watts: Some(70.0),
+        }
+    }
+
+    fn sample(cards: Vec<CardMetrics>) -> Metrics {
+        Metrics {
+            cards,
+            instances: vec![],
+        }
+    }
+
+    #[test]
+    fn figures_out_of_range_or_not_numbers_are_violations() {
+        let limits = PluginLimits::default();
+        let devices = [device(0)];
+        assert!(metrics(&sample(vec![card(0)]), &devices, &limits).is_ok());
+        type Spoil = fn(&mut CardMetrics);
+        let cases: Vec<(Spoil, &str)> = vec![
+            (
+                |c| c.ai_utilization_pct = Some(f32::NAN),
+                "ai-utilization-pct is NaN",
+            ),
+            (|c| c.ai_utilization_pct = Some(-1.0), "outside 0-100"),
+            (
+                |c| c.power_watts = Some(f32::INFINITY),
+                "power-watts is inf",
+            ),
+            (|c| c.memory_used_mib = Some(20_000), "above its total"),
+            (
+                |c| c.memory_total_mib = Some(u64::MAX),
+                "more than any accelerator",
+            ),
+            (|c| c.device_index = 7, "no such device"),
+        ];
+        for (spoil, expected) in cases {
+            let mut c = card(0);
+            spoil(&mut c);
+            let err = metrics(&sample(vec![c]), &devices, &limits).unwrap_err();
+            assert!(err.contains(expected), "{err} / {expected}");
+        }
+        let err = metrics(&sample(vec![card(0), card(0)]), &devices, &limits).unwrap_err();
+        assert!(err.contains("sampled twice"), "{err}");
+    }
+
+    #[test]
+    fn counts_strings_and_duplicates_are_bounded() {
+        let limits = PluginLimits::default();
+        let many: Vec<Device> = (0..200_000).map(device).collect();
+        assert!(devices(&many, &limits).unwrap_err().contains("max-devices"));
+        let mut long = device(0);
+        long.accelerator_type = "X".repeat(20 << 20);
+        assert!(devices(&[long], &limits)
+            .unwrap_err()
+            .contains("max-string-bytes"));
+        assert!(devices(&[device(1), device(1)], &limits)
+            .unwrap_err()
+            .contains("index reported twice"));
+        let mut forged = device(0);
+        forged.id = "ok\nERROR forged".into();
+        assert!(devices(&[forged], &limits).unwrap_err().contains("control"));
+        let instance = InstanceMetrics {
+            partition_id: "p".into(),
+            device_index: 3,
+            ai_utilization_pct: None,
+            memory_used_mib: None,
+            memory_quota_mib: 1,
+        };
+        let with_instance = Metrics {
+            cards: vec![],
+            instances: vec![instance],
+        };
+        assert!(metrics(&with_instance, &[device(0)], &limits)
+            .unwrap_err()
+            .contains("does not exist"));
+    }
+
+    #[test]
+    fn a_partition_must_be_the_one_asked_for_on_a_real_device() {
+        use crate::runtime::bindings::driver_types::{Isolation, Slicing};
+        let limits = PluginLimits::default();
+        let asked = PartitionSpec {
+            device_index: 0,
+            isolation: Isolation::Soft,
+            slicing: Slicing::Time,
+            memory_quota_mib: 1024,
+            compute_share_pct: 50,
+        };
+        let made = |spec| Partition {
+            id: "p0".into(),
+            spec,
+        };
+        let devices = [device(0)];
+        assert!(created(&asked, &made(asked), Some(&devices), &limits).is_ok());
+        let other = PartitionSpec {
+            memory_quota_mib: 1 << 30,
+            ..asked
+        };
+        assert!(created(&asked, &made(other), Some(&devices), &limits)
+            .unwrap_err()
+            .contains("does not match"));
+        let missing = PartitionSpec {
+            device_index: 9,
+            ..asked
+        };
+        assert!(created(&missing, &made(missing), Some(&devices), &limits)
+            .unwrap_err()
+            .contains("does not report"));
+        let huge = PartitionSpec {
+            memory_quota_mib: 99_999,
+            ..asked
+        };
+        assert!(created(&huge, &made(huge), Some(&devices), &limits)
+            .unwrap_err()
+            .contains("on a device of"));
+    }
+}
