@@ -89,6 +89,20 @@ fn packages_and_algorithms_install_and_run() {
     );
     assert_eq!(body["data"]["total"], 1);
     assert_eq!(body["data"]["records"][0]["url"], doc_url.as_str());
+    // The standard's own example sends `"md5": ""`: not given, accepted, shown as is.
+    let (status, body) = server.post(
+        "/CAP/AlgoPackages",
+        json!({ "id": "algo-no-md5", "md5": "", "url": doc_url }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let body = wait_status(&server, "/CAP/AlgoPackages/algo-no-md5");
+    assert_eq!(body["data"]["status"], 0, "{body}");
+    let (status, _) = server.call(
+        reqwest::Method::DELETE,
+        "/CAP/AlgoPackages/algo-no-md5",
+        None,
+    );
+    assert_eq!(status, 200);
 
     // The installed plugin runs.
     let plugin = server.app.packages.plugin_of_algorithm("algo-1").unwrap();

@@ -221,6 +221,27 @@ fn bad_cluster_requests_name_the_field_and_change_nothing() {
         "{body}"
     );
 
+    // Names and codes never carry control characters or bidirectional overrides
+    // (NUL, a newline, U+202E), in a body or a query.
+    for name in [r"a\u0000b", r"line\nbreak", r"evil\u202etxt"] {
+        let body = format!("{{\"name\": \"{name}\"}}");
+        let (status, body) = server.post_raw("/CCP/clusters", body.into_bytes());
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("name: control"),
+            "{body}"
+        );
+    }
+    let (status, body) = server.get("/CCP/cluster/nodes?clusterCode=x%00y");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("clusterCode"),
+        "{body}"
+    );
+
     assert_eq!(count(), 0);
 }
 

@@ -270,13 +270,18 @@ impl Platform {
         self.call(mode, "keepalive", &body).await
     }
 
+    /// The wait before the next try. Never longer than the keepalive interval: a
+    /// platform that comes back hears from this machine within `expires / 3`, before
+    /// it would count the machine lost.
     fn backoff(&self, failures: u32) -> Duration {
         let exp = failures.min(20);
+        let keepalive_ms = self.config.expires_s.saturating_mul(1000) / 3;
         let ms = self
             .config
             .backoff_initial_ms
             .saturating_mul(1u64 << exp)
-            .min(self.config.backoff_max_ms);
+            .min(self.config.backoff_max_ms)
+            .min(keepalive_ms);
         Duration::from_millis((ms as f64 * jitter()) as u64)
     }
 
@@ -404,9 +409,20 @@ mod tests {
             "{first:?}"
         );
         let late = platform.backoff(30);
+        // Capped by the keepalive interval (60 s / 3), below backoff-max-ms.
         assert!(
-            late >= Duration::from_millis(15_000) && late < Duration::from_millis(30_000),
+            late >= Duration::from_millis(10_000) && late <= Duration::from_millis(20_000),
             "{late:?}"
         );
+        let short = Platform {
+            config: PlatformConfig {
+                expires_s: 9,
+                ..PlatformConfig::default()
+            },
+            ..platform
+        };
+        for failures in 0..40 {
+            assert!(short.backoff(failures) <= Duration::from_secs(3));
+        }
     }
 }

@@ -6,6 +6,10 @@
 //!   limit is a 413. Unknown fields are ignored.
 //! - [`Params`]: the text describes "request bodies" for several GET endpoints; they
 //!   are accepted as query parameters and, when a body is present, as JSON.
+//! - Names, codes and ids (any field whose name ends in `name`, `code` or `id`, and
+//!   path segments) never carry control characters or bidirectional overrides: they
+//!   end up in logs, file names and other systems' screens. Such a request is a 400
+//!   naming the field.
 
 use std::marker::PhantomData;
 
@@ -25,6 +29,17 @@ pub struct Body<T, F>(pub T, pub PhantomData<F>);
 /// Parses JSON naming the failing field. The path is tracked only when parsing
 /// fails (a second, slower pass): good requests pay plain serde_json.
 pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>> {
+    if may_hide_control(bytes) {
+        if let Some(field) = serde_json::from_slice(bytes)
+            .ok()
+            .and_then(|v| control_in_names(&v, "", false))
+        {
+            return Err(Failure::bad_request(format!(
+                "{field}: control characters and bidirectional overrides are not allowed \
+                 in names, codes and ids"
+            )));
+        }
+    }
     if let Ok(value) = serde_json::from_slice(bytes) {
         return Ok(value);
     }
@@ -41,6 +56,92 @@ pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>>
         };
         Failure::bad_request(message)
     })
+}
+
+/// Whether a name-like key says its value is a name, a code or an id.
+fn names_something(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.ends_with("name") || key.ends_with("code") || key.ends_with("id")
+}
+
+/// A control character or a bidirectional override (which reorders what a reader
+/// sees).
+pub fn is_hidden_control(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Cheap test on the raw body: JSON carries control characters only escaped
+/// (`\n`, `\u0000`), bidirectional overrides escaped or as their UTF-8 bytes. Most
+/// bodies have neither and skip the walk.
+fn may_hide_control(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .any(|w| w[0] == b'\\' && matches!(w[1], b'b' | b'f' | b'n' | b'r' | b't' | b'u'))
+        || bytes.windows(3).any(|w| {
+            w[0] == 0xe2 && matches!((w[1], w[2]), (0x80, 0xaa..=0xae) | (0x81, 0xa6..=0xa9))
+        })
+}
+
+/// The path of the first name, code or id holding a hidden control character.
+fn control_in_names(value: &serde_json::Value, path: &str, named: bool) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if named && s.chars().any(is_hidden_control) => Some(path.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| control_in_names(item, &format!("{path}[{i}]"), named)),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let at = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            control_in_names(item, &at, names_something(key))
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a request whose declared body is over the limit before a byte of it is
+/// read, where that is what serves the client: one that sent `Expect:
+/// 100-continue` (it waits for our word before sending) gets 413 instead of "100
+/// Continue", and a body too large to drain is not read at all. The connection is
+/// closed after the answer. A body over the limit but small enough to drain is read
+/// and dropped by `body_bytes`, so that a client that is still writing gets the 413
+/// rather than a reset.
+pub async fn refuse_oversized(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let waits_for_us = request
+        .headers()
+        .get(axum::http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    let refuse_now = |length: u64| {
+        length > MAX_BODY_BYTES as u64
+            && (waits_for_us || length > (MAX_BODY_BYTES + DRAIN_BYTES) as u64)
+    };
+    match declared {
+        Some(length) if refuse_now(length) => {
+            let mut response = super::family_of(request.uri().path())(
+                413,
+                &format!("request body of {length} bytes is larger than {MAX_BODY_BYTES} bytes"),
+            );
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        _ => next.run(request).await,
+    }
 }
 
 /// Past the limit, how much more of a body is read (and dropped) before answering
@@ -121,6 +222,14 @@ where
         if bytes.iter().any(|b| !b.is_ascii_whitespace()) {
             return Ok(Params(parse_json(&bytes)?, PhantomData));
         }
+        if let Some((key, _)) = form_urlencoded::parse(query.as_bytes())
+            .find(|(key, value)| names_something(key) && value.chars().any(is_hidden_control))
+        {
+            return Err(Failure::bad_request(format!(
+                "query parameter {key}: control characters and bidirectional overrides are \
+                 not allowed in names, codes and ids"
+            )));
+        }
         let deserializer =
             serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
         serde_path_to_error::deserialize(deserializer)
@@ -147,9 +256,38 @@ where
     type Rejection = Failure<F>;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<String>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(value)| PathParam(value, PhantomData))
-            .map_err(|e| Failure::bad_request(e.body_text()))
+        let axum::extract::Path(value) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| Failure::bad_request(e.body_text()))?;
+        if value.chars().any(is_hidden_control) {
+            return Err(Failure::bad_request(
+                "the id in the path has control characters or bidirectional overrides",
+            ));
+        }
+        Ok(PathParam(value, PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_codes_and_ids_refuse_hidden_controls_naming_the_field() {
+        let refused = |body: &str| {
+            parse_json::<serde_json::Value, ()>(body.as_bytes())
+                .err()
+                .map(|f| f.message)
+        };
+        let message = refused(r#"{"clusterName": "a\u0000b"}"#).unwrap();
+        assert!(message.starts_with("clusterName: control"), "{message}");
+        let message = refused(r#"{"spec": {"nodes": [{"nodeCode": "n\u202e1"}]}}"#).unwrap();
+        assert!(message.starts_with("spec.nodes[0].nodeCode:"), "{message}");
+        // Raw UTF-8 of an override, not escaped.
+        assert!(refused("{\"algoId\": \"x\u{2066}y\"}").is_some());
+        // Free text may have newlines; names may have any printable text.
+        assert!(refused(r#"{"description": "two\nlines"}"#).is_none());
+        assert!(refused(r#"{"clusterName": "中心集群 \u4e2d"}"#).is_none());
     }
 }

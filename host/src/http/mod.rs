@@ -292,6 +292,8 @@ pub fn router(app: App) -> Router {
             app.clone(),
             oauth::guard,
         ))
+        // Before anything reads a body, or asks for one with "100 Continue".
+        .layer(axum::middleware::from_fn(input::refuse_oversized))
         .with_state(app)
 }
 
