@@ -145,22 +145,9 @@ mod algorithms {
 
     /// passthrough with the test models in its package, `timeout_ms` per call.
     fn passthrough(timeout_ms: i64) -> (PluginDir, xpud::plugins::Registry) {
-        assert!(
-            onnxruntime().is_some(),
-            "XPUD_ONNXRUNTIME is not set: scripts/test installs ONNX Runtime and sets it"
-        );
-        let plugins = PluginDir::new();
-        plugins.install_as("passthrough", "passthrough", |mut m| {
-            m.insert("assets".into(), "passthrough.d".into());
+        let (plugins, _) = passthrough_with_models(&["channel_mean.onnx", "endless.onnx"], |m| {
             set(m, "limits", "call-timeout-ms", timeout_ms.into())
         });
-        let package = plugins.path().join("passthrough.d");
-        std::fs::create_dir(&package).unwrap();
-        for model in ["channel_mean.onnx", "endless.onnx"] {
-            let built = repo().join("target/test-models").join(model);
-            std::fs::copy(&built, package.join(model))
-                .unwrap_or_else(|e| panic!("{}: {e} (scripts/test builds it)", built.display()));
-        }
         let registry = registry(&plugins, &fixture("empty-sysfs"));
         registry.scan();
         (plugins, registry)

@@ -618,17 +618,6 @@ fn algorithm_world_frames_in_events_out() {
     ));
 }
 
-/// The models tests/models/make_models.py builds (scripts/test runs it).
-fn test_model(name: &str) -> std::path::PathBuf {
-    let path = repo().join("target/test-models").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: scripts/test builds it with tests/models/make_models.py",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn algorithms_run_models_natively_through_onnx_runtime() {
     use xpud::plugins::algorithm::AlgorithmFailure;
@@ -636,22 +625,7 @@ fn algorithms_run_models_natively_through_onnx_runtime() {
     use xpud::runtime::bindings::wit_frames::PixelFormat;
     use xpud::runtime::frames::Frame;
 
-    assert!(
-        onnxruntime().is_some(),
-        "XPUD_ONNXRUNTIME is not set: scripts/test installs ONNX Runtime and sets it"
-    );
-    let plugins = PluginDir::new();
-    plugins.install_as("passthrough", "passthrough", |mut m| {
-        m.insert("assets".into(), "passthrough.d".into());
-        m
-    });
-    let package = plugins.path().join("passthrough.d");
-    std::fs::create_dir(&package).unwrap();
-    std::fs::copy(
-        test_model("channel_mean.onnx"),
-        package.join("channel_mean.onnx"),
-    )
-    .unwrap();
+    let (plugins, package) = passthrough_with_models(&["channel_mean.onnx"], |m| m);
     std::fs::write(package.join("garbage.onnx"), b"not a model").unwrap();
     std::fs::write(plugins.path().join("outside.onnx"), b"outside the package").unwrap();
 

@@ -588,3 +588,33 @@ pub fn spawn_xpud(config: &Path, log: std::process::Stdio) -> (std::process::Chi
         .to_string();
     (child, base)
 }
+
+/// The passthrough algorithm with the test models `models` (built by
+/// tests/models/make_models.py) in its package directory, its manifest edited by
+/// `edit`. Returns the plugin directory and the package directory.
+pub fn passthrough_with_models(
+    models: &[&str],
+    edit: impl FnOnce(toml::Table) -> toml::Table,
+) -> (PluginDir, PathBuf) {
+    assert!(
+        onnxruntime().is_some(),
+        "XPUD_ONNXRUNTIME is not set: scripts/test installs ONNX Runtime and sets it"
+    );
+    let plugins = PluginDir::new();
+    plugins.install_as("passthrough", "passthrough", |mut m| {
+        m.insert("assets".into(), "passthrough.d".into());
+        edit(m)
+    });
+    let package = plugins.path().join("passthrough.d");
+    std::fs::create_dir(&package).unwrap();
+    for model in models {
+        let built = repo().join("target/test-models").join(model);
+        assert!(
+            built.exists(),
+            "{} is missing: scripts/test builds it with tests/models/make_models.py",
+            built.display()
+        );
+        std::fs::copy(&built, package.join(model)).unwrap();
+    }
+    (plugins, package)
+}
