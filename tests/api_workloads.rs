@@ -224,3 +224,37 @@ fn bad_workloads_are_refused_with_the_field() {
     let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
     assert_eq!(status, 409, "{body}");
 }
+
+#[test]
+fn an_algorithm_that_is_its_own_archive_installs_and_runs_as_a_workload_image() {
+    // E.6's text never says what `url` holds; a platform may push the package
+    // archive itself as the algorithm, with the text's own `"md5": ""`.
+    let (platform, server, cluster) = setup();
+    let (url, _) = platform.publish("algo.tar.gz", &passthrough_package("XPUD-SELF-1.0.0"));
+    let (status, body) = server.post(
+        "/CAP/AlgoPackages",
+        json!({ "id": "algo-self", "md5": "", "url": url }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let mut last = json!(null);
+    assert!(wait_for(Duration::from_secs(20), || {
+        last = server.get("/CAP/AlgoPackages/algo-self").1;
+        last["data"]["status"] != 1
+    }));
+    assert_eq!(last["data"]["status"], 0, "{last}");
+    assert_eq!(last["data"]["relatedAlgoFilePackageId"], "algo-self");
+    // Its archive is a file package of its own, under the algorithm's id.
+    let (_, body) = server.get("/CAP/AlgoFilePackages/algo-self");
+    assert_eq!(body["data"]["status"], 0, "{body}");
+
+    // B.2's image may name the algorithm.
+    let mut workload = example_workload(&cluster);
+    workload["image"] = json!("algo-self");
+    workload["name"] = json!("self-contained");
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 200, "{body}");
+
+    // The bundled package cannot be deleted on its own; it goes with the algorithm.
+    let (status, _) = server.call(Method::DELETE, "/CAP/AlgoFilePackages/algo-self", None);
+    assert_eq!(status, 409);
+}

@@ -5,7 +5,9 @@
 //! directory, verifies and compiles its plugin, and only then renames it into place
 //! and marks it `ready`. Any failure removes what was written and marks it `failed`
 //! with the reason. An algorithm is a small JSON document naming the file package it
-//! runs (`{"relatedAlgoFilePackageId": "..."}`).
+//! runs (`{"relatedAlgoFilePackageId": "..."}`), or itself a package archive (the
+//! standard never says which): then the archive is installed as a file package
+//! under the algorithm's id, bundled with it, and deleted with it.
 //!
 //! Layout under the data directory: `packages/files/<id>/` (unpacked packages) and
 //! `packages/incoming/` (downloads and staging, cleared at start).
@@ -65,6 +67,10 @@ pub struct FilePackage {
     pub status_desc: String,
     pub manifest: Option<PackageManifest>,
     pub created_ms: u64,
+    /// The algorithm whose own archive this package is (E.6 pushed an archive, not
+    /// a document): it is deleted with that algorithm.
+    #[serde(default)]
+    pub bundled_with: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -313,6 +319,7 @@ impl Packages {
             status_desc: "downloading".into(),
             manifest: None,
             created_ms: crate::dates::now_ms(),
+            bundled_with: None,
         };
         self.store.put(Table::FilePackages, id, &record)?;
         state.files.retain(|f| f.id != id);
@@ -503,7 +510,8 @@ impl Packages {
         Ok(())
     }
 
-    /// Downloads an algorithm document and links it to its (ready) file package.
+    /// Downloads an algorithm and links it to its (ready) file package: the one its
+    /// document names, or the archive it is itself, installed under its id.
     pub async fn install_algorithm(self: Arc<Self>, id: String) {
         let Ok(record) = self.algorithm(&id) else {
             return;
@@ -512,31 +520,13 @@ impl Packages {
         let path = self
             .root
             .join("incoming")
-            .join(format!("{id}-{nonce}.json"));
-        let limits = Limits {
-            max_bytes: MAX_ALGORITHM_BYTES,
-            ..self.limits.clone()
-        };
+            .join(format!("{id}-{nonce}.download"));
+        // An archive may be as large as any package; a document is checked below.
         let md5 = (!record.md5.is_empty()).then_some(record.md5.as_str());
-        let outcome = match fetch::download(&record.url, md5, &path, &limits).await {
+        let outcome = match fetch::download(&record.url, md5, &path, &self.limits).await {
             Err(reason) => Err(reason),
-            Ok(()) => std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    serde_json::from_slice::<AlgorithmDocument>(&bytes)
-                        .map_err(|e| format!("the algorithm document is not valid: {e}"))
-                })
-                .and_then(|doc| match self.file(&doc.related_algo_file_package_id) {
-                    Ok(file) if file.status == Status::Ready => Ok(file.id),
-                    Ok(file) => Err(format!(
-                        "its file package {} is not ready: {}",
-                        file.id, file.status_desc
-                    )),
-                    Err(_) => Err(format!(
-                        "its file package {} is not installed",
-                        doc.related_algo_file_package_id
-                    )),
-                }),
+            Ok(()) if is_gzip(&path) => self.clone().install_bundled(&record, &path, &nonce).await,
+            Ok(()) => self.document_target(&path),
         };
         let _ = std::fs::remove_file(&path);
         let mut state = self.write();
@@ -561,7 +551,98 @@ impl Packages {
         }
     }
 
-    /// E.7. `in_use` names what still uses it (a service), if anything.
+    /// The file package that came in algorithm `id`'s own archive, if any.
+    pub fn bundled_package(&self, id: &str) -> Option<String> {
+        self.read()
+            .files
+            .iter()
+            .find(|f| f.bundled_with.as_deref() == Some(id))
+            .map(|f| f.id.clone())
+    }
+
+    /// The file package an algorithm document names, if it is ready.
+    fn document_target(&self, path: &Path) -> std::result::Result<String, String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        if bytes.len() as u64 > MAX_ALGORITHM_BYTES {
+            return Err(format!(
+                "the algorithm is neither a package archive (gzip) nor a document of at most \
+                 {MAX_ALGORITHM_BYTES} bytes"
+            ));
+        }
+        let doc = serde_json::from_slice::<AlgorithmDocument>(&bytes)
+            .map_err(|e| format!("the algorithm document is not valid: {e}"))?;
+        match self.file(&doc.related_algo_file_package_id) {
+            Ok(file) if file.status == Status::Ready => Ok(file.id),
+            Ok(file) => Err(format!(
+                "its file package {} is not ready: {}",
+                file.id, file.status_desc
+            )),
+            Err(_) => Err(format!(
+                "its file package {} is not installed",
+                doc.related_algo_file_package_id
+            )),
+        }
+    }
+
+    /// Installs an algorithm's own archive as the file package of the same id.
+    async fn install_bundled(
+        self: Arc<Self>,
+        algorithm: &Algorithm,
+        archive: &Path,
+        nonce: &str,
+    ) -> std::result::Result<String, String> {
+        let id = algorithm.id.clone();
+        {
+            let mut state = self.write();
+            if let Some(other) = state.files.iter().find(|f| f.id == id) {
+                if other.bundled_with.as_deref() != Some(id.as_str()) {
+                    return Err(format!(
+                        "the algorithm is a package archive, installed under its own id, and \
+                         file package {id} exists already"
+                    ));
+                }
+            }
+            let record = FilePackage {
+                id: id.clone(),
+                md5: algorithm.md5.clone(),
+                url: algorithm.url.clone(),
+                status: Status::Downloading,
+                status_desc: "installing the algorithm's own archive".into(),
+                manifest: None,
+                created_ms: crate::dates::now_ms(),
+                bundled_with: Some(id.clone()),
+            };
+            self.store
+                .put(Table::FilePackages, &id, &record)
+                .map_err(|e| format!("cannot record its package: {e:#}"))?;
+            state.files.retain(|f| f.id != id);
+            state.files.push(record);
+        }
+        let packages = self.clone();
+        let (owned_id, archive, nonce) = (id.clone(), archive.to_path_buf(), nonce.to_string());
+        let outcome = tokio::task::spawn_blocking(move || {
+            packages.unpack_and_load(&owned_id, &archive, &nonce)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("install task failed: {e}")));
+        match outcome {
+            Ok(installed) => {
+                self.finish_file(&id, Ok(installed));
+                Ok(id)
+            }
+            Err(reason) => {
+                // Nothing of a failed bundle stays behind: the algorithm says why.
+                let mut state = self.write();
+                state.files.retain(|f| f.id != id);
+                state.plugins.remove(&id);
+                let _ = self.store.delete(Table::FilePackages, &id);
+                Err(format!("its package archive: {reason}"))
+            }
+        }
+    }
+
+    /// E.7. `in_use` names what still uses it (a service), if anything. A package
+    /// that came bundled in the algorithm's archive goes with it.
     pub fn delete_algorithm(&self, id: &str, in_use: Option<String>) -> Result<()> {
         let mut state = self.write();
         let record = state
@@ -577,8 +658,27 @@ impl Packages {
         if let Some(user) = in_use {
             return Err(Error::Conflict(format!("algorithm {id} is used by {user}")));
         }
+        let bundled = state
+            .files
+            .iter()
+            .any(|f| f.bundled_with.as_deref() == Some(id));
         self.store.delete(Table::Algorithms, id)?;
         state.algorithms.retain(|a| a.id != id);
+        if bundled {
+            self.store.delete(Table::FilePackages, id)?;
+            state.files.retain(|f| f.id != id);
+            state.plugins.remove(id);
+            let _ = std::fs::remove_dir_all(self.package_dir(id));
+        }
         Ok(())
     }
+}
+
+/// Whether a download is a gzip stream (a package archive), by its magic bytes.
+fn is_gzip(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 2];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == [0x1f, 0x8b])
 }

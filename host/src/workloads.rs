@@ -1,7 +1,7 @@
 //! Algorithm workloads and their pods (Appendix B) on the single-machine backend.
 //!
 //! A workload's `image` names an installed algorithm file package (by id or package
-//! code); its pods are algorithm-plugin workers run in process, placed by the
+//! code, or by the id of an E.6 algorithm that runs it); its pods are algorithm-plugin workers run in process, placed by the
 //! [`Scheduler`] like service replicas. `replicas` is real: scaling up places and
 //! starts workers, scaling down stops the newest and frees their share. A pod's
 //! status, restarts and readiness are its worker's supervisor's.
@@ -198,16 +198,27 @@ impl Workloads {
         crate::sync::write(&self.state)
     }
 
-    /// The algorithm plugin of an installed package, named by id or package code.
+    /// The algorithm plugin of an installed package, named by its id or package
+    /// code, or by the id of an algorithm (E.6) that runs it.
     fn resolve_image(&self, image: &str) -> Result<(String, AlgorithmPlugin)> {
+        let by_algorithm = self
+            .packages
+            .algorithm(image)
+            .ok()
+            .and_then(|a| a.file_package_id);
         let file = self
             .packages
             .files()
             .into_iter()
-            .find(|f| f.id == image || f.manifest.as_ref().is_some_and(|m| m.package.code == image))
+            .find(|f| {
+                f.id == image
+                    || f.manifest.as_ref().is_some_and(|m| m.package.code == image)
+                    || by_algorithm.as_deref() == Some(f.id.as_str())
+            })
             .ok_or_else(|| {
                 Error::NotFound(format!(
-                    "image {image:?}: no algorithm package with that id or code"
+                    "image {image:?}: no algorithm package with that id or code, and no \
+                     ready algorithm with that id"
                 ))
             })?;
         if file.status != Status::Ready {

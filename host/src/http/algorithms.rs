@@ -300,8 +300,14 @@ async fn delete_algorithm(
     PathParam(id, ..): PathParam<CodeInt>,
 ) -> Answer<CodeInt, Empty> {
     app.blocking(move |app| {
-        app.packages
-            .delete_algorithm(&id, app.services.user_of(&id))
+        // A package bundled in the algorithm's archive goes with it: whatever uses
+        // that package holds the algorithm too.
+        let in_use = app.services.user_of(&id).or_else(|| {
+            app.packages
+                .bundled_package(&id)
+                .and_then(|file| app.machine_packages.user_of_file(&file))
+        });
+        app.packages.delete_algorithm(&id, in_use)
     })
     .await?;
     Ok(Reply::data(Empty {}))
