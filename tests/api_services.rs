@@ -247,6 +247,13 @@ fn bad_tasks_and_services_are_refused_with_the_field() {
     let mut bad_area = example_task(&service);
     bad_area["taskInfo"]["rulesParams"][0]["areas"][0]["points"] =
         json!([{"x": 0.0, "y": 0.0}, {"x": 1.0, "y": 1.0}]);
+    // A point outside the frame.
+    let mut off_frame = example_task(&service);
+    off_frame["taskInfo"]["rulesParams"][0]["areas"][0]["points"][0] = json!({"x": 1.5, "y": 0.0});
+    // What only the algorithm knows: passthrough refuses a model it does not ship.
+    let mut refused_by_algorithm = example_task(&service);
+    refused_by_algorithm["taskInfo"]["rulesParams"][0]["extendParams"] =
+        json!({ "model": "missing.onnx" });
     let mut bad_resolution = example_task(&service);
     bad_resolution["taskInfo"]["streamOptions"]["videoStreamOptions"]["resolution"] =
         json!("PIXELS_9000W");
@@ -255,7 +262,17 @@ fn bad_tasks_and_services_are_refused_with_the_field() {
     let mut bad_policy = example_task(&service);
     bad_policy["restartPolicy"] = json!("SOMETIMES");
     for (request, field, status) in [
-        (bad_area, "refused them", 400),
+        (
+            bad_area,
+            "areas[0].points: Polygon needs at least 3 points",
+            400,
+        ),
+        (
+            off_frame,
+            "areas[0].points[0]: (1.5, 0) is outside the frame",
+            400,
+        ),
+        (refused_by_algorithm, "refused them", 400),
         (
             bad_resolution,
             "taskInfo.streamOptions.videoStreamOptions.resolution",

@@ -54,3 +54,25 @@ fn host_figures_are_there_before_the_listener_opens() {
         "sim-xpu's cards are in the first sample"
     );
 }
+
+#[test]
+fn a_task_and_its_actions_advertise_only_their_own_methods() {
+    use reqwest::Method;
+    let server = TestServer::start(&[]);
+    let api = &server.client;
+    // The task is read and deleted; POST belongs to its actions only.
+    for method in [Method::OPTIONS, Method::PUT, Method::POST] {
+        assert_eq!(
+            api.allow(method, "/CAP/AlgoTasks/t-1"),
+            (405, "GET,HEAD,DELETE".to_string())
+        );
+    }
+    for path in ["/CAP/AlgoTasks/t-1:pause", "/CAP/AlgoTasks/t-1:resume"] {
+        for method in [Method::OPTIONS, Method::GET, Method::DELETE] {
+            assert_eq!(api.allow(method, path), (405, "POST".to_string()), "{path}");
+        }
+        // Posted, an action on a task that does not exist is a 404, not a 405.
+        assert_eq!(api.allow(Method::POST, path).0, 404, "{path}");
+    }
+    assert_eq!(api.allow(Method::GET, "/CAP/AlgoTasks/t-1").0, 404);
+}

@@ -192,6 +192,31 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
                 "taskInfo.rulesParams[{i}].eventType: must not be empty"
             )));
         }
+        let shapes = rule.areas.iter().enumerate().map(|(j, a)| ("areas", j, a));
+        let masks = rule.masks.iter().enumerate().map(|(j, a)| ("masks", j, a));
+        for (list, j, area) in shapes.chain(masks) {
+            let at = format!("taskInfo.rulesParams[{i}].{list}[{j}].points");
+            let needed = AreaParam::min_points(area.area_type);
+            if area.points.len() < needed {
+                return Err(Error::Invalid(format!(
+                    "{at}: {:?} needs at least {needed} points, got {}",
+                    area.area_type,
+                    area.points.len()
+                )));
+            }
+            let unit = 0.0..=1.0;
+            if let Some((k, p)) = area
+                .points
+                .iter()
+                .enumerate()
+                .find(|(_, p)| !unit.contains(&p.x) || !unit.contains(&p.y))
+            {
+                return Err(Error::Invalid(format!(
+                    "{at}[{k}]: ({}, {}) is outside the frame: points are normalised to 0-1",
+                    p.x, p.y
+                )));
+            }
+        }
         if rule.destinations.http_dest.is_none() && rule.destinations.event_dest.is_none() {
             return Err(Error::Invalid(format!(
                 "taskInfo.rulesParams[{i}].destinations: HTTPDest or eventDest"

@@ -402,6 +402,24 @@ impl ApiClient {
     }
 
     /// The status, the `WWW-Authenticate` header (or "") and the JSON body.
+    /// Sends `method path` with the token; returns the status and the `Allow` header.
+    pub fn allow(&self, method: reqwest::Method, path: &str) -> (u16, String) {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        self.runtime.block_on(async {
+            let response = request.send().await.expect("request");
+            let allow = response
+                .headers()
+                .get("allow")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            (response.status().as_u16(), allow)
+        })
+    }
+
     pub fn send_raw(&self, request: reqwest::RequestBuilder) -> (u16, String, serde_json::Value) {
         self.try_send(request).expect("request")
     }

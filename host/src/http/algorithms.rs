@@ -19,8 +19,17 @@ use crate::packages::{Algorithm, FilePackage};
 /// Tables E.10 and E.18.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PushRequest {
+    /// 1-128 characters, no '/', '\\', blanks or control characters, no leading '.'.
+    #[schema(pattern = r"^[^./\\\s\x00-\x1f\x7f-\x9f][^/\\\s\x00-\x1f\x7f-\x9f]{0,127}$")]
     pub id: String,
+    /// 32 hex digits, or empty: not given (the download is not checked).
+    #[schema(pattern = r"^([0-9a-fA-F]{32})?$")]
     pub md5: String,
+    /// An http or https URL with a host (a name whose last label starts with a
+    /// letter, or an IPv4 address).
+    #[schema(
+        pattern = r"^https?://(([A-Za-z0-9-]+\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9]))(:[1-9][0-9]{0,3})?(/[^\s]*)?$"
+    )]
     pub url: String,
 }
 
@@ -28,7 +37,9 @@ pub struct PushRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SearchRequest {
+    #[schema(minimum = 1)]
     pub page_number: u32,
+    #[schema(minimum = 1, maximum = 1000)]
     pub page_size: u32,
     #[serde(default)]
     pub name: Option<String>,

@@ -24,9 +24,12 @@ type Fail = Failure<CodeString>;
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSpec {
+    /// One of the text's Kubernetes versions: 1.18.x, 1.20.x, 1.22.x, 1.24.x.
+    #[schema(pattern = r"^1\.(18|20|22|24)\.[0-9]+$")]
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_network: Option<String>,
+    #[schema(min_items = 1)]
     pub nodes: Vec<NodeSpec>,
 }
 
@@ -35,6 +38,7 @@ pub struct ClusterSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NodeSpec {
     pub node_resource: ResourceSpec,
+    #[schema(minimum = 1)]
     pub count: u32,
 }
 
@@ -80,6 +84,8 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<XpuResource
 pub struct ClusterCreateRequest {
     #[serde(default)]
     pub region_id: Option<String>,
+    /// Not blank.
+    #[schema(pattern = r"\S")]
     pub name: String,
     pub spec: ClusterSpec,
 }
@@ -148,7 +154,10 @@ pub struct RegionQuery {
 pub struct ClusterQuery {
     #[serde(default)]
     pub region_id: Option<String>,
+    /// The path's code again (accepted when equal; not documented, since a schema
+    /// cannot say "equal to the path's").
     #[serde(default)]
+    #[param(ignore)]
     pub cluster_code: Option<String>,
 }
 
@@ -170,6 +179,7 @@ pub struct NodeCreateRequest {
     #[serde(default)]
     pub region_id: Option<String>,
     pub cluster_code: String,
+    #[schema(minimum = 1)]
     pub count: u32,
     pub spec: NodeCreateSpec,
 }
@@ -205,6 +215,7 @@ pub struct NodeDeleteRequest {
     #[serde(default)]
     pub region_id: Option<String>,
     pub cluster_code: String,
+    #[schema(min_items = 1)]
     pub node_id: Vec<String>,
 }
 

@@ -43,6 +43,15 @@ pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>>
     if let Ok(value) = serde_json::from_slice(bytes) {
         return Ok(value);
     }
+    // JSON Schema's integers are numbers without a fraction: `25.0` is one, and a
+    // schema-driven client may send it so. Such numbers are read as integers.
+    if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        if whole_floats_to_integers(&mut value) {
+            if let Ok(typed) = serde_json::from_value(value) {
+                return Ok(typed);
+            }
+        }
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -59,9 +68,38 @@ pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>>
 }
 
 /// Whether a name-like key says its value is a name, a code or an id.
-fn names_something(key: &str) -> bool {
+pub fn names_something(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     key.ends_with("name") || key.ends_with("code") || key.ends_with("id")
+}
+
+/// Turns numbers like `25.0` into integers; whether any was changed.
+fn whole_floats_to_integers(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let whole = f.fract() == 0.0 && f.abs() < 9.0e15;
+            if whole {
+                *value = if f < 0.0 {
+                    Value::from(f as i64)
+                } else {
+                    Value::from(f as u64)
+                };
+            }
+            whole
+        }
+        // Every item is visited (no short circuit): each may need turning.
+        Value::Array(items) => items
+            .iter_mut()
+            .map(whole_floats_to_integers)
+            .fold(false, |a, b| a | b),
+        Value::Object(fields) => fields
+            .values_mut()
+            .map(whole_floats_to_integers)
+            .fold(false, |a, b| a | b),
+        _ => false,
+    }
 }
 
 /// A control character or a bidirectional override (which reorders what a reader
@@ -289,5 +327,27 @@ mod tests {
         // Free text may have newlines; names may have any printable text.
         assert!(refused(r#"{"description": "two\nlines"}"#).is_none());
         assert!(refused(r#"{"clusterName": "中心集群 \u4e2d"}"#).is_none());
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Page {
+            page_number: u32,
+            share: f64,
+        }
+        let page: Page = parse_json::<Page, ()>(br#"{"pageNumber": 22300.0, "share": 0.5}"#)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert_eq!((page.page_number, page.share), (22300, 0.5));
+        let refused = parse_json::<Page, ()>(br#"{"pageNumber": 1.5, "share": 1}"#)
+            .err()
+            .unwrap();
+        assert!(
+            refused.message.starts_with("pageNumber:"),
+            "{}",
+            refused.message
+        );
     }
 }

@@ -30,6 +30,7 @@ pub struct FilePackageRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstallRequest {
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,127}$")]
     pub algo_package_code: String,
     #[serde(default)]
     pub args: String,

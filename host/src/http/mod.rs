@@ -198,7 +198,9 @@ impl App {
         (name = "H", description = "Appendix H.5: machine status (CAD mode)"),
         (name = "I", description = "Appendix I: machine algorithm packages (CAD mode)"),
         (name = "xpud", description = "xpud's own endpoints"),
-    )
+    ),
+    // Referenced by hand-written schemas (G.2's `destinations`), not by a derive.
+    components(schemas(tasks::HttpDest, tasks::EventDest))
 )]
 struct ApiDoc;
 
@@ -269,9 +271,82 @@ pub fn openapi_json() -> String {
 }
 
 fn render(document: &utoipa::openapi::OpenApi) -> String {
-    document
-        .to_pretty_json()
-        .expect("an OpenAPI document always serialises")
+    let mut value = serde_json::to_value(document).expect("an OpenAPI document always serialises");
+    forbid_hidden_controls(&mut value);
+    serde_json::to_string_pretty(&value).expect("a JSON value always serialises")
+}
+
+/// What `input` refuses in names, codes and ids (control characters, bidirectional
+/// overrides), as a JSON Schema pattern.
+const NO_HIDDEN_CONTROLS: &str =
+    "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$";
+const NOT_BLANK_NO_HIDDEN_CONTROLS: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069][^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$";
+
+/// Writes the rule `input` applies into the document, from the same test
+/// (`input::names_something`): path parameters, and query parameters and
+/// properties named like names, codes and ids, take no hidden control characters.
+/// A schema-driven client then never sends what the server refuses.
+fn forbid_hidden_controls(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    fn is_string(schema: &Value) -> bool {
+        match schema.get("type") {
+            Some(Value::String(t)) => t == "string",
+            Some(Value::Array(types)) => types.iter().any(|t| t == "string"),
+            _ => false,
+        }
+    }
+    fn constrain(schema: &mut Value) {
+        if schema.get("type") == Some(&Value::from("array")) {
+            if let Some(items) = schema.get_mut("items") {
+                constrain(items);
+            }
+            return;
+        }
+        if !is_string(schema) {
+            return;
+        }
+        let pattern = match schema.get("pattern").and_then(Value::as_str) {
+            None => NO_HIDDEN_CONTROLS,
+            // "Not blank" (`\S`, written on the field) and no hidden controls.
+            Some(r"\S") => NOT_BLANK_NO_HIDDEN_CONTROLS,
+            Some(_) => return,
+        };
+        if let Some(schema) = schema.as_object_mut() {
+            schema.insert("pattern".into(), pattern.into());
+        }
+    }
+    match value {
+        Value::Object(map) => {
+            let location = map.get("in").and_then(Value::as_str).map(str::to_string);
+            let name = map
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let applies = match location.as_deref() {
+                Some("path") => true,
+                Some("query") => input::names_something(&name),
+                _ => false,
+            };
+            if applies {
+                if let Some(schema) = map.get_mut("schema") {
+                    constrain(schema);
+                }
+            }
+            if let Some(Value::Object(properties)) = map.get_mut("properties") {
+                for (key, schema) in properties.iter_mut() {
+                    if input::names_something(key) {
+                        constrain(schema);
+                    }
+                }
+            }
+            for child in map.values_mut() {
+                forbid_hidden_controls(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(forbid_hidden_controls),
+        _ => {}
+    }
 }
 
 pub fn router(app: App) -> Router {
@@ -287,6 +362,7 @@ pub fn router(app: App) -> Router {
         .layer(DefaultBodyLimit::disable())
         .fallback(no_such_endpoint)
         .method_not_allowed_fallback(wrong_method)
+        .layer(axum::middleware::from_fn(tasks::honest_allow))
         // Outermost: no route, not even a 404, answers without a token.
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

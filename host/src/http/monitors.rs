@@ -98,7 +98,10 @@ struct NodeMonitorInfo {
 #[serde(rename_all = "camelCase")]
 pub struct NodeMonitorRequest {
     pub cluster_code: String,
+    /// The path's id again (accepted when equal; not documented).
     #[serde(default)]
+    #[param(ignore)]
+    #[schema(ignore)]
     pub node_id: Option<String>,
 }
 

@@ -143,6 +143,7 @@ pub async fn guard(State(app): State<App>, request: Request, next: Next) -> Resp
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct TokenRequest {
     /// `client_credentials`
+    #[schema(pattern = "^client_credentials$")]
     grant_type: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,

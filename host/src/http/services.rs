@@ -18,8 +18,13 @@ use crate::services::{ServiceRecord, ServiceStatus};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceCreateRequest {
+    /// `KEY=value` entries separated by commas; blank entries are skipped.
+    #[schema(pattern = r"^(\s*|[^,=]*[^\s,=][^,=]*=[^,]*)(,(\s*|[^,=]*[^\s,=][^,=]*=[^,]*))*$")]
     pub envs: String,
+    #[schema(minimum = 1, maximum = 64)]
     pub replicas: u32,
+    /// Not blank.
+    #[schema(pattern = r"\S")]
     pub gpu_type: String,
     pub algo_id: String,
 }
@@ -29,8 +34,10 @@ pub struct ServiceCreateRequest {
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSearchRequest {
     #[serde(default = "first_page")]
+    #[schema(minimum = 1)]
     pub page_number: u32,
     #[serde(default = "default_size")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub page_size: u32,
 }
 

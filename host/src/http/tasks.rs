@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +40,7 @@ pub struct TaskCreateRequest {
 #[serde(rename_all = "camelCase")]
 pub struct TaskInfo {
     pub labels: TaskLabels,
+    #[schema(min_items = 1)]
     pub rules_params: Vec<RuleParams>,
     pub stream_options: StreamOptions,
 }
@@ -53,7 +56,10 @@ pub struct TaskLabels {
 #[serde(rename_all = "camelCase")]
 pub struct RuleParams {
     pub areas: Vec<AreaParam>,
+    #[schema(schema_with = destinations_schema)]
     pub destinations: Destinations,
+    /// Not blank.
+    #[schema(pattern = r"\S")]
     pub event_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -64,12 +70,90 @@ pub struct RuleParams {
     pub masks: Vec<AreaParam>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+/// An area of G.2: a polygon (3 points or more) or a line (2 or more).
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AreaParam {
     pub areaid: i32,
     pub area_type: AreaType,
     pub points: Vec<PointParam>,
+}
+
+impl AreaParam {
+    /// Points the area's type needs at least.
+    pub fn min_points(area_type: AreaType) -> usize {
+        match area_type {
+            AreaType::Polygon => 3,
+            _ => 2,
+        }
+    }
+}
+
+/// Written by hand: the number of points depends on the type, which a derived
+/// schema cannot say.
+impl utoipa::PartialSchema for AreaParam {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            ArrayBuilder, KnownFormat, ObjectBuilder, OneOfBuilder, Ref, Schema, SchemaFormat, Type,
+        };
+        let variant = |types: &[&str], min_points: usize| {
+            ObjectBuilder::new()
+                .property(
+                    "areaid",
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32))),
+                )
+                .property(
+                    "areaType",
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .enum_values(Some(types.iter().copied())),
+                )
+                .property(
+                    "points",
+                    ArrayBuilder::new()
+                        .items(Ref::from_schema_name("PointParam"))
+                        .min_items(Some(min_points)),
+                )
+                .required("areaid")
+                .required("areaType")
+                .required("points")
+        };
+        Schema::OneOf(
+            OneOfBuilder::new()
+                .item(variant(
+                    &["POLYGON"],
+                    AreaParam::min_points(AreaType::Polygon),
+                ))
+                .item(variant(
+                    &[
+                        "SINGLE_LINE",
+                        "SINGLE_LINE_BOTH",
+                        "MULTI_LINE",
+                        "MULTI_LINE_BOTH",
+                    ],
+                    AreaParam::min_points(AreaType::SingleLine),
+                ))
+                .description(Some(
+                    "A polygon of 3 points or more, or a line of 2 or more",
+                ))
+                .build(),
+        )
+        .into()
+    }
+}
+
+impl ToSchema for AreaParam {
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        use utoipa::PartialSchema;
+        schemas.push(("PointParam".into(), PointParam::schema()));
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
@@ -82,9 +166,12 @@ pub enum AreaType {
     MultiLineBoth,
 }
 
+/// Normalised to the frame: 0-1 on both axes, origin top-left.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, ToSchema)]
 pub struct PointParam {
+    #[schema(minimum = 0, maximum = 1)]
     pub x: f64,
+    #[schema(minimum = 0, maximum = 1)]
     pub y: f64,
 }
 
@@ -95,6 +182,17 @@ pub struct Destinations {
     pub http_dest: Option<HttpDest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_dest: Option<EventDest>,
+}
+
+/// `destinations` as the server reads it: `HTTPDest`, `eventDest` or both, at
+/// least one of them (a derived schema would allow `{}` and nulls).
+fn destinations_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Ref};
+    ObjectBuilder::new()
+        .property("HTTPDest", Ref::from_schema_name("HttpDest"))
+        .property("eventDest", Ref::from_schema_name("EventDest"))
+        .min_properties(Some(1))
+        .build()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -159,6 +257,8 @@ impl Resolution {
 #[serde(rename_all = "camelCase")]
 pub struct VideoStreamOptions {
     pub resolution: Resolution,
+    /// Not blank.
+    #[schema(pattern = r"\S")]
     pub url: String,
 }
 
@@ -206,7 +306,9 @@ pub struct TaskSearchRequest {
     pub algo_service_id: Option<String>,
     #[serde(default)]
     pub event_type: Option<String>,
+    #[schema(minimum = 1, maximum = 1000)]
     pub page_size: u32,
+    #[schema(minimum = 1)]
     pub page_number: u32,
 }
 
@@ -314,6 +416,58 @@ async fn delete(
 ) -> Answer<CodeInt, Empty> {
     app.blocking(move |app| app.tasks.delete(&id)).await?;
     Ok(Reply::data(Empty {}))
+}
+
+/// Whether a `/CAP/AlgoTasks/{segment}` names an action (`{id}:pause`,
+/// `{id}:resume`, or an unknown one) rather than a task: task ids have no ':'.
+fn is_action(segment: &str) -> bool {
+    segment.contains(':')
+}
+
+/// The methods `/CAP/AlgoTasks/{segment}` takes, said truthfully: axum sees one
+/// route for the task and its actions, and would offer POST on a task and GET on an
+/// action. A task is read and deleted; its actions are posted.
+pub async fn honest_allow(request: axum::extract::Request, next: Next) -> Response {
+    use axum::http::{header::ALLOW, HeaderValue};
+    let segment = request
+        .uri()
+        .path()
+        .strip_prefix("/CAP/AlgoTasks/")
+        .filter(|s| !s.is_empty() && !s.contains('/') && !s.ends_with(":search"))
+        .map(str::to_string);
+    let Some(segment) = segment else {
+        return next.run(request).await;
+    };
+    let allowed = if is_action(&segment) {
+        "POST"
+    } else {
+        "GET,HEAD,DELETE"
+    };
+    let method = request.method().clone();
+    let mut response = if is_action(&segment) && method != axum::http::Method::POST {
+        Failure::<CodeInt>::new(
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} does not take {method}", request.uri().path()),
+        )
+        .into_response()
+    } else if !is_action(&segment) && method == axum::http::Method::POST {
+        Failure::<CodeInt>::new(
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} does not take POST (its actions do: {{id}}:pause, {{id}}:resume)",
+                request.uri().path()
+            ),
+        )
+        .into_response()
+    } else {
+        next.run(request).await
+    };
+    if response.status() == axum::http::StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allowed));
+    }
+    response
 }
 
 /// G.4 (`{id}:resume`) and G.5 (`{id}:pause`): one path segment.

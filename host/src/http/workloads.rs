@@ -22,21 +22,45 @@ type Fail = Failure<CodeString>;
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadCreateRequest {
     pub cluster_code: String,
+    #[schema(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name_space: String,
+    #[schema(pattern = r"^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Must select the pod labels: each key is in `labels` with the same value.
     pub label_selector: BTreeMap<String, String>,
+    #[schema(maximum = 64)]
     pub replicas: u32,
     pub container_name: String,
     pub image: String,
+    #[schema(minimum = 1)]
     pub cpu: u32,
     pub xpu_type: String,
+    #[schema(schema_with = xpu_share_schema)]
     pub xpu: f64,
     pub memory: u32,
     #[serde(default)]
     pub command: Option<String>,
     #[serde(default)]
     pub args: Option<String>,
+}
+
+/// B.2's `xpu`: a share of one card in tenths (up to 1), or a whole number of cards.
+fn xpu_share_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
+    let number = || {
+        ObjectBuilder::new()
+            .schema_type(Type::Number)
+            .minimum(Some(0.0))
+    };
+    AnyOfBuilder::new()
+        .item(number().maximum(Some(1.0)).multiple_of(Some(0.1)))
+        .item(number().multiple_of(Some(1.0)))
+        .description(Some(
+            "A share of one card in tenths (up to 1), or a whole number of cards",
+        ))
+        .build()
+        .into()
 }
 
 /// Table B.11.
@@ -55,7 +79,10 @@ pub struct WorkloadRef {
     pub cluster_code: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// The path's name again (accepted when equal; not documented).
     #[serde(default)]
+    #[param(ignore)]
+    #[schema(ignore)]
     pub workload_name: Option<String>,
 }
 
@@ -66,8 +93,11 @@ pub struct WorkloadScaleRequest {
     pub cluster_code: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// The path's name again (accepted when equal; not documented).
     #[serde(default)]
+    #[schema(ignore)]
     pub workload_name: Option<String>,
+    #[schema(maximum = 64)]
     pub replicas: u32,
 }
 
@@ -79,7 +109,9 @@ fn default_namespace() -> String {
 #[derive(Debug, Deserialize, Serialize, Clone, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiPageRequest {
+    #[schema(minimum = 1)]
     pub page_number: u32,
+    #[schema(minimum = 1, maximum = 1000)]
     pub page_size: u32,
     #[serde(default)]
     pub order_list: Vec<ApiOrder>,
@@ -106,21 +138,30 @@ pub struct WorkloadListRequest {
     #[serde(default)]
     pub page_request: Option<ApiPageRequest>,
     #[serde(default)]
+    #[param(minimum = 1)]
     pub page_number: Option<u32>,
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub page_size: Option<u32>,
 }
 
-/// Table B.21, and B.6's detail.
+/// Table B.21: a workload in B.5's list.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct WorkloadInfo {
+struct WorkloadSummary {
     namespace: String,
     workload_name: String,
     replicas: u32,
     created_date: String,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    detail: Option<WorkloadDetail>,
+}
+
+/// B.6: the summary and the detail, in one object.
+#[derive(Serialize, ToSchema)]
+struct WorkloadInfo {
+    #[serde(flatten)]
+    summary: WorkloadSummary,
+    #[serde(flatten)]
+    detail: WorkloadDetail,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -145,7 +186,7 @@ struct WorkloadPage {
     page_number: u32,
     page_size: u32,
     total: usize,
-    page_content: Vec<WorkloadInfo>,
+    page_content: Vec<WorkloadSummary>,
 }
 
 /// Table B.28.
@@ -193,48 +234,55 @@ pub struct PodRequest {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub workload_name: String,
+    /// The path's name again (accepted when equal; not documented).
     #[serde(default)]
+    #[param(ignore)]
+    #[schema(ignore)]
     pub pod_name: Option<String>,
 }
 
-fn info(app: &App, record: &WorkloadRecord, detailed: bool) -> WorkloadInfo {
-    let detail = detailed.then(|| {
-        let pods = app
-            .workloads
-            .pods(
-                &record.spec.cluster_code,
-                &record.spec.namespace,
-                &record.spec.name,
-            )
-            .unwrap_or_default();
-        let card_gb = app.machine.latest().and_then(|s| {
-            s.xpus
-                .iter()
-                .find(|x| crate::scheduler::same_type(&x.xpu_type, &record.spec.xpu_type))
-                .and_then(|x| x.memory_total_gb)
-        });
-        WorkloadDetail {
-            xpu_type: record.spec.xpu_type.clone(),
-            xpu: record.spec.xpu,
-            cpu_type: std::env::consts::ARCH,
-            cpu: record.spec.cpu,
-            xpu_memory: card_gb.map(|gb| gb * record.spec.xpu),
-            memory: record.spec.memory,
-            status: if pods.iter().any(|p| p.phase() == "Failed") {
-                "Failed"
-            } else if pods.iter().all(|p| p.ready()) {
-                "Running"
-            } else {
-                "Pending"
-            },
-            image: record.spec.image.clone(),
-        }
-    });
-    WorkloadInfo {
+fn summary(record: &WorkloadRecord) -> WorkloadSummary {
+    WorkloadSummary {
         namespace: record.spec.namespace.clone(),
         workload_name: record.spec.name.clone(),
         replicas: record.spec.replicas,
         created_date: format_ms(record.created_ms),
+    }
+}
+
+fn info(app: &App, record: &WorkloadRecord) -> WorkloadInfo {
+    let pods = app
+        .workloads
+        .pods(
+            &record.spec.cluster_code,
+            &record.spec.namespace,
+            &record.spec.name,
+        )
+        .unwrap_or_default();
+    let card_gb = app.machine.latest().and_then(|s| {
+        s.xpus
+            .iter()
+            .find(|x| crate::scheduler::same_type(&x.xpu_type, &record.spec.xpu_type))
+            .and_then(|x| x.memory_total_gb)
+    });
+    let detail = WorkloadDetail {
+        xpu_type: record.spec.xpu_type.clone(),
+        xpu: record.spec.xpu,
+        cpu_type: std::env::consts::ARCH,
+        cpu: record.spec.cpu,
+        xpu_memory: card_gb.map(|gb| gb * record.spec.xpu),
+        memory: record.spec.memory,
+        status: if pods.iter().any(|p| p.phase() == "Failed") {
+            "Failed"
+        } else if pods.iter().all(|p| p.ready()) {
+            "Running"
+        } else {
+            "Pending"
+        },
+        image: record.spec.image.clone(),
+    };
+    WorkloadInfo {
+        summary: summary(record),
         detail,
     }
 }
@@ -430,7 +478,7 @@ async fn list(
         }
     }
     let listed = super::page::of(records.iter(), page.page_number, page.page_size, |w| {
-        info(&app, w, false)
+        summary(w)
     });
     Ok(Reply::data(WorkloadPage {
         page_number: listed.page_number,
@@ -453,7 +501,7 @@ async fn detail(
     let record = app
         .workloads
         .get(&request.cluster_code, &request.namespace, &name)?;
-    Ok(Reply::data(info(&app, &record, true)))
+    Ok(Reply::data(info(&app, &record)))
 }
 
 /// B.7: List a workload's pods.
