@@ -805,6 +805,62 @@ fn callers_do_not_queue_forever_behind_a_call_blocked_in_the_host() {
 }
 
 #[test]
+fn a_call_stuck_in_the_host_is_abandoned_and_the_instance_replaced() {
+    // A FIFO nobody writes to: reading it blocks in the host, where no deadline
+    // reaches. Past twice the deadline and a second, the instance is given up on.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("sys")).unwrap();
+    let fifo = root.path().join("sys/fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let plugins = PluginDir::new();
+    plugins.install_as("chaos", "chaos", |mut m| {
+        m = set(m, "config", "mode", "read".into());
+        m = set(m, "config", "path", "/sys/fifo".into());
+        m = set(m, "limits", "call-timeout-ms", 300.into());
+        set(m, "grants", "read", toml::Value::Array(vec!["/sys".into()]))
+    });
+    let registry = registry(&plugins, root.path());
+    registry.scan();
+    let chaos = driver(&registry, "chaos");
+    let stuck = {
+        let chaos = chaos.clone();
+        std::thread::spawn(move || chaos.devices())
+    };
+    std::thread::sleep(Duration::from_millis(1800));
+    // The next caller takes the turn from the stuck call; after the backoff a fresh
+    // instance answers (partitions do not read the FIFO).
+    let started = Instant::now();
+    assert!(wait_for(Duration::from_secs(5), || chaos
+        .partitions()
+        .is_ok()));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let status = chaos.status();
+    assert_eq!(status.crashes, 1, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("abandoned"),
+        "{status:?}"
+    );
+    // The stuck call comes back when a writer comes; its instance is dropped and
+    // the fresh one goes on answering.
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    let _ = stuck.join().unwrap();
+    assert!(chaos.partitions().is_ok());
+    assert_eq!(chaos.status().crashes, 1);
+}
+
+#[test]
 fn a_panic_is_reported_with_its_message_however_much_was_written_before() {
     let (_plugins, registry) = chaos_beside_sim(|m| set(m, "config", "mode", "panic".into()));
     match driver(&registry, "chaos").sample() {

@@ -67,6 +67,10 @@ pub enum CallError {
     Unhealthy(String),
     #[error("plugin is busy: its current call has run for {0:?}")]
     Busy(Duration),
+    /// A call stayed inside a host function far past its deadline: the instance was
+    /// given up on (its thread stays until the host call returns) and replaced.
+    #[error("plugin call stuck in a host call for {0:?}; the instance was abandoned")]
+    Abandoned(Duration),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -115,7 +119,10 @@ mod unix_ms_opt {
 
 /// One call into an incarnation at a time. A caller waits for its turn no longer
 /// than the plugin's timeout: a call wedged inside a host function (which no epoch
-/// deadline interrupts) must not wedge every caller behind it.
+/// deadline interrupts) must not wedge every caller behind it. Past
+/// `abandon_after`, the wedged call's turn is taken from it: the gate opens to a
+/// new generation, and the stuck call, when it comes back, finds it is no longer
+/// the current one.
 struct Gate {
     state: Mutex<GateState>,
     freed: Condvar,
@@ -127,16 +134,30 @@ struct GateState {
     /// Callers waiting for their turn: with none, leaving needs no wake-up (a
     /// notify is a futex syscall even when nobody waits).
     waiting: u32,
+    /// Bumped when a stuck call's turn is taken from it.
+    generation: u64,
 }
 
-struct Ticket<'a>(&'a Gate);
+struct Ticket<'a> {
+    gate: &'a Gate,
+    generation: u64,
+    /// The previous call was stuck this long and has been abandoned.
+    abandoned: Option<Duration>,
+}
 
 impl Gate {
-    fn enter(&self, wait: Duration) -> Result<Ticket<'_>, Duration> {
+    fn enter(&self, wait: Duration, abandon_after: Duration) -> Result<Ticket<'_>, Duration> {
         let give_up = Instant::now() + wait;
         let mut state = lock(&self.state);
+        let mut abandoned = None;
         while let Some(since) = state.busy_since {
             let now = Instant::now();
+            if now - since >= abandon_after {
+                state.generation += 1;
+                state.busy_since = None;
+                abandoned = Some(now - since);
+                break;
+            }
             if now >= give_up {
                 return Err(now - since);
             }
@@ -149,16 +170,28 @@ impl Gate {
             state.waiting -= 1;
         }
         state.busy_since = Some(Instant::now());
-        Ok(Ticket(self))
+        Ok(Ticket {
+            gate: self,
+            generation: state.generation,
+            abandoned,
+        })
+    }
+
+    fn generation(&self) -> u64 {
+        lock(&self.state).generation
     }
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let mut state = lock(&self.0.state);
+        let mut state = lock(&self.gate.state);
+        // An abandoned call's turn belongs to another caller now.
+        if state.generation != self.generation {
+            return;
+        }
         state.busy_since = None;
         if state.waiting > 0 {
-            self.0.freed.notify_one();
+            self.gate.freed.notify_one();
         }
     }
 }
@@ -233,16 +266,34 @@ impl<I: Incarnation> Supervised<I> {
         status
     }
 
+    /// How long a call may stay in a host function past its deadline before its
+    /// instance is given up on: twice the deadline, and a second of grace.
+    fn abandon_after(&self) -> Duration {
+        self.timeout * 2 + Duration::from_secs(1)
+    }
+
     /// Runs `f` against the live incarnation, starting one first if needed, with the
     /// call deadline armed. Any error out of `f` poisons the incarnation.
+    ///
+    /// The incarnation is taken out of `inner` for the call, so that a call stuck in
+    /// a host function holds only its own instance: past `abandon_after`, the next
+    /// caller counts it as a crash and starts a fresh one.
     pub fn call<R>(&self, f: impl FnOnce(&mut I) -> wasmtime::Result<R>) -> Result<R, CallError> {
-        let _turn = self.gate.enter(self.timeout).map_err(|busy_for| {
-            if busy_for > self.timeout * 2 {
-                tracing::warn!(plugin = %self.plugin, busy_ms = busy_for.as_millis() as u64, "plugin call is far past its deadline: blocked in a host call");
-            }
-            CallError::Busy(busy_for)
-        })?;
+        let turn = self
+            .gate
+            .enter(self.timeout, self.abandon_after())
+            .map_err(|busy_for| {
+                if busy_for > self.timeout * 2 {
+                    tracing::warn!(plugin = %self.plugin, busy_ms = busy_for.as_millis() as u64, "plugin call is far past its deadline: blocked in a host call");
+                }
+                CallError::Busy(busy_for)
+            })?;
         let mut inner = lock(&self.inner);
+        if let Some(stuck_for) = turn.abandoned {
+            // The stuck call holds its incarnation; `inner` has none to give.
+            inner.incarnation = None;
+            self.crashed(&mut inner, &CallError::Abandoned(stuck_for));
+        }
         if let Some(reason) = &inner.unhealthy {
             return Err(CallError::Unhealthy(reason.clone()));
         }
@@ -271,16 +322,29 @@ impl<I: Incarnation> Supervised<I> {
                 }
             }
         }
-        let incarnation = inner.incarnation.as_mut().expect("started above");
+        let Some(mut incarnation) = inner.incarnation.take() else {
+            return Err(CallError::Start("no instance after a start".into()));
+        };
+        drop(inner);
         let store = incarnation.store();
         PluginState::set_deadline(store, self.timeout);
         store.data_mut().limiter.denied = false;
-        match f(incarnation) {
-            Ok(value) => Ok(value),
+        let result = f(&mut incarnation);
+        let mut inner = lock(&self.inner);
+        if self.gate.generation() != turn.generation {
+            // Given up on while it was stuck: a new incarnation (or its backoff)
+            // has taken over; this one is dropped now that its call is back.
+            tracing::info!(plugin = %self.plugin, "an abandoned plugin call returned; its instance is dropped");
+            return result.map_err(|e| classify(e, incarnation.store(), self.timeout));
+        }
+        match result {
+            Ok(value) => {
+                inner.incarnation = Some(incarnation);
+                Ok(value)
+            }
             Err(error) => {
-                let mut poisoned = inner.incarnation.take().expect("present");
-                let error = classify(error, poisoned.store(), self.timeout);
-                drop(poisoned);
+                let error = classify(error, incarnation.store(), self.timeout);
+                drop(incarnation);
                 self.crashed(&mut inner, &error);
                 Err(error)
             }
