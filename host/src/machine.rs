@@ -32,12 +32,14 @@ pub struct Facts {
     pub ip: IpAddr,
 }
 
-/// One accelerator's figures at one instant.
+/// One accelerator's figures at one instant. The history keeps 600 of these per
+/// card: the names are shared with the previous sample (`Machine::record`), so a
+/// sample costs its figures, not copies of its strings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct XpuSample {
     /// `driver/index`: stable for as long as the driver is loaded.
-    pub key: String,
-    pub xpu_type: String,
+    pub key: Arc<str>,
+    pub xpu_type: Arc<str>,
     pub memory_total_gb: Option<f64>,
     pub memory_used_gb: Option<f64>,
     /// 0-1.
@@ -151,12 +153,39 @@ impl Machine {
         crate::sync::read(&self.history)
     }
 
-    fn record(&self, sample: Sample) {
+    fn record(&self, mut sample: Sample) {
         let mut history = crate::sync::write(&self.history);
+        if let Some(previous) = history.back() {
+            share_names(&mut sample.xpus, &previous.xpus);
+        }
         if history.len() == HISTORY_LEN {
             history.pop_front();
         }
         history.push_back(Arc::new(sample));
+    }
+}
+
+/// Points equal names at the previous sample's copies (cards keep their order
+/// from one sample to the next; a card that moved keeps its own strings).
+fn share_names(xpus: &mut [XpuSample], previous: &[XpuSample]) {
+    for (i, xpu) in xpus.iter_mut().enumerate() {
+        if let Some(before) = previous.get(i) {
+            if before.key == xpu.key {
+                xpu.key = before.key.clone();
+            }
+            if before.xpu_type == xpu.xpu_type {
+                xpu.xpu_type = before.xpu_type.clone();
+            }
+        }
+    }
+}
+
+/// The figures of the card `key` in `sample`: where it was at `hint` (cards keep
+/// their order), else found by key.
+pub fn card<'a>(sample: &'a Sample, key: &str, hint: usize) -> Option<&'a XpuSample> {
+    match sample.xpus.get(hint) {
+        Some(x) if &*x.key == key => Some(x),
+        _ => sample.xpus.iter().find(|x| &*x.key == key),
     }
 }
 
@@ -180,8 +209,8 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
                 .and_then(|c| c.memory_total_mib)
                 .or(device.memory_total_mib);
             out.push(XpuSample {
-                key: format!("{driver}/{}", device.index),
-                xpu_type: device.accelerator_type.clone(),
+                key: format!("{driver}/{}", device.index).into(),
+                xpu_type: device.accelerator_type.as_str().into(),
                 memory_total_gb: total_mib.map(|m| m as f64 / 1024.0),
                 memory_used_gb: card
                     .and_then(|c| c.memory_used_mib)
@@ -273,4 +302,46 @@ pub fn spawn_sampler(
         tracing::error!("cannot start the machine sampler: {e}; host monitoring is off");
     }
     first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xpu(key: &str, utilization: f64) -> XpuSample {
+        XpuSample {
+            key: key.into(),
+            xpu_type: "SIM_T4".into(),
+            memory_total_gb: Some(16.0),
+            memory_used_gb: Some(1.0),
+            utilization: Some(utilization),
+            decode_utilization: None,
+        }
+    }
+
+    #[test]
+    fn history_shares_card_names_between_samples_and_finds_cards_that_moved() {
+        let before = vec![xpu("sim/0", 0.1), xpu("sim/1", 0.2)];
+        let mut now = vec![xpu("sim/0", 0.3), xpu("sim/1", 0.4)];
+        share_names(&mut now, &before);
+        for (a, b) in now.iter().zip(&before) {
+            assert!(Arc::ptr_eq(&a.key, &b.key) && Arc::ptr_eq(&a.xpu_type, &b.xpu_type));
+        }
+        let sample = |xpus| Sample {
+            at_ms: 0,
+            cpu_utilization: 0.0,
+            memory_used_gb: 0.0,
+            memory_total_gb: 0.0,
+            disk_used_gb: 0.0,
+            disk_total_gb: 0.0,
+            net_rx_bps: 0.0,
+            net_tx_bps: 0.0,
+            xpus,
+        };
+        // A card found where it was, and one that moved.
+        let swapped = sample(vec![xpu("sim/1", 0.4), xpu("sim/0", 0.3)]);
+        assert_eq!(card(&swapped, "sim/0", 0).unwrap().utilization, Some(0.3));
+        assert_eq!(card(&swapped, "sim/1", 0).unwrap().utilization, Some(0.4));
+        assert!(card(&swapped, "sim/9", 0).is_none());
+    }
 }

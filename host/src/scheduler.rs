@@ -234,7 +234,7 @@ fn choose(
         })
         .collect();
     if cards.is_empty() {
-        let present: Vec<&str> = xpus.iter().map(|x| x.xpu_type.as_str()).collect();
+        let present: Vec<&str> = xpus.iter().map(|x| &*x.xpu_type).collect();
         return Err(Error::Conflict(format!(
             "no {xpu_type} accelerator on this machine (present: {})",
             if present.is_empty() {

@@ -128,10 +128,10 @@ impl App {
     pub fn xpu_inventory(&self) -> Vec<XpuResource> {
         let mut inventory: Vec<XpuResource> = Vec::new();
         for xpu in self.xpus() {
-            match inventory.iter_mut().find(|x| x.xpu_type == xpu.xpu_type) {
+            match inventory.iter_mut().find(|x| *x.xpu_type == *xpu.xpu_type) {
                 Some(entry) => entry.num += 1,
                 None => inventory.push(XpuResource {
-                    xpu_type: xpu.xpu_type,
+                    xpu_type: xpu.xpu_type.to_string(),
                     num: 1,
                 }),
             }

@@ -15,7 +15,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Params, PathParam};
 use super::App;
-use crate::machine::Sample;
+use crate::machine::{Sample, XpuSample};
 
 /// One point of a trend: serialised as `{"<timestamp ms>": value}`.
 #[derive(Clone, Copy, Debug)]
@@ -138,19 +138,21 @@ fn usage(app: &App, nodes: usize) -> Usage {
         .map(|now| {
             now.xpus
                 .iter()
-                .map(|xpu| {
-                    let of = |s: &Sample| s.xpus.iter().find(|x| x.key == xpu.key).cloned();
+                .enumerate()
+                .map(|(i, xpu)| {
+                    // Each card's trend is one pass over the history (cards keep
+                    // their place from sample to sample): bounded, and cheap enough
+                    // for the request path.
+                    let of = |s: &Sample, figure: fn(&XpuSample) -> Option<f64>| {
+                        crate::machine::card(s, &xpu.key, i).and_then(figure)
+                    };
                     XpuMonitorInfo {
                         xpu_memory: xpu.memory_total_gb.map(|g| g.round() as u32),
                         xpu_memory_used: xpu.memory_used_gb,
-                        xpu_memory_used_list: trend(&history, |s| {
-                            of(s).and_then(|x| x.memory_used_gb)
-                        }),
+                        xpu_memory_used_list: trend(&history, |s| of(s, |x| x.memory_used_gb)),
                         xpu_utilization: xpu.utilization,
-                        xpu_utilization_list: trend(&history, |s| {
-                            of(s).and_then(|x| x.utilization)
-                        }),
-                        xpu_type: xpu.xpu_type.clone(),
+                        xpu_utilization_list: trend(&history, |s| of(s, |x| x.utilization)),
+                        xpu_type: xpu.xpu_type.to_string(),
                     }
                 })
                 .collect()
