@@ -156,3 +156,19 @@ fn output_cut_short_by_its_reader_is_not_a_crash() {
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn plugin_check_refuses_an_export_with_the_contracts_name_but_not_its_signature() {
+    let (wasm, _) = built("misfit");
+    let out = xpud(&["plugin", "check", wasm.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    // It links (its imports are provided), and that is not enough.
+    assert!(stdout.contains("links:    ok"), "{stdout}");
+    assert!(!stdout.contains("exports:  ok"), "{stdout}");
+    assert!(
+        stderr.contains("xpu:plugin/driver export does not match the contract"),
+        "{stderr}"
+    );
+}

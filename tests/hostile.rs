@@ -89,6 +89,27 @@ fn broken_driver_answers_are_refused_with_the_reason_and_the_bystander_answers()
 }
 
 #[test]
+fn a_driver_export_with_the_wrong_signature_is_refused_with_the_reason() {
+    let plugins = PluginDir::new();
+    plugins.install("sim-xpu");
+    plugins.install_as("misfit", "misfit", |m| m);
+    let registry = registry(&plugins, &fixture("empty-sysfs"));
+    let report = registry.scan();
+    assert_eq!(report.refused, vec!["misfit"]);
+    let view = registry
+        .views()
+        .into_iter()
+        .find(|v| v.name == "misfit")
+        .unwrap();
+    let reason = view.refused.unwrap();
+    assert!(
+        reason.contains("does not have export `devices`"),
+        "{reason}"
+    );
+    assert!(registry.get("sim-xpu").is_some());
+}
+
+#[test]
 fn a_partition_that_is_not_the_one_asked_for_is_undone_and_refused() {
     let (_plugins, registry) = chaos_beside_sim("bogus-partition");
     let chaos = driver(&registry, "chaos");

@@ -27,11 +27,16 @@ impl Drop for Serve {
 }
 
 fn serve(data: &std::path::Path, plugins: &PluginDir) -> Serve {
+    serve_with(data, plugins, "")
+}
+
+/// `top` goes at the top of the config file (top-level keys).
+fn serve_with(data: &std::path::Path, plugins: &PluginDir, top: &str) -> Serve {
     let config = data.join("xpud.toml");
     std::fs::write(
         &config,
         format!(
-            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
+            "{top}data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
              [restart]\nmax-restarts = 1\nbackoff-initial-ms = 20\n\
              [sampler]\ninterval-ms = 50\n",
             data.join("state"),
@@ -113,4 +118,16 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
     assert!(wait_for(Duration::from_secs(10), || {
         plugin(&get("/plugins"), "passthrough").is_none()
     }));
+}
+
+#[test]
+fn an_advertised_address_the_listener_does_not_serve_is_warned_about() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    let server = serve_with(data.path(), &plugins, "advertise-address = \"192.0.2.2\"\n");
+    let api = ApiClient::connect(&server.base, &data.path().join("state"));
+    assert_eq!(api.call(reqwest::Method::GET, "/healthz", None).0, 200);
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("not one this"), "{log}");
+    assert!(log.contains("192.0.2.2"), "{log}");
 }

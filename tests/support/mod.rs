@@ -22,7 +22,7 @@ pub fn repo() -> PathBuf {
 
 /// Where scripts/build-plugins packed a plugin (NAME.wasm + NAME.toml).
 pub fn built(name: &str) -> (PathBuf, PathBuf) {
-    let dir = if name == "chaos" {
+    let dir = if matches!(name, "chaos" | "misfit") {
         repo().join("target/test-plugins")
     } else {
         repo().join("target/plugins")
