@@ -73,6 +73,7 @@ fn broken_driver_answers_are_refused_with_the_reason_and_the_bystander_answers()
                 Some(reason.as_str()),
                 "{mode}"
             );
+            assert_eq!(view.answers_refused, 1, "{mode}");
         }
         // The bystander is untouched; the host did not balloon.
         assert_eq!(sim.sample().unwrap().cards.len(), 2, "{mode}");
@@ -293,4 +294,75 @@ mod algorithms {
             );
         }
     }
+}
+
+#[test]
+fn a_crashed_instance_returns_its_memory_at_once() {
+    // Up to its cap, then out of memory: the pool slot's pages go back to the
+    // kernel when the instance is dropped, not when 31 more have been.
+    let plugins = PluginDir::new();
+    plugins.install_as("chaos", "chaos", |m| {
+        let m = set(m, "config", "mode", "oom".into());
+        set(m, "limits", "memory-mib", 200.into())
+    });
+    let registry = registry(&plugins, &fixture("empty-sysfs"));
+    registry.scan();
+    let chaos = driver(&registry, "chaos");
+    let (before, _) = rss_mib_and_threads();
+    assert!(matches!(
+        chaos.sample(),
+        Err(DriverFailure::Plugin(CallError::OutOfMemory))
+    ));
+    let (after, _) = rss_mib_and_threads();
+    assert!(
+        after < before + 100,
+        "RSS {before} -> {after} MiB after a 200 MiB crash"
+    );
+}
+
+#[test]
+fn a_call_timeout_above_the_operators_ceiling_is_refused() {
+    let plugins = PluginDir::new();
+    plugins.install_as("chaos", "chaos", |m| {
+        set(m, "limits", "call-timeout-ms", 40_000.into())
+    });
+    let registry = registry(&plugins, &fixture("empty-sysfs"));
+    assert_eq!(registry.scan().refused, vec!["chaos"]);
+    let reason = registry.views()[0].refused.clone().unwrap();
+    assert!(reason.contains("max-call-timeout-ms"), "{reason}");
+}
+
+#[test]
+fn a_server_beside_hostile_drivers_keeps_answering_and_reports_only_good_figures() {
+    let server = TestServer::start(&["sim-xpu"]);
+    for (name, mode) in [("chaos-nan", "nan"), ("chaos-many", "many")] {
+        server
+            .plugins
+            .install_as("chaos", name, |m| set(m, "config", "mode", mode.into()));
+    }
+    server.app.registry.scan();
+    // A few sampling rounds with both misbehaving.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let (status, _) = server.get("/healthz");
+        assert_eq!(status, 200);
+        let (status, body) = server.get("/CAP/Status");
+        assert_eq!(status, 200, "{body}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        // sim-xpu's two cards, and nothing of the broken drivers.
+        assert_eq!(body["data"]["basicInfos"][0]["gpu"], 2, "{body}");
+    }
+    let (_, body) = server.get("/plugins");
+    let nan = body["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "chaos-nan")
+        .unwrap();
+    assert!(
+        nan["answer_refused"].as_str().unwrap().contains("NaN"),
+        "{nan}"
+    );
+    assert!(nan["answers_refused"].as_u64().unwrap() >= 1, "{nan}");
 }

@@ -58,6 +58,8 @@ pub struct Driver {
     devices: std::sync::Mutex<Option<Vec<Device>>>,
     /// The last answer that broke the contract, while no good one has come since.
     violation: std::sync::Mutex<Option<Violation>>,
+    /// Answers refused since the plugin was loaded.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 /// A partition created through the host.
@@ -157,12 +159,18 @@ impl Driver {
                 limits,
                 devices: std::sync::Mutex::new(None),
                 violation: std::sync::Mutex::new(None),
+                refused: 0.into(),
             }
         })
     }
 
     pub fn status(&self) -> Status {
         self.supervised.status()
+    }
+
+    /// Answers refused since the plugin was loaded.
+    pub fn answers_refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why the driver's last answer was refused, until a good one comes.
@@ -187,6 +195,8 @@ impl Driver {
 
     /// Records a broken answer (logged once per distinct reason).
     fn refuse(&self, violation: Violation) -> DriverFailure {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut last = lock(&self.violation);
         if last.as_deref() != Some(violation.as_str()) {
             tracing::warn!(plugin = %self.supervised.plugin(), "driver degraded: answer refused: {violation}");

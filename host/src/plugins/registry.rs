@@ -137,6 +137,8 @@ pub struct PluginView {
     pub log_lines_dropped: u64,
     /// Why the driver's last answer was refused (degraded), until a good one comes.
     pub answer_refused: Option<String>,
+    /// Driver answers refused since the plugin was loaded.
+    pub answers_refused: u64,
     /// Why the current files were refused (an older version may still be loaded).
     pub refused: Option<String>,
     pub refused_at_ms: Option<u64>,
@@ -222,6 +224,9 @@ impl Registry {
                     instance: p.and_then(|p| p.status()),
                     log_lines_dropped: p.map_or(0, |p| p.log.dropped()),
                     answer_refused: p.and_then(|p| p.driver()).and_then(|d| d.violation()),
+                    answers_refused: p
+                        .and_then(|p| p.driver())
+                        .map_or(0, |d| d.answers_refused()),
                     refused: entry.refused.as_ref().map(|r| r.reason.clone()),
                     refused_at_ms: entry.refused.as_ref().map(|r| unix_ms(r.at)),
                 }
