@@ -21,6 +21,25 @@ pub fn rss_mib_and_threads() -> (u64, u64) {
     (field("VmRSS:") / 1024, field("Threads:"))
 }
 
+/// CPU time this thread has used (user + system): a driver call runs on its
+/// caller's thread, so this is what the call cost, whatever other tests do.
+pub fn thread_cpu() -> std::time::Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the
+    // 12th and 13th of them, in clock ticks (100 a second on Linux).
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    std::time::Duration::from_millis(ticks * 10)
+}
+
 fn chaos_beside_sim(mode: &str) -> (PluginDir, xpud::plugins::Registry) {
     let plugins = PluginDir::new();
     plugins.install("sim-xpu");
@@ -56,10 +75,16 @@ fn broken_driver_answers_are_refused_with_the_reason_and_the_bystander_answers()
         let chaos = driver(&registry, "chaos");
         let sim = driver(&registry, "sim-xpu");
         let (rss_before, threads_before) = rss_mib_and_threads();
+        let cpu_before = thread_cpu();
         let reason = match mode {
             "nan" => refusal(chaos.sample()),
             _ => refusal(chaos.devices()),
         };
+        let cpu = thread_cpu() - cpu_before;
+        assert!(
+            cpu < std::time::Duration::from_secs(2),
+            "{mode}: {cpu:?} of CPU"
+        );
         assert!(reason.contains(expected), "{mode}: {reason}");
         // The reason is visible where an operator looks.
         let view = registry
