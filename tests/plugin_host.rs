@@ -757,9 +757,14 @@ fn a_plugin_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
     assert!(driver(&registry, "sim-xpu").sample().is_ok());
 }
 
-#[test]
-fn callers_do_not_queue_forever_behind_a_call_blocked_in_the_host() {
-    // A FIFO: opening it for reading blocks in the host until a writer comes.
+/// chaos, with a 300 ms deadline, whose devices() reads a FIFO under its grant:
+/// the read blocks in the host until something writes to the FIFO (returned).
+fn chaos_reading_a_fifo() -> (
+    tempfile::TempDir,
+    PluginDir,
+    xpud::plugins::Registry,
+    std::path::PathBuf,
+) {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("sys")).unwrap();
     let fifo = root.path().join("sys/fifo");
@@ -777,6 +782,13 @@ fn callers_do_not_queue_forever_behind_a_call_blocked_in_the_host() {
     });
     let registry = registry(&plugins, root.path());
     registry.scan();
+    (root, plugins, registry, fifo)
+}
+
+#[test]
+fn callers_do_not_queue_forever_behind_a_call_blocked_in_the_host() {
+    // A FIFO: opening it for reading blocks in the host until a writer comes.
+    let (_root, _plugins, registry, fifo) = chaos_reading_a_fifo();
     let chaos = driver(&registry, "chaos");
 
     let blocked = {
@@ -808,23 +820,7 @@ fn callers_do_not_queue_forever_behind_a_call_blocked_in_the_host() {
 fn a_call_stuck_in_the_host_is_abandoned_and_the_instance_replaced() {
     // A FIFO nobody writes to: reading it blocks in the host, where no deadline
     // reaches. Past twice the deadline and a second, the instance is given up on.
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("sys")).unwrap();
-    let fifo = root.path().join("sys/fifo");
-    assert!(std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let plugins = PluginDir::new();
-    plugins.install_as("chaos", "chaos", |mut m| {
-        m = set(m, "config", "mode", "read".into());
-        m = set(m, "config", "path", "/sys/fifo".into());
-        m = set(m, "limits", "call-timeout-ms", 300.into());
-        set(m, "grants", "read", toml::Value::Array(vec!["/sys".into()]))
-    });
-    let registry = registry(&plugins, root.path());
-    registry.scan();
+    let (_root, _plugins, registry, fifo) = chaos_reading_a_fifo();
     let chaos = driver(&registry, "chaos");
     let stuck = {
         let chaos = chaos.clone();
