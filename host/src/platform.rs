@@ -64,6 +64,8 @@ impl Default for PlatformConfig {
     }
 }
 
+/// Every key but the password's value: the example-config test compares the
+/// defaults through this, so a key left out here could drift unseen.
 impl std::fmt::Debug for PlatformConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlatformConfig")
@@ -73,6 +75,10 @@ impl std::fmt::Debug for PlatformConfig {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("expires_s", &self.expires_s)
+            .field("backoff_initial_ms", &self.backoff_initial_ms)
+            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("package_url", &self.package_url)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }

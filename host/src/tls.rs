@@ -151,7 +151,15 @@ impl Tls {
             loop {
                 ticks.tick().await;
                 let resolver = resolver.clone();
-                let _ = tokio::task::spawn_blocking(move || resolver.reload_if_changed()).await;
+                // A reload that panicked must be seen: the old certificate keeps
+                // serving, and the operator needs to know why the new one does not.
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || resolver.reload_if_changed()).await
+                {
+                    tracing::error!(
+                        "certificate reload failed: {e}; the old certificate keeps serving"
+                    );
+                }
             }
         })
     }
