@@ -250,6 +250,12 @@ fn main() {
                         .body(axum::body::Body::from(body.clone().unwrap_or_default()))
                         .unwrap();
                     let response = router.clone().oneshot(request).await.unwrap();
+                    // A refusal (401, 400...) is fast and would be timed as success.
+                    assert!(
+                        response.status().is_success(),
+                        "{method} {path}: {}",
+                        response.status()
+                    );
                     axum::body::to_bytes(response.into_body(), usize::MAX)
                         .await
                         .unwrap();
