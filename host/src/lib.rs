@@ -12,6 +12,7 @@ pub mod config;
 pub mod dates;
 pub mod error;
 pub mod fetch;
+pub mod files;
 pub mod http;
 pub mod machine;
 pub mod machine_packages;

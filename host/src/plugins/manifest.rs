@@ -218,7 +218,7 @@ impl Manifest {
             file: file.clone(),
             message,
         };
-        let bytes = super::files::read_regular_file(path, MAX_MANIFEST_BYTES)
+        let bytes = crate::files::read_regular_file(path, MAX_MANIFEST_BYTES)
             .map_err(|e| fail(e.to_string()))?;
         let text = String::from_utf8(bytes).map_err(|_| fail("not UTF-8 text".into()))?;
         Manifest::parse(&text, &file)

@@ -9,7 +9,6 @@
 pub mod algorithm;
 pub mod contract;
 pub mod driver;
-pub mod files;
 pub mod inspect;
 pub mod manifest;
 pub mod registry;

@@ -16,11 +16,11 @@ use sha2::{Digest, Sha256};
 
 use super::algorithm::AlgorithmPlugin;
 use super::driver::Driver;
-use super::files::read_regular_file;
 use super::inspect::{inspect, Inspection};
 use super::manifest::MAX_MANIFEST_BYTES;
 use super::supervisor::{RestartPolicy, Status};
 use super::{Kind, Manifest};
+use crate::files::read_regular_file;
 use crate::runtime::bindings::algorithm::AlgorithmPluginPre;
 use crate::runtime::bindings::driver::DriverPluginPre;
 use crate::runtime::cache::LoadedFrom;

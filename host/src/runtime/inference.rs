@@ -26,6 +26,7 @@ use super::frames::Frame;
 use super::models::{Build, ModelCache, SharedModel, Watchdog};
 use super::preprocess::input_tensor;
 use super::PluginState;
+use crate::files::{read_open_file, FileError};
 
 /// Pixels a model input of dynamic size may always have, whatever the frame: a crop
 /// may be scaled up, but not to more than this or the frame's own size.
@@ -245,23 +246,18 @@ impl HostModel for PluginState {
             ))));
         }
         let max_bytes = self.limits.max_model_bytes;
-        let bytes = match assets.metadata(&path) {
-            Ok(meta) if !meta.is_file() => {
-                return Ok(Err(InferenceError::ModelNotFound(format!(
-                    "{path}: not a regular file"
-                ))))
-            }
-            Ok(meta) if meta.len() > max_bytes => {
+        let bytes = match assets
+            .open(&path)
+            .map_err(|e| FileError::Io(path.clone(), e))
+            .and_then(|file| read_open_file(file.into_std(), &path, max_bytes))
+        {
+            Ok(bytes) => bytes,
+            Err(FileError::TooLarge(_, size, max)) => {
                 return Ok(Err(InferenceError::InvalidModel(format!(
-                    "{path}: {} bytes, above the {max_bytes} limit ([plugin-limits] max-model-bytes)",
-                    meta.len()
+                    "{path}: {size} bytes, above the {max} limit ([plugin-limits] max-model-bytes)"
                 ))))
             }
-            Ok(_) => match read_bounded(&assets, &path, max_bytes) {
-                Ok(bytes) => bytes,
-                Err(e) => return Ok(Err(e)),
-            },
-            Err(e) => return Ok(Err(InferenceError::ModelNotFound(format!("{path}: {e}")))),
+            Err(e) => return Ok(Err(InferenceError::ModelNotFound(e.to_string()))),
         };
         let build_timeout = Duration::from_millis(self.limits.model_load_timeout_ms);
         let shared = match self.inference.model(bytes, self.deadline(), build_timeout) {
@@ -295,27 +291,6 @@ impl HostModel for PluginState {
         self.models_loaded = self.models_loaded.saturating_sub(1);
         Ok(())
     }
-}
-
-/// Reads a model file, refusing it if it grew past `max` since it was measured.
-fn read_bounded(
-    assets: &cap_std::fs::Dir,
-    path: &str,
-    max: u64,
-) -> Result<Vec<u8>, InferenceError> {
-    use std::io::Read;
-    let not_found = |e: std::io::Error| InferenceError::ModelNotFound(format!("{path}: {e}"));
-    let file = assets.open(path).map_err(not_found)?;
-    let mut bytes = Vec::new();
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(not_found)?;
-    if bytes.len() as u64 > max {
-        return Err(InferenceError::InvalidModel(format!(
-            "{path}: above the {max} bytes limit ([plugin-limits] max-model-bytes)"
-        )));
-    }
-    Ok(bytes)
 }
 
 /// Names the model file in an error that came from its session.

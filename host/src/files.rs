@@ -1,8 +1,9 @@
-//! Reading the plugin directory without trusting it.
+//! Reading files a vendor controls without trusting them: the plugin directory,
+//! and the model files in a plugin's package.
 //!
 //! Whoever can write to the plugin directory can put anything there: a manifest
 //! that is a link to the admin secret, a `.wasm` that is a FIFO or a 300 MB file.
-//! Only regular files that live in the directory are read (links are refused, not
+//! Only regular files are read (in the plugin directory, links are refused, not
 //! followed), and their size is checked before a byte is read.
 
 use std::io::Read;
@@ -43,18 +44,29 @@ pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     let name = path.display().to_string();
     regular_file_len(path, max)?;
     let file = std::fs::File::open(path).map_err(|e| FileError::Io(name.clone(), e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| FileError::Io(name.clone(), e))?;
+    read_open_file(file, &name, max)
+}
+
+/// The bytes of an opened file, `name` in errors: refused if it is not a regular
+/// file or is larger than `max` (by its size before reading, then by what reading
+/// finds). Also for files opened through a capability (`cap_std::fs::Dir`).
+pub fn read_open_file(file: std::fs::File, name: &str, max: u64) -> Result<Vec<u8>, FileError> {
+    let io = |e| FileError::Io(name.to_string(), e);
+    let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(FileError::NotRegular(name));
+        return Err(FileError::NotRegular(name.to_string()));
     }
-    let mut bytes = Vec::with_capacity(meta.len().min(max) as usize);
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| FileError::Io(name.clone(), e))?;
+    if meta.len() > max {
+        return Err(FileError::TooLarge(name.to_string(), meta.len(), max));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() as u64 > max {
-        return Err(FileError::TooLarge(name, bytes.len() as u64, max));
+        return Err(FileError::TooLarge(
+            name.to_string(),
+            bytes.len() as u64,
+            max,
+        ));
     }
     Ok(bytes)
 }
