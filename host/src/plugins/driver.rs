@@ -55,7 +55,7 @@ pub struct Driver {
     limits: Arc<PluginLimits>,
     /// The devices of the last good `devices()` answer: what partitions are checked
     /// against.
-    devices: std::sync::Mutex<Option<Vec<Device>>>,
+    devices: std::sync::Mutex<Option<Arc<[Device]>>>,
     /// The last answer that broke the contract, while no good one has come since.
     violation: std::sync::Mutex<Option<Violation>>,
     /// Answers refused since the plugin was loaded.
@@ -245,7 +245,7 @@ impl Driver {
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
         let devices = self.call(|s, b| b.xpu_plugin_driver().call_devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
-        *lock(&self.devices) = Some(devices.clone());
+        *lock(&self.devices) = Some(Arc::from(devices.as_slice()));
         Ok(devices)
     }
 
@@ -255,7 +255,7 @@ impl Driver {
         let known = lock(&self.devices).clone();
         let devices = match known {
             Some(devices) => devices,
-            None => self.devices()?,
+            None => Arc::from(self.devices()?),
         };
         let metrics = self.call(|s, b| b.xpu_plugin_driver().call_sample(s))?;
         let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;
