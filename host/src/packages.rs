@@ -479,6 +479,11 @@ impl Packages {
                 user.id
             )));
         }
+        self.forget_file(&mut state, id)
+    }
+
+    /// Removes a file package: its record, its plugin and its directory.
+    fn forget_file(&self, state: &mut State, id: &str) -> Result<()> {
         self.store.delete(Table::FilePackages, id)?;
         state.files.retain(|f| f.id != id);
         state.plugins.remove(id);
@@ -555,22 +560,20 @@ impl Packages {
 
     /// The file package that came in algorithm `id`'s own archive, if any.
     pub fn bundled_package(&self, id: &str) -> Option<String> {
-        self.read()
-            .files
-            .iter()
-            .find(|f| f.bundled_with.as_deref() == Some(id))
-            .map(|f| f.id.clone())
+        bundled_in(&self.read(), id)
     }
 
     /// The file package an algorithm document names, if it is ready.
     fn document_target(&self, path: &Path) -> std::result::Result<String, String> {
-        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-        if bytes.len() as u64 > MAX_ALGORITHM_BYTES {
+        // The download was allowed a package's size: measured before it is read.
+        let size = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+        if size > MAX_ALGORITHM_BYTES {
             return Err(format!(
                 "the algorithm is neither a package archive (gzip) nor a document of at most \
                  {MAX_ALGORITHM_BYTES} bytes"
             ));
         }
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let doc = serde_json::from_slice::<AlgorithmDocument>(&bytes)
             .map_err(|e| format!("the algorithm document is not valid: {e}"))?;
         match self.file(&doc.related_algo_file_package_id) {
@@ -634,10 +637,9 @@ impl Packages {
             }
             Err(reason) => {
                 // Nothing of a failed bundle stays behind: the algorithm says why.
-                let mut state = self.write();
-                state.files.retain(|f| f.id != id);
-                state.plugins.remove(&id);
-                let _ = self.store.delete(Table::FilePackages, &id);
+                if let Err(e) = self.forget_file(&mut self.write(), &id) {
+                    tracing::error!(algorithm = %id, "cannot remove its failed package: {e}");
+                }
                 Err(format!("its package archive: {reason}"))
             }
         }
@@ -660,20 +662,23 @@ impl Packages {
         if let Some(user) = in_use {
             return Err(Error::Conflict(format!("algorithm {id} is used by {user}")));
         }
-        let bundled = state
-            .files
-            .iter()
-            .any(|f| f.bundled_with.as_deref() == Some(id));
+        let bundled = bundled_in(&state, id);
         self.store.delete(Table::Algorithms, id)?;
         state.algorithms.retain(|a| a.id != id);
-        if bundled {
-            self.store.delete(Table::FilePackages, id)?;
-            state.files.retain(|f| f.id != id);
-            state.plugins.remove(id);
-            let _ = std::fs::remove_dir_all(self.package_dir(id));
+        match bundled {
+            Some(file) => self.forget_file(&mut state, &file),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// The file package that came in algorithm `id`'s own archive, if any.
+fn bundled_in(state: &State, id: &str) -> Option<String> {
+    state
+        .files
+        .iter()
+        .find(|f| f.bundled_with.as_deref() == Some(id))
+        .map(|f| f.id.clone())
 }
 
 /// Whether a download is a gzip stream (a package archive), by its magic bytes.
