@@ -29,23 +29,30 @@ pub struct Body<T, F>(pub T, pub PhantomData<F>);
 /// Parses JSON naming the failing field. The path is tracked only when parsing
 /// fails (a second, slower pass): good requests pay plain serde_json.
 pub fn parse_json<T: DeserializeOwned, F>(bytes: &[u8]) -> Result<T, Failure<F>> {
-    if may_hide_control(bytes) {
-        if let Some(field) = serde_json::from_slice(bytes)
-            .ok()
-            .and_then(|v| control_in_names(&v, "", false))
+    let mut typed = serde_json::from_slice::<T>(bytes).ok();
+    let suspect = may_hide_control(bytes);
+    if !suspect {
+        if let Some(typed) = typed.take() {
+            return Ok(typed);
+        }
+    }
+    // The slow path, for bodies that may hide control characters or did not read
+    // as `T`: one generic parse serves both checks below.
+    if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        if let Some(field) = suspect
+            .then(|| control_in_names(&value, "", false))
+            .flatten()
         {
             return Err(Failure::bad_request(format!(
                 "{field}: control characters and bidirectional overrides are not allowed \
                  in names, codes and ids"
             )));
         }
-    }
-    if let Ok(value) = serde_json::from_slice(bytes) {
-        return Ok(value);
-    }
-    // JSON Schema's integers are numbers without a fraction: `25.0` is one, and a
-    // schema-driven client may send it so. Such numbers are read as integers.
-    if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        if let Some(typed) = typed {
+            return Ok(typed);
+        }
+        // JSON Schema's integers are numbers without a fraction: `25.0` is one, and a
+        // schema-driven client may send it so. Such numbers are read as integers.
         if whole_floats_to_integers(&mut value) {
             if let Ok(typed) = serde_json::from_value(value) {
                 return Ok(typed);
