@@ -87,11 +87,7 @@ fn broken_driver_answers_are_refused_with_the_reason_and_the_bystander_answers()
         );
         assert!(reason.contains(expected), "{mode}: {reason}");
         // The reason is visible where an operator looks.
-        let view = registry
-            .views()
-            .into_iter()
-            .find(|v| v.name == "chaos")
-            .unwrap();
+        let view = view(&registry, "chaos");
         if matches!(mode, "nan" | "duplicate") {
             assert_eq!(
                 view.answer_refused.as_deref(),
@@ -122,11 +118,7 @@ fn a_driver_export_with_the_wrong_signature_is_refused_with_the_reason() {
     let registry = registry(&plugins, &fixture("empty-sysfs"));
     let report = registry.scan();
     assert_eq!(report.refused, vec!["misfit"]);
-    let view = registry
-        .views()
-        .into_iter()
-        .find(|v| v.name == "misfit")
-        .unwrap();
+    let view = view(&registry, "misfit");
     let reason = view.refused.unwrap();
     assert!(
         reason.contains("does not have export `devices`"),
@@ -167,11 +159,7 @@ fn a_log_flood_is_cut_to_the_rate_and_counted() {
     registry.scan();
     let chaos = driver(&registry, "chaos");
     chaos.sample().unwrap();
-    let view = registry
-        .views()
-        .into_iter()
-        .find(|v| v.name == "chaos")
-        .unwrap();
+    let view = view(&registry, "chaos");
     // 3,000 lines against a burst of 100 (ten seconds at 10 a second).
     assert!(
         (2_890..=2_900).contains(&view.log_lines_dropped),

@@ -137,11 +137,7 @@ fn tampered_wasm_is_refused_and_others_load() {
     let report = registry.scan();
     assert_eq!(report.loaded, vec!["sim-xpu"]);
     assert_eq!(report.refused, vec!["passthrough"]);
-    let view = registry
-        .views()
-        .into_iter()
-        .find(|v| v.name == "passthrough")
-        .unwrap();
+    let view = view(&registry, "passthrough");
     assert_eq!(view.state, "refused");
     assert!(view.refused.unwrap().contains("sha256 mismatch"));
 }

@@ -144,6 +144,15 @@ pub fn registry_with(plugins: &PluginDir, grant_root: &Path, limits: PluginLimit
     .expect("registry")
 }
 
+/// The `GET /plugins` row of plugin `name`.
+pub fn view(registry: &Registry, name: &str) -> xpud::plugins::registry::PluginView {
+    registry
+        .views()
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no plugin {name} in the registry"))
+}
+
 /// The loaded driver plugin `name`.
 pub fn driver(registry: &Registry, name: &str) -> Arc<xpud::plugins::driver::Driver> {
     registry
@@ -410,13 +419,7 @@ impl ApiClient {
             .bearer_auth(&self.token);
         self.runtime.block_on(async {
             let response = request.send().await.expect("request");
-            let allow = response
-                .headers()
-                .get("allow")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            (response.status().as_u16(), allow)
+            (response.status().as_u16(), header(&response, "allow"))
         })
     }
 
@@ -432,18 +435,23 @@ impl ApiClient {
             let response = request.send().await?;
             let url = response.url().to_string();
             let status = response.status().as_u16();
-            let challenge = response
-                .headers()
-                .get("www-authenticate")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
+            let challenge = header(&response, "www-authenticate");
             let text = response.text().await?;
             let json = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
             Ok((status, challenge, json))
         })
     }
+}
+
+/// A response header as text ("" when absent).
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A static file server on loopback, serving the files of a directory (404 for
