@@ -28,6 +28,7 @@ pub mod services;
 pub mod store;
 pub mod sync;
 pub mod tasks;
+pub mod text;
 pub mod tls;
 pub mod toml_input;
 pub mod transport;

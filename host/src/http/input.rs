@@ -20,6 +20,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::envelope::{Failure, Family};
+use crate::text::is_hidden_control;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -107,12 +108,6 @@ fn whole_floats_to_integers(value: &mut serde_json::Value) -> bool {
             .fold(false, |a, b| a | b),
         _ => false,
     }
-}
-
-/// A control character or a bidirectional override (which reorders what a reader
-/// sees).
-pub fn is_hidden_control(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Cheap test on the raw body: JSON carries control characters only escaped

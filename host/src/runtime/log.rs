@@ -85,8 +85,7 @@ pub fn sanitize(message: &str) -> String {
     }
     let mut line = String::with_capacity(cut + 16);
     for c in message[..cut].chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if c.is_control() || bidi {
+        if crate::text::is_hidden_control(c) {
             line.extend(c.escape_default());
         } else {
             line.push(c);
