@@ -276,8 +276,8 @@ fn render(document: &utoipa::openapi::OpenApi) -> String {
     serde_json::to_string_pretty(&value).expect("a JSON value always serialises")
 }
 
-/// What `input` refuses in names, codes and ids (control characters, bidirectional
-/// overrides), as a JSON Schema pattern.
+/// `text::is_hidden_control` (what `input` refuses in names, codes and ids), as a
+/// JSON Schema pattern: change the two together.
 const NO_HIDDEN_CONTROLS: &str =
     "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$";
 const NOT_BLANK_NO_HIDDEN_CONTROLS: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069][^\\u0000-\\u001f\\u007f-\\u009f\\u202a-\\u202e\\u2066-\\u2069]*$";
