@@ -3,6 +3,7 @@
 
 use crate::support::*;
 use serde_json::json;
+use std::time::Duration;
 
 fn running_cluster(server: &TestServer) -> (String, String) {
     let (_, body) = server.post(
@@ -150,4 +151,73 @@ fn sysinfo_host_name() -> String {
             }
         })
         .collect()
+}
+
+/// A driver that dies after its first samples: its cards leave D.5, the monitors,
+/// the inventory placement reads, and `GET /plugins` says why, within a few
+/// sampling intervals (the test server samples every 50 ms; figures older than a
+/// second are withdrawn).
+#[test]
+fn a_dead_drivers_cards_leave_every_figure_within_a_few_intervals() {
+    let server = TestServer::start(&["sim-xpu"]);
+    let (code, _) = running_cluster(&server);
+    let gpus = |server: &TestServer| -> (u64, usize) {
+        let (_, status) = server.get("/CAP/Status");
+        let (_, monitors) = server.get(&format!("/CCP/cluster/monitors/{code}"));
+        (
+            status["data"]["basicInfos"][0]["gpu"].as_u64().unwrap(),
+            monitors["data"]["xpuMonitors"].as_array().unwrap().len(),
+        )
+    };
+    let dies_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 4000;
+    server.plugins.install_as("chaos", "chaos", |m| {
+        let m = set(m, "config", "mode", "die-at".into());
+        set(m, "config", "at-ms", dies_at.to_string().into())
+    });
+    assert!(
+        wait_for(Duration::from_secs(3), || gpus(&server) == (3, 3)),
+        "chaos's card never showed: {:?}",
+        gpus(&server)
+    );
+    assert!(server
+        .app
+        .xpus()
+        .iter()
+        .any(|x| &*x.xpu_type == "CHAOS_TEST"));
+
+    let withdrawn = wait_for(Duration::from_secs(12), || gpus(&server) == (2, 2));
+    assert!(
+        withdrawn,
+        "the dead driver's card stayed: {:?}",
+        gpus(&server)
+    );
+    assert!(!server
+        .app
+        .xpus()
+        .iter()
+        .any(|x| &*x.xpu_type == "CHAOS_TEST"));
+    let row = |name: &str| {
+        let (_, list) = server.get("/plugins");
+        list["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let chaos = row("chaos");
+    assert_eq!(chaos["stale"], true, "{chaos}");
+    assert!(chaos.get("devices").is_none(), "{chaos}");
+    let error = chaos["sample_error"].as_str().unwrap();
+    assert!(
+        error.contains("trapped") || error.contains("restarting") || error.contains("unhealthy"),
+        "{error}"
+    );
+    // sim-xpu, beside it, is current.
+    assert_eq!(row("sim-xpu").get("stale"), None);
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sysinfo::{Disks, Networks, System};
 
+use crate::runtime::bindings::driver_types::Health as DeviceHealth;
 use crate::sampler::SampleCache;
 
 /// Samples kept: with the default 2 s interval, the last 20 minutes.
@@ -46,6 +47,8 @@ pub struct XpuSample {
     pub utilization: Option<f64>,
     /// Video-decode utilisation, 0-1.
     pub decode_utilization: Option<f64>,
+    /// What the driver says of the card: an unhealthy one is not placed on.
+    pub health: DeviceHealth,
 }
 
 #[derive(Clone, Debug)]
@@ -189,8 +192,8 @@ pub fn card<'a>(sample: &'a Sample, key: &str, hint: usize) -> Option<&'a XpuSam
     }
 }
 
-/// The accelerators in the drivers' latest snapshots. Simulated devices count: their
-/// type says they are simulated.
+/// The accelerators in the drivers' current snapshots (a driver without one has no
+/// cards here).
 pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
     let mut out = Vec::new();
     for driver in drivers {
@@ -221,6 +224,7 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
                 decode_utilization: card
                     .and_then(|c| c.video_decode_utilization_pct)
                     .map(|p| f64::from(p) / 100.0),
+                health: device.health,
             });
         }
     }
@@ -316,6 +320,7 @@ mod tests {
             memory_used_gb: Some(1.0),
             utilization: Some(utilization),
             decode_utilization: None,
+            health: DeviceHealth::Healthy,
         }
     }
 

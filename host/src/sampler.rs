@@ -4,6 +4,10 @@
 //! sampled on its own blocking thread, and a driver whose previous sample is still
 //! running (a plugin stuck until its deadline) is skipped, so one slow driver
 //! delays nobody else.
+//!
+//! A snapshot carries its time. One older than a few intervals is not served: a
+//! driver that crashed, hangs or answers errors has no figures and no cards until it
+//! answers again (the transition is logged at warn, and shown in `GET /plugins`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,6 +17,12 @@ use crate::plugins::driver::{Driver, DriverFailure};
 use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{Device, Metrics};
 
+/// Sampling intervals a driver may miss before its figures are withdrawn.
+const MISSED_INTERVALS: u32 = 3;
+/// The shortest age at which figures are withdrawn: a busy machine may delay one
+/// sample of a fast sampler, and that is not a driver failure.
+const MIN_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The latest readings of one driver.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -21,28 +31,118 @@ pub struct Snapshot {
     pub at: SystemTime,
 }
 
-#[derive(Default)]
+/// How a driver's sampling goes, as `GET /plugins` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct Sampling {
+    /// When its last good answer came.
+    pub sampled_at: Option<SystemTime>,
+    /// Its figures are withdrawn: no good answer for longer than the cache's
+    /// maximum age (or its last answer broke the contract).
+    pub stale: bool,
+    /// Why the last attempt gave no sample, when it did not.
+    pub last_error: Option<String>,
+}
+
 pub struct SampleCache {
     snapshots: RwLock<HashMap<String, Snapshot>>,
     in_flight: Mutex<HashSet<String>>,
+    /// Why each driver's last attempt failed, and whether its figures are withdrawn.
+    failures: Mutex<HashMap<String, Failure>>,
+    max_age: Duration,
+}
+
+#[derive(Default)]
+struct Failure {
+    last_error: Option<String>,
+    withdrawn: bool,
 }
 
 impl SampleCache {
+    /// A cache for drivers sampled every `interval`.
+    pub fn new(interval: Duration) -> SampleCache {
+        SampleCache {
+            snapshots: RwLock::default(),
+            in_flight: Mutex::default(),
+            failures: Mutex::default(),
+            max_age: (interval * MISSED_INTERVALS).max(MIN_MAX_AGE),
+        }
+    }
+
+    fn fresh(&self, snapshot: &Snapshot) -> bool {
+        snapshot
+            .at
+            .elapsed()
+            .map_or(true, |age| age <= self.max_age)
+    }
+
+    /// The driver's latest snapshot, if it is recent enough to be served.
     pub fn get(&self, driver: &str) -> Option<Snapshot> {
-        crate::sync::read(&self.snapshots).get(driver).cloned()
+        crate::sync::read(&self.snapshots)
+            .get(driver)
+            .filter(|s| self.fresh(s))
+            .cloned()
+    }
+
+    /// How the driver's sampling goes.
+    pub fn sampling(&self, driver: &str) -> Sampling {
+        let sampled_at = crate::sync::read(&self.snapshots).get(driver).map(|s| s.at);
+        let failures = crate::sync::lock(&self.failures);
+        let failure = failures.get(driver);
+        Sampling {
+            sampled_at,
+            stale: self.get(driver).is_none() && (sampled_at.is_some() || failure.is_some()),
+            last_error: failure.and_then(|f| f.last_error.clone()),
+        }
     }
 
     fn put(&self, driver: &str, snapshot: Snapshot) {
         crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot);
+        if let Some(failure) = crate::sync::lock(&self.failures).remove(driver) {
+            if failure.withdrawn {
+                tracing::warn!(plugin = %driver, "driver answers again: its cards are back");
+            }
+        }
     }
 
-    fn remove(&self, driver: &str) {
-        crate::sync::write(&self.snapshots).remove(driver);
+    /// Records a failed attempt. A broken answer withdraws the figures at once; any
+    /// other failure leaves them until they are too old.
+    fn failed(&self, driver: &str, error: &DriverFailure) {
+        if matches!(error, DriverFailure::Contract(_)) {
+            crate::sync::write(&self.snapshots).remove(driver);
+        }
+        crate::sync::lock(&self.failures)
+            .entry(driver.to_string())
+            .or_default()
+            .last_error = Some(error.to_string());
+        self.withdraw_if_stale(driver);
+    }
+
+    /// Logs, once, that a driver's figures are no longer served.
+    fn withdraw_if_stale(&self, driver: &str) {
+        let snapshot = crate::sync::read(&self.snapshots).get(driver).cloned();
+        if snapshot.as_ref().is_some_and(|s| self.fresh(s)) {
+            return;
+        }
+        let mut failures = crate::sync::lock(&self.failures);
+        let failure = failures.entry(driver.to_string()).or_default();
+        if failure.withdrawn {
+            return;
+        }
+        failure.withdrawn = true;
+        let cards = snapshot.map_or(0, |s| s.devices.len());
+        tracing::warn!(
+            plugin = %driver,
+            cards,
+            max_age_ms = self.max_age.as_millis() as u64,
+            "driver has no current sample: its cards are withdrawn from the figures and from placement; last error: {}",
+            failure.last_error.as_deref().unwrap_or("none (no answer yet)")
+        );
     }
 
     /// Drops drivers that are no longer loaded.
     fn retain(&self, names: &HashSet<String>) {
         crate::sync::write(&self.snapshots).retain(|name, _| names.contains(name));
+        crate::sync::lock(&self.failures).retain(|name, _| names.contains(name));
     }
 }
 
@@ -62,7 +162,10 @@ pub fn sample_all_now(registry: &Registry, cache: &SampleCache) {
     for (name, driver) in registry.drivers() {
         match sample_one(&driver) {
             Ok(snapshot) => cache.put(&name, snapshot),
-            Err(e) => tracing::warn!(plugin = %name, "no sample at start: {e}"),
+            Err(e) => {
+                tracing::warn!(plugin = %name, "no sample at start: {e}");
+                cache.failed(&name, &e);
+            }
         }
     }
 }
@@ -81,6 +184,9 @@ pub fn spawn(
             let drivers = registry.drivers();
             cache.retain(&drivers.iter().map(|(name, _)| name.clone()).collect());
             for (name, driver) in drivers {
+                // A driver stuck in its previous sample is not asked again, but its
+                // figures still age.
+                cache.withdraw_if_stale(&name);
                 if !crate::sync::lock(&cache.in_flight).insert(name.clone()) {
                     continue;
                 }
@@ -88,16 +194,61 @@ pub fn spawn(
                 tokio::task::spawn_blocking(move || {
                     match sample_one(&driver) {
                         Ok(snapshot) => cache.put(&name, snapshot),
-                        // A broken answer's figures are dropped, never mixed in (the
-                        // driver logged why).
-                        Err(DriverFailure::Contract(_)) => cache.remove(&name),
-                        // The supervisor has logged crashes; a restarting or unhealthy
-                        // driver simply has no fresh sample.
-                        Err(e) => tracing::debug!(plugin = %name, "no sample: {e}"),
+                        // The supervisor or the contract check has logged the cause;
+                        // the transition to "no figures" is logged by the cache.
+                        Err(e) => {
+                            tracing::debug!(plugin = %name, "no sample: {e}");
+                            cache.failed(&name, &e);
+                        }
                     }
                     crate::sync::lock(&cache.in_flight).remove(&name);
                 });
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::supervisor::CallError;
+
+    fn snapshot(age: Duration) -> Snapshot {
+        Snapshot {
+            devices: Vec::new(),
+            metrics: Metrics {
+                cards: Vec::new(),
+                instances: Vec::new(),
+            },
+            at: SystemTime::now() - age,
+        }
+    }
+
+    #[test]
+    fn snapshots_older_than_a_few_intervals_are_not_served() {
+        let cache = SampleCache::new(Duration::from_secs(2));
+        cache.put("a", snapshot(Duration::from_secs(5)));
+        assert!(cache.get("a").is_some());
+        assert!(!cache.sampling("a").stale);
+        cache.put("a", snapshot(Duration::from_secs(7)));
+        assert!(cache.get("a").is_none());
+        cache.failed(
+            "a",
+            &DriverFailure::Plugin(CallError::Timeout(Duration::from_secs(1))),
+        );
+        let sampling = cache.sampling("a");
+        assert!(sampling.stale && sampling.sampled_at.is_some());
+        assert!(sampling.last_error.unwrap().contains("deadline"));
+        // A good answer clears the failure.
+        cache.put("a", snapshot(Duration::ZERO));
+        let sampling = cache.sampling("a");
+        assert!(!sampling.stale && sampling.last_error.is_none());
+    }
+
+    #[test]
+    fn the_floor_keeps_a_fast_sampler_from_flapping() {
+        let cache = SampleCache::new(Duration::from_millis(50));
+        cache.put("a", snapshot(Duration::from_millis(600)));
+        assert!(cache.get("a").is_some());
+    }
 }

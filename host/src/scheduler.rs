@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::machine::XpuSample;
 use crate::plugins::driver::{Driver, DriverFailure};
 use crate::plugins::Registry;
-use crate::runtime::bindings::driver_types::{DriverError, Isolation, PartitionSpec, Slicing};
+use crate::runtime::bindings::driver_types::{
+    DriverError, Health as DeviceHealth, Isolation, PartitionSpec, Slicing,
+};
 
 /// Where one replica runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -215,9 +217,13 @@ fn choose(
             *held.entry(card.clone()).or_default() += placement.quota.min(1.0);
         }
     }
-    let mut cards: Vec<Card<'_>> = xpus
+    let of_type: Vec<&XpuSample> = xpus
         .iter()
         .filter(|x| same_type(&x.xpu_type, xpu_type))
+        .collect();
+    let mut cards: Vec<Card<'_>> = of_type
+        .iter()
+        .filter(|x| x.health != DeviceHealth::Unhealthy)
         .filter_map(|x| {
             let (driver, index) = x.key.rsplit_once('/')?;
             let index: u32 = index.parse().ok()?;
@@ -233,6 +239,16 @@ fn choose(
             })
         })
         .collect();
+    if cards.is_empty() && !of_type.is_empty() {
+        return Err(Error::Conflict(format!(
+            "every {xpu_type} accelerator on this machine is unhealthy ({})",
+            of_type
+                .iter()
+                .map(|x| &*x.key)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     if cards.is_empty() {
         let present: Vec<&str> = xpus.iter().map(|x| &*x.xpu_type).collect();
         return Err(Error::Conflict(format!(
@@ -285,6 +301,7 @@ mod tests {
             memory_used_gb: None,
             utilization: None,
             decode_utilization: None,
+            health: DeviceHealth::Healthy,
         }
     }
 
@@ -311,6 +328,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("present: SIM_X"));
+    }
+
+    #[test]
+    fn unhealthy_cards_are_not_placed_on() {
+        let mut sick = card("sim/0");
+        sick.health = DeviceHealth::Unhealthy;
+        let xpus = [sick.clone(), card("sim/1")];
+        let ledger = HashMap::new();
+        let chosen = choose(&ledger, 1, 1.0, "SIM_X", &xpus).unwrap();
+        assert_eq!(chosen[0].0.card, Some(("sim".to_string(), 1)));
+        assert!(choose(&ledger, 2, 1.0, "SIM_X", &xpus).is_err());
+        let error = choose(&ledger, 1, 0.5, "SIM_X", &[sick]).unwrap_err();
+        assert!(error.to_string().contains("unhealthy (sim/0)"), "{error}");
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl Server {
             },
         )?);
         let watcher = watcher::watch(registry.clone()).await?;
-        let samples = Arc::new(SampleCache::default());
+        let samples = Arc::new(SampleCache::new(std::time::Duration::from_millis(
+            config.sampler.interval_ms,
+        )));
         let sampler = sampler::spawn(
             registry.clone(),
             samples.clone(),

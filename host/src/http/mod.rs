@@ -448,11 +448,19 @@ struct PluginList {
 struct PluginRow {
     #[serde(flatten)]
     plugin: PluginView,
-    /// Drivers: what the last sample found.
+    /// Drivers: what the current sample found (none while the figures are stale).
     #[serde(skip_serializing_if = "Option::is_none")]
     devices: Option<Vec<DeviceRow>>,
+    /// Drivers: when the last good sample was taken.
     #[serde(skip_serializing_if = "Option::is_none")]
     sampled_at_ms: Option<u64>,
+    /// Drivers: no current sample, so its cards are absent from every figure and
+    /// from placement until it answers again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stale: bool,
+    /// Drivers: why the last sampling attempt failed, while it keeps failing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample_error: Option<String>,
 }
 
 #[derive(serde::Serialize, ToSchema)]
@@ -474,6 +482,7 @@ async fn plugins(State(state): State<App>) -> Json<PluginList> {
         .into_iter()
         .map(|plugin| {
             let snapshot = state.samples.get(&plugin.name);
+            let sampling = state.samples.sampling(&plugin.name);
             PluginRow {
                 devices: snapshot.as_ref().map(|s| {
                     s.devices
@@ -487,11 +496,13 @@ async fn plugins(State(state): State<App>) -> Json<PluginList> {
                         })
                         .collect()
                 }),
-                sampled_at_ms: snapshot.and_then(|s| {
-                    s.at.duration_since(std::time::UNIX_EPOCH)
+                sampled_at_ms: sampling.sampled_at.and_then(|at| {
+                    at.duration_since(std::time::UNIX_EPOCH)
                         .ok()
                         .map(|d| d.as_millis() as u64)
                 }),
+                stale: sampling.stale,
+                sample_error: sampling.last_error,
                 plugin,
             }
         })

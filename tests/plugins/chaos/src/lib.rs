@@ -22,7 +22,9 @@
 //! - `bogus-partition`: `create-partition` "succeeds" on device 99 with a quota of
 //!   1 TiB, whatever was asked;
 //! - `log-flood`: each `sample` writes 3,000 log lines, the first forging a line of
-//!   the host's with a newline.
+//!   the host's with a newline;
+//! - `die-at`: healthy until the wall clock passes config `at-ms` (Unix ms), then
+//!   every `devices` call traps, in every incarnation: a driver that died.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -41,7 +43,11 @@ impl Driver for Chaos {
     fn init(config: Config) -> Result<(Self, DriverInfo), DriverError> {
         let chaos = Chaos {
             mode: config.get("mode").unwrap_or("healthy").to_string(),
-            path: config.get("path").unwrap_or("").to_string(),
+            path: config
+                .get("path")
+                .or(config.get("at-ms"))
+                .unwrap_or("")
+                .to_string(),
             samples: 0,
             partitions: Vec::new(),
             next_partition: 0,
@@ -56,6 +62,15 @@ impl Driver for Chaos {
     }
 
     fn devices(&mut self) -> Result<Vec<Device>, DriverError> {
+        if self.mode == "die-at" {
+            let at: u128 = self.path.parse().unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            if now >= at {
+                core::arch::wasm32::unreachable();
+            }
+        }
         let accelerator_type = if self.mode == "probe" {
             let connect = match std::net::TcpStream::connect(self.path.as_str()) {
                 Ok(_) => "connected".to_string(),
