@@ -141,9 +141,13 @@ fn workloads_run_pods_and_scale_for_real() {
     assert_eq!(status, 400);
     assert!(body["message"].as_str().unwrap().contains("pageNumber"));
 
-    // The cluster cannot go while the workload runs; B.3 then it can.
+    // The cluster cannot go while the workload runs, nor the package its pods run;
+    // B.3 then they can.
     let (status, _) = server.call(Method::DELETE, &format!("/CCP/clusters/{cluster}"), None);
     assert_eq!(status, 409);
+    let (status, body) = server.call(Method::DELETE, "/CAP/AlgoFilePackages/pkg", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("human-detect"), "{body}");
     let (status, body) = server.call(
         Method::DELETE,
         "/CCP/algoService/workloads/human-detect",
@@ -157,6 +161,8 @@ fn workloads_run_pods_and_scale_for_real() {
     assert_eq!(status, 404);
     let (status, _) = server.call(Method::DELETE, &format!("/CCP/clusters/{cluster}"), None);
     assert_eq!(status, 200);
+    let (status, body) = server.call(Method::DELETE, "/CAP/AlgoFilePackages/pkg", None);
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]
@@ -257,4 +263,85 @@ fn an_algorithm_that_is_its_own_archive_installs_and_runs_as_a_workload_image() 
     // The bundled package cannot be deleted on its own; it goes with the algorithm.
     let (status, _) = server.call(Method::DELETE, "/CAP/AlgoFilePackages/algo-self", None);
     assert_eq!(status, 409);
+}
+
+/// A workload whose pods cannot start is Failed in B.6 with the reason, its pods are
+/// Failed in B.7, and the supervisor keeps trying on its own schedule (within its
+/// restart budget) without anyone calling the pods.
+#[test]
+fn a_workload_whose_pods_cannot_start_is_not_running() {
+    let platform = FileServer::start();
+    let server = TestServer::start(&["sim-xpu"]);
+    // 1 MiB is less than the plugin's initial memory: every start fails.
+    let package =
+        passthrough_package_with("XPUD-PT-TINY", |m| set(m, "limits", "memory-mib", 1.into()));
+    let (url, md5) = platform.publish("tiny.tar.gz", &package);
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": "tiny", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get("/CAP/AlgoFilePackages/tiny")
+        .1["data"]["status"]
+        == 0));
+    let (_, body) = server.post("/CCP/clusters", json!({
+        "name": "c",
+        "spec": { "version": "1.20.4", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
+    }));
+    let cluster = body["data"]["clusterCode"].as_str().unwrap().to_string();
+    let mut workload = example_workload(&cluster);
+    workload["image"] = "XPUD-PT-TINY".into();
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 200, "{body}");
+
+    let detail = || {
+        server
+            .get(&format!(
+                "/CCP/algoService/workloads/human-detect?clusterCode={cluster}&namespace=default"
+            ))
+            .1["data"]
+            .clone()
+    };
+    let data = detail();
+    assert_eq!(data["status"], "Failed", "{data}");
+    let why = data["statusDesc"].as_str().unwrap();
+    assert!(
+        why.contains("cannot start") || why.contains("given up"),
+        "{why}"
+    );
+    assert!(why.contains("memory"), "{why}");
+
+    let (_, body) = server.call(
+        Method::GET,
+        "/CCP/algoService/pods",
+        Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
+    );
+    for pod in body["data"]["pods"].as_array().unwrap() {
+        assert_eq!(pod["status"], "Failed", "{pod}");
+        assert_eq!(pod["ready"], false, "{pod}");
+    }
+    // Retried on the supervisor's schedule until the budget is spent (3 restarts
+    // in 60 s by default, backoffs 200, 400, 800 ms): given up, said so.
+    assert!(
+        wait_for(Duration::from_secs(10), || detail()["statusDesc"]
+            .as_str()
+            .unwrap()
+            .contains("given up: 4 crashes")),
+        "{}",
+        detail()
+    );
+}
+
+/// Replicas 0 is Stopped, not Running.
+#[test]
+fn a_workload_scaled_to_zero_is_stopped() {
+    let (_platform, server, cluster) = setup();
+    let mut workload = example_workload(&cluster);
+    workload["replicas"] = 0.into();
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = server.get(&format!(
+        "/CCP/algoService/workloads/human-detect?clusterCode={cluster}&namespace=default"
+    ));
+    assert_eq!(body["data"]["status"], "Stopped", "{body}");
 }

@@ -3,7 +3,8 @@
 //! Installing a package (by its code, from an installed algorithm file package)
 //! starts it: one algorithm-plugin worker, placed by the [`Scheduler`] when its
 //! `args` name an `xpuType` (with the package's GPU quota). Its status is RUNNING
-//! while the worker lives, STOPPED once its supervisor gives up on it.
+//! while the worker lives, STOPPED while it cannot start or once its supervisor
+//! gives up on it.
 
 use std::sync::{Arc, RwLock};
 
@@ -14,7 +15,7 @@ use crate::machine::XpuSample;
 use crate::package::PackageManifest;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::AlgorithmWorker;
-use crate::plugins::supervisor::Health;
+use crate::plugins::supervisor::Phase;
 use crate::scheduler::Scheduler;
 use crate::services::parse_envs;
 use crate::store::{Store, Table};
@@ -190,8 +191,9 @@ impl MachinePackages {
     }
 
     fn run_state(installed: &Installed) -> RunState {
-        match installed.worker.as_ref().map(|w| w.status().health) {
-            Some(Health::Unhealthy { .. }) | None => RunState::Stopped,
+        // A worker that cannot start is not running, whatever its next attempt.
+        match installed.worker.as_ref().map(|w| w.status().phase()) {
+            Some(Phase::Failed) | None => RunState::Stopped,
             Some(_) => RunState::Running,
         }
     }
@@ -209,6 +211,14 @@ impl MachinePackages {
             .find(|i| i.package.code == code)
             .map(|i| (i.package.clone(), Self::run_state(i)))
             .ok_or_else(|| Error::NotFound(format!("no installed algorithm package {code:?}")))
+    }
+
+    /// Every live worker, for the keeper that revives crashed ones.
+    pub fn workers(&self) -> Vec<Arc<AlgorithmWorker>> {
+        self.read()
+            .iter()
+            .filter_map(|i| i.worker.clone())
+            .collect()
     }
 
     /// The installed package using file package `id`, if one does.

@@ -210,7 +210,16 @@ impl Server {
             },
             config.tls.insecure_http,
         )?;
-        let mut background = vec![watcher, sampler, auth.spawn_maintenance()];
+        let keeper = {
+            let app = app.clone();
+            crate::plugins::algorithm::spawn_keeper(move || {
+                let mut workers = app.workloads.workers();
+                workers.extend(app.services.all_workers());
+                workers.extend(app.machine_packages.workers());
+                workers
+            })
+        };
+        let mut background = vec![watcher, sampler, keeper, auth.spawn_maintenance()];
         background.extend(tls.as_ref().map(|tls| tls.spawn_reloader()));
         if let Some(platform) = &platform {
             background.extend(platform.spawn());

@@ -141,6 +141,14 @@ impl Services {
             .ok_or_else(|| Error::NotFound(format!("no algorithm service {id:?}")))
     }
 
+    /// Every live worker (replica), for the keeper that revives crashed ones.
+    pub fn all_workers(&self) -> Vec<Arc<AlgorithmWorker>> {
+        self.read()
+            .iter()
+            .flat_map(|r| r.workers.iter().cloned())
+            .collect()
+    }
+
     /// The service using algorithm `algo_id`, if one does.
     pub fn user_of(&self, algo_id: &str) -> Option<String> {
         self.read()

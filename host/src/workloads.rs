@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::machine::XpuSample;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
-use crate::plugins::supervisor::{Health, Status as WorkerStatus};
+use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
 use crate::scheduler::Scheduler;
 use crate::store::{Store, Table};
 
@@ -81,36 +81,41 @@ pub struct PodState {
 }
 
 impl PodState {
-    /// Kubernetes' pod phases: Pending until started, Running, Failed when its
-    /// worker is unhealthy (a restarting one is Running, not ready).
+    /// Kubernetes' pod phases: Pending until started, Running (a crashed worker
+    /// restarting after its backoff is Running, not ready), Failed when its worker
+    /// cannot start or is over its restart budget.
     pub fn phase(&self) -> &'static str {
-        match self.worker.health {
-            Health::Idle => "Pending",
-            Health::Running | Health::Restarting { .. } => "Running",
-            Health::Unhealthy { .. } => "Failed",
+        match self.worker.phase() {
+            Phase::Starting => "Pending",
+            Phase::Running | Phase::Restarting => "Running",
+            Phase::Failed => "Failed",
         }
     }
 
     pub fn ready(&self) -> bool {
-        self.worker.health == Health::Running
+        self.worker.phase() == Phase::Running
     }
 
     pub fn description(&self) -> String {
-        match &self.worker.health {
-            Health::Idle => "starting".into(),
-            Health::Running => "running".into(),
-            Health::Restarting { retry_in_ms } => format!(
-                "restarting in {retry_in_ms} ms after: {}",
-                self.worker.last_error.as_deref().unwrap_or("a crash")
-            ),
-            Health::Unhealthy { reason } => reason.clone(),
-        }
+        self.worker.describe()
     }
+}
+
+/// A workload's status, derived from its live pods.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadStatus {
+    /// Running (every pod ready), Pending (some starting or restarting), Failed
+    /// (a pod cannot run, or pods are missing), Stopped (no replicas asked for).
+    pub status: &'static str,
+    /// Why, in one line.
+    pub reason: String,
 }
 
 struct Live {
     record: WorkloadRecord,
     workers: Vec<Arc<AlgorithmWorker>>,
+    /// Why the record's pods could not be started again after a restart.
+    restore_error: Option<String>,
 }
 
 pub struct Workloads {
@@ -277,14 +282,21 @@ impl Workloads {
                 .and_then(|(_, algorithm)| {
                     self.start_pods(&record.spec, &algorithm, record.pods.len() as u32, xpus)
                 });
-            let workers = match workers {
-                Ok(workers) => workers,
+            let (workers, restore_error) = match workers {
+                Ok(workers) => (workers, None),
                 Err(e) => {
                     tracing::error!(workload = %record.key(), "cannot restart its pods: {e}");
-                    Vec::new()
+                    (
+                        Vec::new(),
+                        Some(format!("pods not started after a restart: {e}")),
+                    )
                 }
             };
-            self.write().push(Live { record, workers });
+            self.write().push(Live {
+                record,
+                workers,
+                restore_error,
+            });
         }
         Ok(())
     }
@@ -340,6 +352,7 @@ impl Workloads {
         self.write().push(Live {
             record: record.clone(),
             workers,
+            restore_error: None,
         });
         Ok(record)
     }
@@ -389,6 +402,71 @@ impl Workloads {
                 worker: worker.status(),
             })
             .collect())
+    }
+
+    /// B.6's status: what the live pods are doing, never what was asked for.
+    pub fn status(&self, cluster: &str, namespace: &str, name: &str) -> Result<WorkloadStatus> {
+        let state = self.read();
+        let live = Self::find(&state, cluster, namespace, name)?;
+        let asked = live.record.spec.replicas as usize;
+        let status = |status, reason| Ok(WorkloadStatus { status, reason });
+        if asked == 0 {
+            return status("Stopped", "scaled to 0 replicas".into());
+        }
+        if live.workers.len() < asked {
+            return status(
+                "Failed",
+                live.restore_error
+                    .clone()
+                    .unwrap_or_else(|| format!("{} of {asked} pods exist", live.workers.len())),
+            );
+        }
+        let pods: Vec<(&PodRecord, WorkerStatus)> = live
+            .record
+            .pods
+            .iter()
+            .zip(&live.workers)
+            .map(|(pod, worker)| (pod, worker.status()))
+            .collect();
+        let not = |phase: Phase| {
+            pods.iter()
+                .filter(|(_, s)| s.phase() == phase)
+                .map(|(pod, s)| format!("pod {}: {}", pod.name, s.describe()))
+                .collect::<Vec<_>>()
+        };
+        let failed = not(Phase::Failed);
+        if !failed.is_empty() {
+            return status("Failed", failed.join("; "));
+        }
+        let ready = pods
+            .iter()
+            .filter(|(_, s)| s.phase() == Phase::Running)
+            .count();
+        if ready == asked {
+            return status("Running", format!("{ready}/{asked} pods ready"));
+        }
+        let mut waiting = not(Phase::Starting);
+        waiting.extend(not(Phase::Restarting));
+        status(
+            "Pending",
+            format!("{ready}/{asked} pods ready; {}", waiting.join("; ")),
+        )
+    }
+
+    /// Every live worker (pod), for the keeper that revives crashed ones.
+    pub fn workers(&self) -> Vec<Arc<AlgorithmWorker>> {
+        self.read()
+            .iter()
+            .flat_map(|l| l.workers.iter().cloned())
+            .collect()
+    }
+
+    /// The workload using file package `package_id`, if one does.
+    pub fn user_of_package(&self, package_id: &str) -> Option<String> {
+        self.read()
+            .iter()
+            .find(|l| l.record.package_id == package_id)
+            .map(|l| format!("workload {}", l.record.key()))
     }
 
     /// B.4. Blocking.

@@ -567,15 +567,32 @@ impl TestTls {
 
 /// Builds an algorithm file package from the packed passthrough plugin.
 pub fn passthrough_package(code: &str) -> Vec<u8> {
+    passthrough_package_with(code, |m| m)
+}
+
+/// Like `passthrough_package`, with the plugin's manifest edited by `edit`.
+pub fn passthrough_package_with(
+    code: &str,
+    edit: impl FnOnce(toml::Table) -> toml::Table,
+) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
+    let (wasm, manifest) = built("passthrough");
+    let plugin = dir.path().join("plugin");
+    std::fs::create_dir(&plugin).unwrap();
+    std::fs::copy(&wasm, plugin.join("passthrough.wasm")).unwrap();
+    let table: toml::Table = toml::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    std::fs::write(
+        plugin.join("passthrough.toml"),
+        toml::to_string(&edit(table)).unwrap(),
+    )
+    .unwrap();
     let manifest = dir.path().join("package.toml");
     let text = std::fs::read_to_string(repo().join("examples/packages/passthrough.package.toml"))
         .unwrap()
         .replace("XPUD-PASSTHROUGH-0.1.0", code);
     std::fs::write(&manifest, text).unwrap();
-    let (wasm, _) = built("passthrough");
     let out = dir.path().join("package.tar.gz");
-    xpud::package::build(&manifest, wasm.parent().unwrap(), &out).unwrap();
+    xpud::package::build(&manifest, &plugin, &out).unwrap();
     std::fs::read(out).unwrap()
 }
 

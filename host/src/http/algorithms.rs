@@ -214,11 +214,8 @@ async fn delete_file(
     PathParam(id, ..): PathParam<CodeInt>,
 ) -> Answer<CodeInt, Deleted> {
     let deleted = id.clone();
-    app.blocking(move |app| {
-        app.packages
-            .delete_file(&id, app.machine_packages.user_of_file(&id))
-    })
-    .await?;
+    app.blocking(move |app| app.packages.delete_file(&id, app.user_of_file_package(&id)))
+        .await?;
     Ok(Reply::data(Deleted { id: deleted }))
 }
 
@@ -316,7 +313,7 @@ async fn delete_algorithm(
         let in_use = app.services.user_of(&id).or_else(|| {
             app.packages
                 .bundled_package(&id)
-                .and_then(|file| app.machine_packages.user_of_file(&file))
+                .and_then(|file| app.user_of_file_package(&file))
         });
         app.packages.delete_algorithm(&id, in_use)
     })

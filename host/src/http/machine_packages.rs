@@ -120,11 +120,8 @@ async fn delete_file(
     State(app): State<App>,
     PathParam(id, ..): PathParam<CodeString>,
 ) -> Answer<CodeString, ()> {
-    app.blocking(move |app| {
-        app.packages
-            .delete_file(&id, app.machine_packages.user_of_file(&id))
-    })
-    .await?;
+    app.blocking(move |app| app.packages.delete_file(&id, app.user_of_file_package(&id)))
+        .await?;
     Ok(Reply::empty())
 }
 

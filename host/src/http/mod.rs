@@ -124,6 +124,14 @@ impl App {
         crate::machine::xpus(&self.samples, &drivers)
     }
 
+    /// What still runs file package `id` (an installed package, a workload's pods):
+    /// such a package is not deleted.
+    pub fn user_of_file_package(&self, id: &str) -> Option<String> {
+        self.machine_packages
+            .user_of_file(id)
+            .or_else(|| self.workloads.user_of_package(id))
+    }
+
     /// This machine's accelerators by type.
     pub fn xpu_inventory(&self) -> Vec<XpuResource> {
         let mut inventory: Vec<XpuResource> = Vec::new();

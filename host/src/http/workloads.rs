@@ -174,7 +174,11 @@ struct WorkloadDetail {
     /// GB of accelerator memory per pod.
     xpu_memory: Option<f64>,
     memory: u32,
+    /// Derived from the live pods: Running (all ready), Pending, Failed (a pod
+    /// cannot run, or pods are missing), Stopped (0 replicas).
     status: &'static str,
+    /// Why the status is what it is (not in table B.6; clients ignore it).
+    status_desc: String,
     image: String,
 }
 
@@ -250,15 +254,12 @@ fn summary(record: &WorkloadRecord) -> WorkloadSummary {
     }
 }
 
-fn info(app: &App, record: &WorkloadRecord) -> WorkloadInfo {
-    let pods = app
-        .workloads
-        .pods(
-            &record.spec.cluster_code,
-            &record.spec.namespace,
-            &record.spec.name,
-        )
-        .unwrap_or_default();
+fn info(app: &App, record: &WorkloadRecord) -> crate::error::Result<WorkloadInfo> {
+    let status = app.workloads.status(
+        &record.spec.cluster_code,
+        &record.spec.namespace,
+        &record.spec.name,
+    )?;
     let card_gb = app.machine.latest().and_then(|s| {
         s.xpus
             .iter()
@@ -272,19 +273,14 @@ fn info(app: &App, record: &WorkloadRecord) -> WorkloadInfo {
         cpu: record.spec.cpu,
         xpu_memory: card_gb.map(|gb| gb * record.spec.xpu),
         memory: record.spec.memory,
-        status: if pods.iter().any(|p| p.phase() == "Failed") {
-            "Failed"
-        } else if pods.iter().all(|p| p.ready()) {
-            "Running"
-        } else {
-            "Pending"
-        },
+        status: status.status,
+        status_desc: status.reason,
         image: record.spec.image.clone(),
     };
-    WorkloadInfo {
+    Ok(WorkloadInfo {
         summary: summary(record),
         detail,
-    }
+    })
 }
 
 fn pod_vo(app: &App, pod: &PodState) -> PodVo {
@@ -501,7 +497,7 @@ async fn detail(
     let record = app
         .workloads
         .get(&request.cluster_code, &request.namespace, &name)?;
-    Ok(Reply::data(info(&app, &record)))
+    Ok(Reply::data(info(&app, &record)?))
 }
 
 /// B.7: List a workload's pods.

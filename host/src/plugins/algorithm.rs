@@ -136,6 +136,16 @@ impl AlgorithmWorker {
         Ok(())
     }
 
+    /// Starts a new instance if the last one crashed or could not start and its
+    /// backoff has passed. Blocking.
+    pub fn revive_if_due(&self) {
+        self.supervised.revive_if_due();
+    }
+
+    fn revival_due(&self) -> bool {
+        self.supervised.revival_due()
+    }
+
     /// How many sessions (tasks) the worker holds.
     pub fn sessions(&self) -> usize {
         lock(&self.rules).len()
@@ -200,4 +210,26 @@ impl AlgorithmWorker {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// How often the keeper looks for workers to bring back.
+const KEEPER_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Brings crashed workers, and workers that could not start, back on their
+/// supervisor's schedule (its backoff and restart budget), like a kubelet: a
+/// replica with no task to call it does not stay down. `workers` lists every live
+/// worker (pods, service replicas, installed packages).
+pub fn spawn_keeper(
+    workers: impl Fn() -> Vec<Arc<AlgorithmWorker>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(KEEPER_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            ticks.tick().await;
+            for worker in workers().into_iter().filter(|w| w.revival_due()) {
+                tokio::task::spawn_blocking(move || worker.revive_if_due());
+            }
+        }
+    })
 }

@@ -79,8 +79,13 @@ pub enum Health {
     /// Loaded; no incarnation started yet.
     Idle,
     Running,
-    /// Crashed; the next call after the backoff starts a new incarnation.
+    /// Crashed; a new incarnation starts after the backoff.
     Restarting {
+        retry_in_ms: u64,
+    },
+    /// Its last start failed (instantiation or init): it is tried again after the
+    /// backoff, and counts against the restart budget like a crash.
+    StartFailed {
         retry_in_ms: u64,
     },
     /// Over its restart budget: not called again until replaced.
@@ -102,6 +107,46 @@ pub struct Status {
     /// When the next incarnation may start (while restarting).
     #[serde(skip)]
     retry_at: Option<Instant>,
+}
+
+/// What an instance is doing, as the APIs that show replicas (B.7 pods, F.5
+/// replicas, I.6 packages) put it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not started yet.
+    Starting,
+    Running,
+    /// Crashed; a new instance starts after the backoff.
+    Restarting,
+    /// Cannot start, or over its restart budget.
+    Failed,
+}
+
+impl Status {
+    pub fn phase(&self) -> Phase {
+        match self.health {
+            Health::Idle => Phase::Starting,
+            Health::Running => Phase::Running,
+            Health::Restarting { .. } => Phase::Restarting,
+            Health::StartFailed { .. } | Health::Unhealthy { .. } => Phase::Failed,
+        }
+    }
+
+    /// One line on what the instance is doing and, when it is not running, why.
+    pub fn describe(&self) -> String {
+        let last = self.last_error.as_deref().unwrap_or("a crash");
+        match &self.health {
+            Health::Idle => "starting".into(),
+            Health::Running => "running".into(),
+            Health::Restarting { retry_in_ms } => {
+                format!("restarting in {retry_in_ms} ms after: {last}")
+            }
+            Health::StartFailed { retry_in_ms } => {
+                format!("cannot start (next attempt in {retry_in_ms} ms): {last}")
+            }
+            Health::Unhealthy { reason } => format!("given up: {reason}"),
+        }
+    }
 }
 
 mod unix_ms_opt {
@@ -215,6 +260,8 @@ pub struct Supervised<I: Incarnation> {
     inner: Mutex<Inner<I>>,
     /// Kept apart from `inner` so that reading it never waits for a running call.
     status: Mutex<Status>,
+    /// A revival (`revive_if_due`) is under way.
+    reviving: std::sync::atomic::AtomicBool,
 }
 
 impl<I: Incarnation> Supervised<I> {
@@ -249,6 +296,7 @@ impl<I: Incarnation> Supervised<I> {
                 last_crash: None,
                 retry_at: None,
             }),
+            reviving: false.into(),
         }
     }
 
@@ -258,12 +306,43 @@ impl<I: Incarnation> Supervised<I> {
 
     pub fn status(&self) -> Status {
         let mut status = lock(&self.status).clone();
-        if let (Health::Restarting { .. }, Some(at)) = (&status.health, status.retry_at) {
-            status.health = Health::Restarting {
-                retry_in_ms: at.saturating_duration_since(Instant::now()).as_millis() as u64,
-            };
+        if let Some(at) = status.retry_at {
+            let retry_in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64;
+            match &mut status.health {
+                Health::Restarting { retry_in_ms: ms }
+                | Health::StartFailed { retry_in_ms: ms } => *ms = retry_in_ms,
+                _ => {}
+            }
         }
         status
+    }
+
+    /// No incarnation runs, the plugin is not given up on, and the backoff has
+    /// passed. Never waits for a running call.
+    pub fn revival_due(&self) -> bool {
+        let status = lock(&self.status);
+        matches!(
+            status.health,
+            Health::Restarting { .. } | Health::StartFailed { .. }
+        ) && status.retry_at.is_none_or(|at| at <= Instant::now())
+            && !self.reviving.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Starts a new incarnation if none runs and the backoff has passed: a crashed
+    /// or never-started instance comes back on the supervisor's schedule, not only
+    /// when someone calls it. Blocking; a no-op while another revival runs.
+    pub fn revive_if_due(&self) {
+        if !self.revival_due()
+            || self
+                .reviving
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        // Errors are recorded in the status by the call itself.
+        let _ = self.call(|_| Ok(()));
+        self.reviving
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// How long a call may stay in a host function past its deadline before its
@@ -315,6 +394,7 @@ impl<I: Incarnation> Supervised<I> {
                     }
                     inner.ever_started = true;
                     status.health = Health::Running;
+                    status.retry_at = None;
                 }
                 Err(e) => {
                     self.crashed(&mut inner, &e);
@@ -382,8 +462,11 @@ impl<I: Incarnation> Supervised<I> {
             tracing::warn!(plugin = %self.plugin, backoff_ms = backoff.as_millis() as u64, "plugin crashed: {error}; restarting after backoff");
             inner.retry_at = Some(now + backoff);
             status.retry_at = inner.retry_at;
-            status.health = Health::Restarting {
-                retry_in_ms: backoff.as_millis() as u64,
+            let retry_in_ms = backoff.as_millis() as u64;
+            status.health = if matches!(error, CallError::Start(_)) {
+                Health::StartFailed { retry_in_ms }
+            } else {
+                Health::Restarting { retry_in_ms }
             };
         }
     }
