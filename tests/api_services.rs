@@ -357,3 +357,124 @@ fn task_search_stays_right_across_deletes_and_pages() {
     );
     assert_eq!(search(json!({ "algoServiceId": "other" }))["total"], 0);
 }
+
+/// Installs `package` as file package `id` and an algorithm `id`-algo for it.
+fn install_package(server: &TestServer, platform: &FileServer, id: &str, package: &[u8]) -> String {
+    let (url, md5) = platform.publish(&format!("{id}.tar.gz"), package);
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": id, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoFilePackages/{id}"))
+        .1["data"]["status"]
+        == 0));
+    let algo = format!("{id}-algo");
+    let (url, md5) = platform.publish(
+        &format!("{algo}.json"),
+        format!(r#"{{"relatedAlgoFilePackageId": "{id}"}}"#).as_bytes(),
+    );
+    server.post(
+        "/CAP/AlgoPackages",
+        json!({ "id": algo, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoPackages/{algo}"))
+        .1["data"]["status"]
+        == 0));
+    algo
+}
+
+/// F.2 `gpuType: CPU` places replicas without an accelerator where the package says
+/// it runs there; F.5 says so per replica; the instances see exactly the service's
+/// `envs` (after the package's `env`) and nothing of the host's environment.
+#[test]
+fn cpu_replicas_get_the_service_envs_and_nothing_of_the_hosts() {
+    let platform = FileServer::start();
+    let server = TestServer::start(&["sim-xpu"]);
+    let algo = install_package(
+        &server,
+        &platform,
+        "pt",
+        &passthrough_package("XPUD-PT-CPU"),
+    );
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "threadCount=8, LOG_LEVEL=debug, k1=v1", "replicas": 1, "gpuType": "CPU", "algoId": algo }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let service = body["data"].as_str().unwrap().to_string();
+    let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
+    let data = &body["data"];
+    assert_eq!(data["status"], "runing", "{body}");
+    assert_eq!(data["gpuQuota"], 0.0);
+    assert!(
+        data["statusDesc"].as_str().unwrap().contains("on CPU"),
+        "{body}"
+    );
+    let replicas = data["replicasDetail"].as_array().unwrap();
+    assert_eq!(replicas.len(), 1);
+    assert_eq!(replicas[0]["status"], "runing");
+    assert!(replicas[0].get("card").is_none(), "{body}");
+    assert_eq!(partitions(&server, "sim-xpu"), 0);
+
+    let worker = server.app.services.workers(&service).unwrap()[0].clone();
+    let session = worker
+        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
+            event_type: "X".into(),
+            areas: vec![],
+            masks: vec![],
+            extend_params: r#"{"echoEnv": true}"#.into(),
+        }])
+        .unwrap();
+    let frame = xpud::runtime::frames::Frame::new(
+        32,
+        32,
+        0,
+        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
+        vec![7u8; 1024].into(),
+    )
+    .unwrap();
+    let events = worker.process(session, &frame).unwrap();
+    let attributes: serde_json::Value = serde_json::from_str(&events[0].attributes).unwrap();
+    assert_eq!(
+        attributes["env"],
+        json!({ "LOG_LEVEL": "debug", "threadCount": "8", "k1": "v1" }),
+        "the package's env, then the service's envs, and nothing else"
+    );
+    assert_eq!(attributes["args"], json!([]));
+}
+
+/// A service whose workers cannot start is `error` in F.5, per replica, with the
+/// reason; it never read `runing`.
+#[test]
+fn a_service_follows_its_workers() {
+    let platform = FileServer::start();
+    let server = TestServer::start(&["sim-xpu"]);
+    let package =
+        passthrough_package_with("XPUD-PT-TINY", |m| set(m, "limits", "memory-mib", 1.into()));
+    let algo = install_package(&server, &platform, "tiny", &package);
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "", "replicas": 2, "gpuType": "CPU", "algoId": algo }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let service = body["data"].as_str().unwrap().to_string();
+    let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
+    let data = &body["data"];
+    assert_eq!(data["status"], "error", "{body}");
+    assert!(
+        data["statusDesc"]
+            .as_str()
+            .unwrap()
+            .contains("replica 0: cannot start"),
+        "{body}"
+    );
+    for replica in data["replicasDetail"].as_array().unwrap() {
+        assert_eq!(replica["status"], "error", "{replica}");
+        assert!(
+            replica["statusDesc"].as_str().unwrap().contains("memory"),
+            "{replica}"
+        );
+    }
+}

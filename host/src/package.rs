@@ -98,6 +98,17 @@ pub struct Runtime {
     pub env: Vec<EnvVar>,
     #[serde(default)]
     pub gpu: Vec<GpuRequirement>,
+    /// Whether the algorithm runs without an accelerator (its inference on CPU).
+    /// Unset: it does when `gpu` names no accelerator, and does not otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<bool>,
+}
+
+impl Runtime {
+    /// Whether replicas may be placed on CPU only (F.2 `gpuType: CPU`).
+    pub fn runs_on_cpu(&self) -> bool {
+        self.cpu.unwrap_or(self.gpu.is_empty())
+    }
 }
 
 /// E.5 `algoRuntime.gpu[]`: what the algorithm needs of an accelerator.

@@ -2,9 +2,10 @@
 //! process, one per replica.
 //!
 //! Each replica is placed by the [`Scheduler`] on an accelerator of the service's
-//! `gpuType` with the algorithm's GPU quota (from its package's `runtime.gpu`). A
-//! service is `runing` once every worker has started, `error` (with the reason)
-//! otherwise.
+//! `gpuType` with the algorithm's GPU quota (from its package's `runtime.gpu`), or on
+//! CPU when `gpuType` is `CPU` and the package says it runs there. Its status is
+//! read from the live workers: `runing` while every one runs, `starting` while some
+//! start or restart, `error` (with the reason) when one cannot run.
 
 use std::sync::{Arc, RwLock};
 
@@ -12,13 +13,74 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::machine::XpuSample;
+use crate::package::Runtime;
 use crate::packages::Packages;
 use crate::plugins::algorithm::AlgorithmWorker;
+use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
+use crate::runtime::Launch;
 use crate::scheduler::{Placement, Scheduler};
 use crate::store::{Store, Table};
 
 /// Most replicas one service may ask for.
 pub const MAX_REPLICAS: u32 = 64;
+
+/// The F.2 `gpuType` that asks for replicas without an accelerator.
+pub const CPU: &str = "CPU";
+
+/// One live replica: where it runs and what its worker is doing.
+#[derive(Clone, Debug)]
+pub struct ReplicaState {
+    pub placement: Option<Placement>,
+    pub worker: WorkerStatus,
+}
+
+/// A service's status, read from its live workers.
+#[derive(Clone, Debug)]
+pub struct LiveStatus {
+    pub status: ServiceStatus,
+    pub reason: String,
+    pub replicas: Vec<ReplicaState>,
+}
+
+/// The GPU share one replica of an algorithm asks for on `gpu_type`, from its
+/// package's `runtime` (0 on CPU). A type the package cannot run on is refused
+/// with the reason, never placed on something else.
+fn replica_quota(algo_id: &str, runtime: &Runtime, gpu_type: &str) -> Result<f64> {
+    if gpu_type.eq_ignore_ascii_case(CPU) {
+        if runtime.runs_on_cpu() {
+            return Ok(0.0);
+        }
+        return Err(Error::Conflict(format!(
+            "gpuType {gpu_type}: algorithm {algo_id} needs an accelerator (its package's \
+             runtime.gpu names {}) and does not say it runs on CPU (runtime.cpu)",
+            runtime
+                .gpu
+                .iter()
+                .map(|g| format!("{}_{}", g.vendor, g.accelerator))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let Some(first) = runtime.gpu.first() else {
+        return Err(Error::Conflict(format!(
+            "gpuType {gpu_type}: algorithm {algo_id} names no accelerator (its package's \
+             runtime.gpu is empty); it runs on CPU: ask for gpuType {CPU}"
+        )));
+    };
+    let quota = runtime
+        .gpu
+        .iter()
+        .find(|g| crate::scheduler::same_type(&format!("{}_{}", g.vendor, g.accelerator), gpu_type))
+        .unwrap_or(first)
+        .quota;
+    if !(quota > 0.0 && quota <= 1.0) {
+        return Err(Error::Conflict(format!(
+            "algorithm {algo_id}: its package asks for gpu quota {quota}; more than 0, up to 1 \
+             per replica"
+        )));
+    }
+    Ok(quota)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum ServiceStatus {
@@ -141,6 +203,75 @@ impl Services {
             .ok_or_else(|| Error::NotFound(format!("no algorithm service {id:?}")))
     }
 
+    /// F.5's status: what the live workers are doing, one entry per live replica.
+    pub fn status(&self, id: &str) -> Result<LiveStatus> {
+        let state = self.read();
+        let running = state
+            .iter()
+            .find(|r| r.record.id == id)
+            .ok_or_else(|| Error::NotFound(format!("no algorithm service {id:?}")))?;
+        let record = &running.record;
+        let replicas: Vec<ReplicaState> = running
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, worker)| ReplicaState {
+                placement: record.placements.get(i).cloned(),
+                worker: worker.status(),
+            })
+            .collect();
+        let asked = record.replicas as usize;
+        let live = |status, reason| LiveStatus {
+            status,
+            reason,
+            replicas: replicas.clone(),
+        };
+        if replicas.len() < asked {
+            let reason = if replicas.is_empty() && record.status == ServiceStatus::Error {
+                record.status_desc.clone()
+            } else {
+                format!("{} of {asked} replicas exist", replicas.len())
+            };
+            return Ok(live(ServiceStatus::Error, reason));
+        }
+        let describe = |phase: Phase| -> Vec<String> {
+            replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.worker.phase() == phase)
+                .map(|(i, r)| format!("replica {i}: {}", r.worker.describe()))
+                .collect()
+        };
+        let failed = describe(Phase::Failed);
+        if !failed.is_empty() {
+            return Ok(live(ServiceStatus::Error, failed.join("; ")));
+        }
+        let up = replicas
+            .iter()
+            .filter(|r| r.worker.phase() == Phase::Running)
+            .count();
+        let on = if record.gpu_quota == 0.0 {
+            CPU.to_string()
+        } else {
+            record.gpu_type.clone()
+        };
+        if up == asked {
+            return Ok(live(
+                ServiceStatus::Running,
+                format!("{up} replica(s) running on {on}"),
+            ));
+        }
+        let mut waiting = describe(Phase::Starting);
+        waiting.extend(describe(Phase::Restarting));
+        Ok(live(
+            ServiceStatus::Starting,
+            format!(
+                "{up}/{asked} replicas running on {on}; {}",
+                waiting.join("; ")
+            ),
+        ))
+    }
+
     /// Every live worker (replica), for the keeper that revives crashed ones.
     pub fn all_workers(&self) -> Vec<Arc<AlgorithmWorker>> {
         self.read()
@@ -182,6 +313,31 @@ impl Services {
         totals
     }
 
+    /// The environment of a service's instances: the package's `env`, then F.2
+    /// `envs` (which win). Nothing of the host's.
+    fn environment(&self, record: &ServiceRecord) -> Result<Vec<(String, String)>> {
+        let mut env: Vec<(String, String)> = self
+            .packages
+            .algorithm(&record.algo_id)
+            .ok()
+            .and_then(|a| a.file_package_id)
+            .and_then(|id| self.packages.file(&id).ok())
+            .and_then(|f| f.manifest)
+            .map(|m| {
+                m.package
+                    .env
+                    .into_iter()
+                    .map(|e| (e.name, e.value))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (key, value) in parse_envs(&record.envs).map_err(Error::Invalid)? {
+            env.retain(|(k, _)| *k != key);
+            env.push((key, value));
+        }
+        Ok(env)
+    }
+
     /// Places every replica, makes partitions where drivers can, starts the workers.
     /// On failure nothing stays allocated.
     fn place_and_start(
@@ -215,8 +371,12 @@ impl Services {
                 }
                 other => other,
             })?;
+        let launch = Launch {
+            env: self.environment(record)?,
+            args: Vec::new(),
+        };
         let workers: Vec<Arc<AlgorithmWorker>> = (0..record.replicas)
-            .map(|_| algorithm.spawn_worker())
+            .map(|_| algorithm.spawn_worker_with(launch.clone()))
             .collect();
         let failures: Vec<String> = workers
             .iter()
@@ -225,7 +385,7 @@ impl Services {
             .collect();
         if failures.is_empty() {
             record.status = ServiceStatus::Running;
-            record.status_desc = format!("{} replica(s) running", record.replicas);
+            record.status_desc = format!("{} replica(s) started", record.replicas);
         } else {
             record.status = ServiceStatus::Error;
             record.status_desc = failures.join("; ");
@@ -252,18 +412,17 @@ impl Services {
             return Err(Error::Invalid("gpuType: must not be empty".into()));
         }
         let algorithm = self.packages.algorithm(algo_id)?;
-        let gpu_quota = algorithm
-            .file_package_id
-            .as_deref()
-            .and_then(|id| self.packages.file(id).ok())
-            .and_then(|f| f.manifest)
-            .and_then(|m| m.runtime.gpu.first().map(|g| g.quota))
-            .unwrap_or(0.0);
-        if !(0.0..=1.0).contains(&gpu_quota) {
-            return Err(Error::Conflict(format!(
-                "algorithm {algo_id}: its package asks for gpu quota {gpu_quota}; 0-1 per replica"
-            )));
-        }
+        let file_id = algorithm.file_package_id.ok_or_else(|| {
+            Error::Conflict(format!(
+                "algorithm {algo_id} is not ready: it has no installed file package"
+            ))
+        })?;
+        let manifest = self.packages.file(&file_id)?.manifest.ok_or_else(|| {
+            Error::Conflict(format!(
+                "algorithm {algo_id}: its file package {file_id} is not installed"
+            ))
+        })?;
+        let gpu_quota = replica_quota(algo_id, &manifest.runtime, gpu_type)?;
         let mut record = ServiceRecord {
             id: uuid::Uuid::new_v4().simple().to_string(),
             algo_id: algo_id.to_string(),
@@ -311,6 +470,39 @@ impl Services {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_goes_where_its_package_says_it_can_run() {
+        let gpu = |quota| crate::package::GpuRequirement {
+            quota,
+            limit: 0.0,
+            vendor: "NVIDIA".into(),
+            accelerator: "T4".into(),
+            capacities: Default::default(),
+            resolution: String::new(),
+        };
+        let runtime = |gpu: Vec<_>, cpu| Runtime {
+            cmd: String::new(),
+            env: Vec::new(),
+            gpu,
+            cpu,
+        };
+        // No accelerator named: CPU only, and a gpuType is refused with the way out.
+        let cpu_only = runtime(vec![], None);
+        assert_eq!(replica_quota("a", &cpu_only, "cpu").unwrap(), 0.0);
+        let error = replica_quota("a", &cpu_only, "NVIDIA_T4").unwrap_err();
+        assert!(error.to_string().contains("ask for gpuType CPU"), "{error}");
+        // An accelerator named: its quota; CPU only where the package says so.
+        let t4 = runtime(vec![gpu(0.5)], None);
+        assert_eq!(replica_quota("a", &t4, "NVIDIA T4").unwrap(), 0.5);
+        let error = replica_quota("a", &t4, "CPU").unwrap_err();
+        assert!(error.to_string().contains("NVIDIA_T4"), "{error}");
+        assert_eq!(
+            replica_quota("a", &runtime(vec![gpu(0.5)], Some(true)), "CPU").unwrap(),
+            0.0
+        );
+        assert!(replica_quota("a", &runtime(vec![gpu(1.5)], None), "NVIDIA_T4").is_err());
+    }
 
     #[test]
     fn envs_parse_and_errors_name_the_entry() {

@@ -12,6 +12,7 @@ use super::envelope::{Answer, CodeInt, CodeIntBody, CodeIntFailures, Failure, Re
 use super::input::{Body, PathParam};
 use super::page::{self, Page};
 use super::App;
+use crate::plugins::supervisor::Phase;
 use crate::services::{ServiceRecord, ServiceStatus};
 
 /// Table F.6.
@@ -70,11 +71,21 @@ fn view(s: &ServiceRecord) -> ServiceView {
     }
 }
 
+/// Table F.13's replica, with what its worker is doing and where it runs (not in
+/// the table; clients ignore them).
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct ReplicaDetail {
     node_host: String,
     node_ipv4: String,
+    status: ServiceStatus,
+    status_desc: String,
+    /// `driver/index` of its card; absent on CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    card: Option<String>,
+    /// The driver's partition, where it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<String>,
 }
 
 /// Table F.13.
@@ -155,16 +166,31 @@ async fn detail(
     PathParam(id, ..): PathParam<CodeInt>,
 ) -> Answer<CodeInt, ServiceDetail> {
     let service = app.services.get(&id)?;
+    let live = app.services.status(&id)?;
     let facts = app.machine.facts();
     Ok(Reply::data(ServiceDetail {
-        replicas_detail: (0..service.replicas)
-            .map(|_| ReplicaDetail {
+        replicas_detail: live
+            .replicas
+            .into_iter()
+            .map(|replica| ReplicaDetail {
                 node_host: facts.host_name.clone(),
                 node_ipv4: app.external_ip().to_string(),
+                status: match replica.worker.phase() {
+                    Phase::Running => ServiceStatus::Running,
+                    Phase::Starting | Phase::Restarting => ServiceStatus::Starting,
+                    Phase::Failed => ServiceStatus::Error,
+                },
+                status_desc: replica.worker.describe(),
+                card: replica
+                    .placement
+                    .as_ref()
+                    .and_then(|p| p.card.as_ref())
+                    .map(|(driver, index)| format!("{driver}/{index}")),
+                partition: replica.placement.and_then(|p| p.partition),
             })
             .collect(),
-        status: service.status,
-        status_desc: service.status_desc.clone(),
+        status: live.status,
+        status_desc: live.reason,
         gpu_quota: service.gpu_quota,
         service: view(&service),
     }))

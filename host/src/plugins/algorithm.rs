@@ -19,7 +19,7 @@ use crate::runtime::bindings::algorithm::{
 };
 use crate::runtime::bindings::analyzer::{AnalyzerError, Event, Rule};
 use crate::runtime::frames::Frame;
-use crate::runtime::{PluginState, Sandbox};
+use crate::runtime::{Launch, PluginState, Sandbox};
 
 /// What is needed to start workers of one algorithm plugin.
 #[derive(Clone)]
@@ -82,9 +82,17 @@ impl AlgorithmPlugin {
         }
     }
 
-    /// A new worker; its instance starts on first use.
+    /// A new worker with no environment or arguments; its instance starts on first
+    /// use.
     pub fn spawn_worker(&self) -> Arc<AlgorithmWorker> {
-        let template = self.clone();
+        self.spawn_worker_with(Launch::default())
+    }
+
+    /// A new worker whose instances start with exactly `launch`'s environment and
+    /// arguments.
+    pub fn spawn_worker_with(&self, launch: Launch) -> Arc<AlgorithmWorker> {
+        let mut template = self.clone();
+        template.sandbox.launch = launch;
         let start = move || -> Result<AlgorithmIncarnation, CallError> {
             let mut store = template
                 .sandbox

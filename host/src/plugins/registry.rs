@@ -433,6 +433,7 @@ impl Registry {
             inference: self.runtime.inference().clone(),
             limits: Arc::new(limits.clone()),
             log: log.clone(),
+            launch: Default::default(),
         };
         let pre = self
             .runtime

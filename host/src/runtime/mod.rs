@@ -21,7 +21,7 @@ pub mod stderr;
 
 pub use engine::{Runtime, RuntimeOptions};
 pub use limits::PluginLimits;
-pub use sandbox::{PluginState, Sandbox};
+pub use sandbox::{Launch, PluginState, Sandbox};
 
 /// The WIT API versions this host implements (`xpu:plugin@X`): a plugin built against
 /// any semver-compatible version links.

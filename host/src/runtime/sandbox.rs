@@ -3,9 +3,10 @@
 //!
 //! What a plugin gets: WASI clocks and random, read-only preopens of the paths its
 //! manifest requests and the operator allows, a memory cap, and its own stderr
-//! captured in memory (shown in the log when it crashes). What it does not get: the
-//! network (sockets denied, no name lookup), environment variables, arguments, stdin,
-//! or any other path.
+//! captured in memory (shown in the log when it crashes), and the environment and
+//! arguments of what it runs for (a service's F.2 `envs`, a pod's B.2
+//! `command`/`args`: [`Launch`]). What it does not get: the network (sockets denied,
+//! no name lookup), anything of the host's environment, stdin, or any other path.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +47,16 @@ pub struct Sandbox {
     pub limits: Arc<PluginLimits>,
     /// The plugin's log rate, shared by all its instances.
     pub log: Arc<LogBudget>,
+    /// The environment and arguments instances start with.
+    pub launch: Launch,
+}
+
+/// What one instance is started with beyond its plugin's grants: exactly these
+/// environment variables and arguments, nothing of the host's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Launch {
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
 }
 
 /// The data of a plugin's `Store`.
@@ -148,7 +159,9 @@ impl Sandbox {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             // Calls run on blocking threads already: file reads need no hop to tokio.
-            .allow_blocking_current_thread(true);
+            .allow_blocking_current_thread(true)
+            .envs(&self.launch.env)
+            .args(&self.launch.args);
         for (host, guest) in &self.preopens {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
                 .map_err(anyhow::Error::from)

@@ -7,6 +7,8 @@
 //! A rule whose `extendParams` names a model (`{"model": "m.onnx", "inputWidth": 224,
 //! "inputHeight": 224}`) also runs that model from the plugin's package on each frame,
 //! natively in the host, and adds its outputs and execution provider to the event.
+//! A rule with `{"echoEnv": true}` adds the environment variables and arguments the
+//! instance was started with (what a service's `envs` became), for checking them.
 
 use serde_json::{json, Map, Value};
 use xpud_sdk::algorithm::inference::{ChannelOrder, Layout, Model, Preprocess};
@@ -17,6 +19,7 @@ const PATCH: u32 = 16;
 struct RuleState {
     rule: Rule,
     model: Option<(Model, Preprocess)>,
+    echo_env: bool,
 }
 
 struct Passthrough {
@@ -101,7 +104,15 @@ impl Analyzer for Passthrough {
                 .chain(&rule.masks)
                 .try_for_each(check_area)?;
             let model = rule_model(&rule)?;
-            states.push(RuleState { rule, model });
+            let echo_env = serde_json::from_str::<Value>(&rule.extend_params)
+                .ok()
+                .and_then(|p| p.get("echoEnv").and_then(Value::as_bool))
+                .unwrap_or(false);
+            states.push(RuleState {
+                rule,
+                model,
+                echo_env,
+            });
         }
         xpud_sdk::debug!("session opened with {} rule(s)", states.len());
         Ok(Passthrough {
@@ -136,6 +147,13 @@ impl Analyzer for Passthrough {
                 "frame": self.frames,
                 "centreBrightness": (brightness * 100.0).round() / 100.0,
             });
+            if state.echo_env {
+                let env: Map<String, Value> = std::env::vars()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect();
+                attributes["env"] = Value::Object(env);
+                attributes["args"] = json!(std::env::args().collect::<Vec<_>>());
+            }
             if let Some((model, pre)) = &state.model {
                 let tensors = model
                     .run(frame, *pre)
