@@ -730,6 +730,47 @@ fn partitions_survive_a_driver_restart_under_the_ids_callers_hold() {
     assert!(driver.partitions().unwrap().is_empty());
 }
 
+/// A driver that cannot list its partitions after a restart has not started: the
+/// host does not create the ledger's partitions again (hardware may have kept them),
+/// says why, and tries again after the backoff.
+#[test]
+fn partitions_are_not_made_twice_when_the_driver_cannot_list_them() {
+    let plugins = PluginDir::new();
+    plugins.install_as("chaos", "chaos", |m| {
+        set(m, "config", "mode", "unlisted".into())
+    });
+    let registry = registry(&plugins, &no_grants());
+    registry.scan();
+    let driver = driver(&registry, "chaos");
+    let held = driver
+        .create_partition(PartitionSpec {
+            device_index: 0,
+            isolation: Isolation::Soft,
+            slicing: Slicing::Space,
+            memory_quota_mib: 100,
+            compute_share_pct: 10,
+        })
+        .unwrap();
+    driver.sample().unwrap();
+    assert!(matches!(
+        driver.sample(),
+        Err(DriverFailure::Plugin(CallError::Trap(_)))
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let result = driver.sample();
+    match &result {
+        Err(DriverFailure::Plugin(CallError::Start(why))) => {
+            assert!(why.contains("cannot list partitions"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        driver.status().health,
+        xpud::plugins::supervisor::Health::StartFailed { .. }
+    ));
+    assert_eq!(held.id, "c0");
+}
+
 #[test]
 fn a_plugin_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
     let (_plugins, registry) = chaos_beside_sim(|m| {

@@ -146,3 +146,36 @@ fn everything_acknowledged_survives_kill_dash_nine() {
         "PENDING"
     );
 }
+
+/// A stored row that cannot be read stops the start, naming its table and key:
+/// an acknowledged object never silently disappears.
+#[test]
+fn an_unreadable_stored_row_stops_the_start_and_names_itself() {
+    let data = tempfile::tempdir().unwrap();
+    {
+        let store = xpud::store::Store::open(&data.path().join("xpud.db")).unwrap();
+        store
+            .put(
+                xpud::store::Table::Clusters,
+                "cluster-broken",
+                &json!({ "not": "a cluster" }),
+            )
+            .unwrap();
+    }
+    let config = xpud::config::ServeConfig {
+        data_dir: data.path().to_path_buf(),
+        plugin_dir: Some(data.path().join("plugins")),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    std::fs::create_dir(data.path().join("plugins")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let error = match runtime.block_on(xpud::server::Server::start(&config)) {
+        Ok(_) => panic!("started over an unreadable row"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("table clusters, row \"cluster-broken\""),
+        "{error}"
+    );
+}

@@ -173,12 +173,17 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (key, body) = row?;
-            match serde_json::from_str(&body) {
-                Ok(value) => out.push((key, value)),
-                Err(e) => {
-                    tracing::error!(table = table.name(), %key, "unreadable stored row skipped: {e}")
-                }
-            }
+            // An acknowledged object must not vanish: a row that cannot be read stops
+            // the start, naming itself, rather than being skipped.
+            let value = serde_json::from_str(&body).map_err(|e| {
+                anyhow::anyhow!(
+                    "table {}, row {key:?} cannot be read ({e}); refusing to start without \
+                     it: restore the database from a backup, or delete that row with sqlite3 \
+                     if the object may go",
+                    table.name()
+                )
+            })?;
+            out.push((key, value));
         }
         Ok(out)
     }

@@ -82,14 +82,27 @@ fn same_spec(a: &PartitionSpec, b: &PartitionSpec) -> bool {
 
 /// Brings a fresh incarnation in line with the ledger. Returns the ledger as it now
 /// stands: entries whose partition could not be restored are dropped, and logged.
+///
+/// A driver that cannot say which partitions exist has not started: creating the
+/// ledger's partitions again on hardware that kept them would allocate them twice.
+/// The start fails, and is retried after the backoff.
 fn reconcile(
     plugin: &str,
     store: &mut Store<PluginState>,
     bindings: &DriverBindings,
     ledger: Vec<LedgerEntry>,
-) -> wasmtime::Result<Vec<LedgerEntry>> {
+) -> Result<Vec<LedgerEntry>, CallError> {
+    let start_error = |e: wasmtime::Error| CallError::Start(format!("{e:#}"));
     let driver = bindings.xpu_plugin_driver();
-    let present = driver.call_partitions(&mut *store)?.unwrap_or_default();
+    let present = driver
+        .call_partitions(&mut *store)
+        .map_err(start_error)?
+        .map_err(|e| {
+            CallError::Start(format!(
+                "cannot list partitions to reconcile {} held by the host: {e}",
+                ledger.len()
+            ))
+        })?;
     let mut kept = Vec::with_capacity(ledger.len());
     for mut entry in ledger {
         if present
@@ -99,7 +112,10 @@ fn reconcile(
             kept.push(entry);
             continue;
         }
-        match driver.call_create_partition(&mut *store, entry.spec)? {
+        match driver
+            .call_create_partition(&mut *store, entry.spec)
+            .map_err(start_error)?
+        {
             Ok(partition) => {
                 tracing::info!(plugin, partition = %entry.id, driver_id = %partition.id, "partition restored after restart");
                 entry.driver_id = partition.id;
@@ -145,8 +161,7 @@ impl Driver {
                     *lock(&driver.info) = Some(info);
                     let ledger = lock(&driver.ledger).clone();
                     if !ledger.is_empty() {
-                        let kept = reconcile(&plugin, &mut store, &bindings, ledger)
-                            .map_err(start_error)?;
+                        let kept = reconcile(&plugin, &mut store, &bindings, ledger)?;
                         *lock(&driver.ledger) = kept;
                     }
                 }

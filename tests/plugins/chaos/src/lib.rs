@@ -23,6 +23,8 @@
 //!   1 TiB, whatever was asked;
 //! - `log-flood`: each `sample` writes 3,000 log lines, the first forging a line of
 //!   the host's with a newline;
+//! - `unlisted`: `partitions` always fails, and the second `sample` of each
+//!   incarnation traps (a driver whose partitions cannot be listed after a crash);
 //! - `die-at`: healthy until the wall clock passes config `at-ms` (Unix ms), then
 //!   every `devices` call traps, in every incarnation: a driver that died.
 //!
@@ -127,7 +129,7 @@ impl Driver for Chaos {
         self.samples += 1;
         match self.mode.as_str() {
             "trap" => core::arch::wasm32::unreachable(),
-            "flaky" if self.samples == 2 => core::arch::wasm32::unreachable(),
+            "flaky" | "unlisted" if self.samples == 2 => core::arch::wasm32::unreachable(),
             "panic" => {
                 for i in 0..2000 {
                     eprintln!("chatty line {i:04} of forty-odd bytes, padding");
@@ -204,6 +206,9 @@ impl Driver for Chaos {
     }
 
     fn partitions(&mut self) -> Result<Vec<Partition>, DriverError> {
+        if self.mode == "unlisted" {
+            return Err(DriverError::DeviceFailure("cannot list partitions".into()));
+        }
         Ok(self.partitions.clone())
     }
 }
