@@ -411,8 +411,11 @@ fn curl_trusting_the_generated_ca_gets_a_token_and_calls_and_without_it_fails() 
     );
 }
 
+/// A.6 needs the write scope, answers the CA the server's certificate chains to
+/// (checked by a TLS client trusting only it), hands out no client pair (nothing
+/// checks one), and says so when the CA file cannot be read instead of answering "".
 #[test]
-fn the_license_hands_out_the_ca_and_a_client_pair() {
+fn the_license_needs_write_and_carries_the_ca_that_signs_the_server() {
     let server = TestServer::start(&[]);
     let (_, created) = server.post(
         "/CCP/clusters",
@@ -422,18 +425,39 @@ fn the_license_hands_out_the_ca_and_a_client_pair() {
         }]}}),
     );
     let code = created["data"]["clusterCode"].as_str().unwrap().to_string();
-    let (status, body) = server.get(&format!("/CCP/clusters/{code}/license"));
+    let path = format!("/CCP/clusters/{code}/license");
+    let read_only = server.client.token(Some("read"));
+    let (status, body) = server.client.send(
+        server
+            .client
+            .http
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(&read_only),
+    );
+    assert_eq!(status, 403, "{body}");
+
+    let (status, body) = server.get(&path);
     assert_eq!(status, 200, "{body}");
-    let ca = std::fs::read_to_string(server.data.path().join("tls/ca.pem")).unwrap();
-    assert_eq!(body["data"]["caCertData"], ca.as_str());
-    assert!(body["data"]["clientCertData"]
-        .as_str()
-        .unwrap()
-        .starts_with("-----BEGIN CERTIFICATE-----"));
-    assert!(body["data"]["clientKeyData"]
-        .as_str()
-        .unwrap()
-        .contains("PRIVATE KEY"));
+    let ca = body["data"]["caCertData"].as_str().unwrap().to_string();
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{body}");
+    assert_eq!(body["data"]["clientCertData"], "");
+    assert_eq!(body["data"]["clientKeyData"], "");
+    // The CA answered is the one that signs what the server serves.
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap();
+    let (status, _) = server
+        .client
+        .send(trusting.get(format!("{}/healthz", server.base)));
+    assert_eq!(status, 200);
+
+    std::fs::remove_file(server.data.path().join("tls/ca.pem")).unwrap();
+    let (status, body) = server.get(&path);
+    // The details (the file and the OS error) go to the log, not to the client.
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["code"], "500", "{body}");
 }
 
 /// Writes a fresh CA's server certificate and key (and the CA) into `dir`; returns the CA.

@@ -7,8 +7,9 @@
 //! |---|---|
 //! | `ca.pem`, `ca.key` | the local CA: clients trust `ca.pem` |
 //! | `server.pem`, `server.key` | this xpud's certificate, for its names and addresses (reissued at each start) |
-//! | `client.pem`, `client.key` | a client pair issued from the CA, handed out by A.6 |
 //!
+//! xpud authorises clients by OAuth2 token (§9), not by certificate: it checks no
+//! client certificate, so it issues and hands out none (A.6 carries the CA only).
 //! Every file is written 0600 in a 0700 directory. The served certificate files are
 //! watched: replaced on disk, they are served from the next handshake on; files
 //! that do not load leave the previous certificate in place (and say why in the log).
@@ -59,22 +60,12 @@ impl TlsConfig {
     }
 }
 
-/// What a client needs to reach this xpud over TLS (A.6), PEM text.
-#[derive(Clone, Debug, Default)]
-pub struct ClientMaterial {
-    pub ca_cert: String,
-    pub client_cert: String,
-    pub client_key: String,
-}
-
 /// The certificate being served, and where it comes from.
 pub struct Tls {
     resolver: Arc<ReloadingCert>,
     server_config: Arc<rustls::ServerConfig>,
     /// The CA clients trust, if known.
     ca: Option<PathBuf>,
-    /// A client pair issued from the local CA, if there is one.
-    client: Option<(PathBuf, PathBuf)>,
 }
 
 impl Tls {
@@ -87,17 +78,15 @@ impl Tls {
         addresses: &[IpAddr],
     ) -> anyhow::Result<Tls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (cert, key, ca, client) = match (&config.cert, &config.key) {
-            (Some(cert), Some(key)) => (cert.clone(), key.clone(), config.ca.clone(), None),
+        let (cert, key, ca) = match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone(), config.ca.clone()),
             _ => {
                 let local = LocalCa::open_or_create(&data_dir.join("tls"))?;
                 local.issue_server(names, addresses)?;
-                local.issue_client_once()?;
                 (
                     local.path("server.pem"),
                     local.path("server.key"),
                     Some(local.path("ca.pem")),
-                    Some((local.path("client.pem"), local.path("client.key"))),
                 )
             }
         };
@@ -112,7 +101,6 @@ impl Tls {
             resolver,
             server_config: Arc::new(server_config),
             ca,
-            client,
         })
     }
 
@@ -125,22 +113,17 @@ impl Tls {
         self.ca.as_deref()
     }
 
-    /// The CA and client pair as they are on disk now.
-    pub fn client_material(&self) -> ClientMaterial {
-        let text = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
-        ClientMaterial {
-            ca_cert: self.ca.as_deref().map(text).unwrap_or_default(),
-            client_cert: self
-                .client
-                .as_ref()
-                .map(|(c, _)| text(c))
-                .unwrap_or_default(),
-            client_key: self
-                .client
-                .as_ref()
-                .map(|(_, k)| text(k))
-                .unwrap_or_default(),
-        }
+    /// The CA certificate clients trust, as it is on disk now (PEM); none when xpud
+    /// is not told which CA signed a configured certificate. A CA file that cannot
+    /// be read is an error, never an empty answer.
+    pub fn ca_pem(&self) -> anyhow::Result<Option<String>> {
+        self.ca
+            .as_deref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("read the CA certificate {}", path.display()))
+            })
+            .transpose()
     }
 
     /// Watches the served certificate files and swaps them in when replaced.
@@ -300,20 +283,6 @@ impl LocalCa {
         self.issue(params, "server")
     }
 
-    /// The client pair A.6 hands out, issued once.
-    fn issue_client_once(&self) -> anyhow::Result<()> {
-        if self.path("client.pem").exists() && self.path("client.key").exists() {
-            return Ok(());
-        }
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "xpud client");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        self.issue(params, "client")
-    }
-
     /// Writes NAME.key then NAME.pem: the watcher sees the pair complete when the
     /// certificate lands.
     fn issue(&self, params: CertificateParams, name: &str) -> anyhow::Result<()> {
@@ -369,17 +338,9 @@ mod tests {
         let names = vec!["localhost".to_string()];
         let addresses = [IpAddr::from([127, 0, 0, 1])];
         let tls = Tls::prepare(&TlsConfig::default(), data.path(), &names, &addresses).unwrap();
-        let first = tls.client_material();
-        assert!(first.ca_cert.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert!(first.client_key.contains("PRIVATE KEY"));
-        for name in [
-            "ca.pem",
-            "ca.key",
-            "server.pem",
-            "server.key",
-            "client.pem",
-            "client.key",
-        ] {
+        let first = tls.ca_pem().unwrap().unwrap();
+        assert!(first.starts_with("-----BEGIN CERTIFICATE-----"));
+        for name in ["ca.pem", "ca.key", "server.pem", "server.key"] {
             let mode = std::fs::metadata(data.path().join("tls").join(name))
                 .unwrap()
                 .permissions()
@@ -387,8 +348,13 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
         let again = Tls::prepare(&TlsConfig::default(), data.path(), &names, &addresses).unwrap();
-        assert_eq!(again.client_material().ca_cert, first.ca_cert);
-        assert_eq!(again.client_material().client_cert, first.client_cert);
+        assert_eq!(again.ca_pem().unwrap().unwrap(), first);
+        // No client pair: nothing checks one.
+        assert!(!data.path().join("tls/client.key").exists());
+        // A CA file that cannot be read is an error, not "".
+        std::fs::remove_file(data.path().join("tls/ca.pem")).unwrap();
+        let error = again.ca_pem().unwrap_err();
+        assert!(format!("{error:#}").contains("ca.pem"), "{error:#}");
     }
 
     #[test]

@@ -167,7 +167,10 @@ pub struct ClusterQuery {
 struct CertData {
     external_address: String,
     ca_cert_data: String,
+    /// Empty: xpud authorises by OAuth2 token and checks no client certificate, so
+    /// it hands out none.
     client_cert_data: String,
+    /// Empty, as `clientCertData`.
     client_key_data: String,
     inner_address: String,
 }
@@ -316,8 +319,8 @@ async fn cluster_detail(
     Ok(Reply::data(view(&app.clusters.get(&code)?, true)))
 }
 
-/// A.6: Where and how to reach this xpud. The certificate fields carry what exists:
-/// until TLS is configured, nothing (empty strings).
+/// A.6: Where and how to reach this xpud, and the CA to trust (empty over plain
+/// HTTP). Needs the write scope: it is what a platform is configured from.
 #[utoipa::path(get, path = "/CCP/clusters/{clusterCode}/license", tag = "A", params(("clusterCode" = String, Path, description = "The cluster's code"), ClusterQuery),
     responses((status = 200, description = "Success, in the appendix's envelope", body = CodeStringBody<CertData>), CodeStringFailures))]
 async fn license(
@@ -331,12 +334,12 @@ async fn license(
         )));
     }
     app.clusters.get(&code)?;
-    let access = app.access();
+    let access = app.access().map_err(crate::error::Error::Internal)?;
     Ok(Reply::data(CertData {
         external_address: access.external_address,
         ca_cert_data: access.ca_cert,
-        client_cert_data: access.client_cert,
-        client_key_data: access.client_key,
+        client_cert_data: String::new(),
+        client_key_data: String::new(),
         inner_address: access.inner_address,
     }))
 }

@@ -94,9 +94,9 @@ impl Deref for App {
 pub struct Access {
     pub external_address: String,
     pub inner_address: String,
+    /// The CA to trust (PEM); empty over plain HTTP or when xpud is not told the CA
+    /// of a configured certificate.
     pub ca_cert: String,
-    pub client_cert: String,
-    pub client_key: String,
 }
 
 impl App {
@@ -166,20 +166,17 @@ impl App {
 
     /// A.6: the addresses, and the CA and client pair of the TLS in use (empty when
     /// serving plain HTTP).
-    pub fn access(&self) -> Access {
+    pub fn access(&self) -> anyhow::Result<Access> {
         let port = self.listen.port();
-        let material = self
-            .tls
-            .as_ref()
-            .map(|tls| tls.client_material())
-            .unwrap_or_default();
-        Access {
+        let ca_cert = match &self.tls {
+            Some(tls) => tls.ca_pem()?.unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok(Access {
             external_address: SocketAddr::new(self.external_ip(), port).to_string(),
             inner_address: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port).to_string(),
-            ca_cert: material.ca_cert,
-            client_cert: material.client_cert,
-            client_key: material.client_key,
-        }
+            ca_cert,
+        })
     }
 }
 

@@ -34,10 +34,13 @@ pub const TOKEN_PATH: &str = "/oauth/token";
 const OPEN: [&str; 2] = ["/healthz", TOKEN_PATH];
 
 /// The scope an endpoint needs: reads are GETs and the `:search` queries (POSTs
-/// that change nothing); everything else writes.
+/// that change nothing); everything else writes, and so does A.6 (`.../license`),
+/// the access material a platform is configured from.
 pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     if OPEN.contains(&path) {
         None
+    } else if path.ends_with("/license") {
+        Some(Scope::Write)
     } else if *method == Method::GET || *method == Method::HEAD || path.ends_with(":search") {
         Some(Scope::Read)
     } else {
