@@ -23,12 +23,19 @@ fn running_cluster(server: &TestServer) -> (String, String) {
     (code, node)
 }
 
-/// `[{"<ms>": value}, ...]`, oldest first.
-fn assert_trend(list: &serde_json::Value) {
+/// `[{"<ms>": value}, ...]`, oldest first, each point the figure the machine
+/// recorded at that instant (`figure` of the sample with that time); returns the
+/// last point's time.
+fn assert_trend(
+    server: &TestServer,
+    list: &serde_json::Value,
+    figure: impl Fn(&xpud::machine::Sample) -> Option<f64>,
+) -> u64 {
+    let history = server.app.machine.history();
     let points = list
         .as_array()
         .unwrap_or_else(|| panic!("not a list: {list}"));
-    assert!(!points.is_empty());
+    assert!(points.len() >= 2, "{list}");
     let mut last = 0u64;
     for point in points {
         let entry = point.as_object().unwrap();
@@ -37,16 +44,49 @@ fn assert_trend(list: &serde_json::Value) {
         let ts: u64 = ts.parse().unwrap();
         assert!(ts >= last);
         last = ts;
-        assert!(value.is_number());
+        let recorded = history
+            .iter()
+            .find(|s| s.at_ms == ts)
+            .unwrap_or_else(|| panic!("no sample at {ts}"));
+        let expected = figure(recorded).unwrap();
+        let value = value.as_f64().unwrap();
+        assert!(
+            (value - expected).abs() < 1e-9,
+            "{ts}: {value} != {expected}"
+        );
     }
+    last
+}
+
+/// `value` is `figure` of a sample recorded at or after `since`: the figure
+/// answered is the machine's latest, not a constant.
+fn assert_recorded(
+    server: &TestServer,
+    value: &serde_json::Value,
+    since: u64,
+    figure: impl Fn(&xpud::machine::Sample) -> Option<f64>,
+) {
+    let value = value
+        .as_f64()
+        .unwrap_or_else(|| panic!("not a number: {value}"));
+    assert!(
+        server
+            .app
+            .machine
+            .history()
+            .iter()
+            .filter(|s| s.at_ms >= since)
+            .any(|s| figure(s).is_some_and(|f| (f - value).abs() < 1e-9)),
+        "{value} is no recorded figure"
+    );
 }
 
 #[test]
 fn cluster_and_node_monitors_report_this_machine_with_trends() {
     let server = TestServer::start(&["sim-xpu"]);
     let (code, node) = running_cluster(&server);
-    // Two machine samples make a trend.
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    // A few machine samples make a trend.
+    std::thread::sleep(std::time::Duration::from_millis(300));
 
     let (status, body) = server.get(&format!("/CCP/cluster/monitors/{code}"));
     assert_eq!(status, 200, "{body}");
@@ -54,22 +94,34 @@ fn cluster_and_node_monitors_report_this_machine_with_trends() {
     let data = &body["data"];
     assert_eq!(data["clusterName"], "monitored");
     assert!(data["id"].as_u64().unwrap() >= 1);
-    assert!(data["cpu"].as_u64().unwrap() >= 1);
-    let cpu = data["cpuUtilization"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&cpu), "{cpu}");
-    assert!(data["memory"].as_u64().unwrap() >= 1);
-    assert!(data["memoryUsed"].as_f64().unwrap() > 0.0);
-    assert!(data["diskUsed"].as_f64().unwrap() > 0.0);
-    for list in ["cpuUtilizationList", "memoryUsedList", "diskUsedList"] {
-        assert_trend(&data[list]);
-    }
+    let facts = server.app.machine.facts();
+    assert_eq!(data["cpu"], facts.cpu_cores);
+    assert_eq!(data["memory"], facts.memory_total_gb.round() as u64);
+    // Each trend point is what was recorded then; the current figure is one of the
+    // samples at or after the trend's end.
+    let cpu = |s: &xpud::machine::Sample| Some(s.cpu_utilization);
+    let memory = |s: &xpud::machine::Sample| Some(s.memory_used_gb);
+    let disk = |s: &xpud::machine::Sample| s.disk_used_gb;
+    let since = assert_trend(&server, &data["cpuUtilizationList"], cpu);
+    assert_recorded(&server, &data["cpuUtilization"], since, cpu);
+    let since = assert_trend(&server, &data["memoryUsedList"], memory);
+    assert_recorded(&server, &data["memoryUsed"], since, memory);
+    let since = assert_trend(&server, &data["diskUsedList"], disk);
+    assert_recorded(&server, &data["diskUsed"], since, disk);
     let xpus = data["xpuMonitors"].as_array().unwrap();
     assert_eq!(xpus.len(), 2);
     assert_eq!(xpus[0]["xpuType"], "SIMULATED_XPU16");
     assert_eq!(xpus[0]["xpuMemory"], 16);
-    let util = xpus[0]["xpuUtilization"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&util));
-    assert_trend(&xpus[0]["xpuUtilizationList"]);
+    let card = |s: &xpud::machine::Sample| s.xpus[0].utilization;
+    let since = assert_trend(&server, &xpus[0]["xpuUtilizationList"], card);
+    assert_recorded(&server, &xpus[0]["xpuUtilization"], since, card);
+    // sim-xpu's utilisation moves: the figures are its readings, not a constant.
+    let history = server.app.machine.history();
+    let readings: std::collections::HashSet<u64> = history
+        .iter()
+        .filter_map(|s| s.xpus[0].utilization.map(f64::to_bits))
+        .collect();
+    assert!(readings.len() > 1, "{readings:?}");
 
     let (status, body) = server.get(&format!("/CCP/node/monitors/{node}?clusterCode={code}"));
     assert_eq!(status, 200, "{body}");
@@ -109,10 +161,20 @@ fn cap_status_uses_the_integer_envelope_and_reports_the_accelerators() {
     assert!(basic["os"].as_str().is_some_and(|o| !o.is_empty()));
     let ops = &body["data"]["opsInfos"][0];
     assert_eq!(ops["ip"], basic["ip"]);
-    let gpu_use = ops["gpuUse"].as_f64().unwrap();
-    assert!((0.0..=100.0).contains(&gpu_use));
-    let memory_use = ops["memoryUse"].as_f64().unwrap();
-    assert!(memory_use > 0.0 && memory_use <= 100.0);
+    // Percentages of what the machine recorded, one decimal.
+    let percent = |x: f64| (x * 1000.0).round() / 10.0;
+    assert_recorded(&server, &ops["cpuUse"], 0, |s| {
+        Some(percent(s.cpu_utilization))
+    });
+    assert_recorded(&server, &ops["memoryUse"], 0, |s| {
+        Some(percent(s.memory_used_gb / s.memory_total_gb))
+    });
+    assert_recorded(&server, &ops["gpuUse"], 0, |s| {
+        let readings: Vec<f64> = s.xpus.iter().filter_map(|x| x.utilization).collect();
+        Some(percent(
+            readings.iter().sum::<f64>() / readings.len() as f64,
+        ))
+    });
     assert_eq!(ops["gpuUsedetail"], json!([]));
 }
 

@@ -55,7 +55,9 @@ pub struct NodeOffer {
     pub node_id: String,
     pub cpu: u32,
     pub memory_gb: f64,
-    pub disk_gb: f64,
+    /// None when the data directory's disk is not found: disk asks cannot be
+    /// checked, and are refused.
+    pub disk_gb: Option<f64>,
     pub xpus: Vec<XpuResource>,
 }
 
@@ -73,11 +75,14 @@ impl NodeOffer {
             ));
         }
         let disk = u64::from(resource.root_disk_size) + u64::from(resource.local_disk_size);
-        if disk as f64 > self.disk_gb {
-            missing.push(format!(
-                "rootDiskSize + localDiskSize {disk} GB > {:.1} GB",
-                self.disk_gb
-            ));
+        match self.disk_gb {
+            Some(have) if disk as f64 > have => missing.push(format!(
+                "rootDiskSize + localDiskSize {disk} GB > {have:.1} GB"
+            )),
+            None if disk > 0 => missing.push(format!(
+                "rootDiskSize + localDiskSize {disk} GB: this machine's disk size is unknown"
+            )),
+            _ => {}
         }
         for want in &resource.xpu_resources {
             let have = self

@@ -27,9 +27,10 @@ pub struct Facts {
     pub os: String,
     pub cpu_cores: u32,
     pub memory_total_gb: f64,
-    pub disk_total_gb: f64,
-    /// The address this machine is known by: configured, else its first
-    /// non-loopback IPv4 address, else loopback.
+    /// The disk holding the data directory; none when it is not found.
+    pub disk_total_gb: Option<f64>,
+    /// The address this machine is known by: configured, else the default route
+    /// interface's IPv4 address, else a guess (logged at warn).
     pub ip: IpAddr,
 }
 
@@ -58,8 +59,9 @@ pub struct Sample {
     pub cpu_utilization: f64,
     pub memory_used_gb: f64,
     pub memory_total_gb: f64,
-    pub disk_used_gb: f64,
-    pub disk_total_gb: f64,
+    /// The data directory's disk; none when it is not found.
+    pub disk_used_gb: Option<f64>,
+    pub disk_total_gb: Option<f64>,
     /// Bytes per second over all non-loopback interfaces since the previous sample.
     pub net_rx_bps: f64,
     pub net_tx_bps: f64,
@@ -80,16 +82,75 @@ fn disk_of<'a>(disks: &'a Disks, path: &Path) -> Option<&'a sysinfo::Disk> {
         .max_by_key(|d| d.mount_point().as_os_str().len())
 }
 
-fn first_ipv4(networks: &Networks) -> Option<IpAddr> {
-    let mut names: Vec<_> = networks.keys().collect();
+/// The interface of the IPv4 default route with the lowest metric, from the
+/// kernel's routing table (`/proc/net/route`: destination and mask 0).
+fn default_route_interface(table: &str) -> Option<String> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (iface, destination, flags, metric, mask) = (
+                fields.first()?,
+                fields.get(1)?,
+                fields.get(3)?,
+                fields.get(6)?,
+                fields.get(7)?,
+            );
+            let up = u32::from_str_radix(flags, 16).ok()? & 1 == 1;
+            (up && *destination == "00000000" && *mask == "00000000")
+                .then(|| Some((metric.parse::<u32>().ok()?, iface.to_string())))
+                .flatten()
+        })
+        .min()
+        .map(|(_, iface)| iface)
+}
+
+/// The first non-loopback IPv4 address of `interface`.
+fn ipv4_of(networks: &Networks, interface: &str) -> Option<IpAddr> {
+    networks
+        .get(std::ffi::OsStr::new(interface))
+        .and_then(|data| {
+            data.ip_networks()
+                .iter()
+                .map(|n| n.addr)
+                .find(|a| a.is_ipv4() && !a.is_loopback())
+        })
+}
+
+/// The address other machines reach this one by, and why it was chosen: the
+/// configured one; else the IPv4 address of the default route's interface (not
+/// the first name in sort order, which puts `docker0` and `br-*` before `eth0`);
+/// else any interface's, said to be a guess; else loopback, said loudly.
+fn advertised_ip(configured: Option<IpAddr>, networks: &Networks) -> IpAddr {
+    if let Some(ip) = configured {
+        tracing::info!(%ip, "advertised address: configured (advertise-address)");
+        return ip;
+    }
+    let route = std::fs::read_to_string("/proc/net/route")
+        .ok()
+        .and_then(|table| default_route_interface(&table));
+    if let Some(interface) = &route {
+        if let Some(ip) = ipv4_of(networks, interface) {
+            tracing::info!(%ip, %interface, "advertised address: the default route's interface");
+            return ip;
+        }
+    }
+    let mut names: Vec<String> = networks
+        .keys()
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    names.into_iter().find_map(|name| {
-        networks[name]
-            .ip_networks()
-            .iter()
-            .map(|n| n.addr)
-            .find(|a| a.is_ipv4() && !a.is_loopback())
-    })
+    if let Some((interface, ip)) = names
+        .into_iter()
+        .find_map(|name| ipv4_of(networks, &name).map(|ip| (name, ip)))
+    {
+        tracing::warn!(%ip, %interface, default_route = ?route, "advertised address: no IPv4 address on a default route's interface; took the first interface with one, which may not be reachable from the platform: set advertise-address");
+        return ip;
+    }
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    tracing::warn!(%ip, "advertised address: no non-loopback IPv4 address on this machine; other machines cannot reach it: set advertise-address");
+    ip
 }
 
 impl Machine {
@@ -109,12 +170,8 @@ impl Machine {
             os: System::long_os_version().unwrap_or_else(|_| std::env::consts::OS.into()),
             cpu_cores,
             memory_total_gb: system.total_memory() as f64 / GIB,
-            disk_total_gb: disk_of(&disks, data_dir)
-                .map(|d| d.total_space() as f64 / GIB)
-                .unwrap_or(0.0),
-            ip: advertise
-                .or_else(|| first_ipv4(&networks))
-                .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            disk_total_gb: disk_of(&disks, data_dir).map(|d| d.total_space() as f64 / GIB),
+            ip: advertised_ip(advertise, &networks),
         };
         Ok(Machine {
             facts,
@@ -283,18 +340,18 @@ pub fn spawn_sampler(
                     .fold((0u64, 0u64), |(rx, tx), (_, data)| {
                         (rx + data.received(), tx + data.transmitted())
                     });
-                let disk = disk_of(&disks, &data_dir);
-                let disk_total = disk.map(|d| d.total_space() as f64 / GIB).unwrap_or(0.0);
-                let disk_free = disk
-                    .map(|d| d.available_space() as f64 / GIB)
-                    .unwrap_or(0.0);
+                let disk = disk_of(&disks, &data_dir).map(|d| {
+                    let total = d.total_space() as f64 / GIB;
+                    let free = d.available_space() as f64 / GIB;
+                    (total, (total - free).max(0.0))
+                });
                 machine.record(Sample {
                     at_ms: crate::dates::now_ms(),
                     cpu_utilization: f64::from(system.global_cpu_usage()) / 100.0,
                     memory_used_gb: system.used_memory() as f64 / GIB,
                     memory_total_gb: system.total_memory() as f64 / GIB,
-                    disk_used_gb: (disk_total - disk_free).max(0.0),
-                    disk_total_gb: disk_total,
+                    disk_used_gb: disk.map(|(_, used)| used),
+                    disk_total_gb: disk.map(|(total, _)| total),
                     net_rx_bps: rx as f64 / elapsed,
                     net_tx_bps: tx as f64 / elapsed,
                     xpus: xpus(&samples, &drivers()),
@@ -325,6 +382,21 @@ mod tests {
     }
 
     #[test]
+    fn the_default_route_picks_the_interface_not_the_name_order() {
+        let table =
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+            br-1a2b\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+            docker0\t000012AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+            wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
+            eth0\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth1\t00000000\t010300C0\t0002\t0\t0\t0\t00000000\t0\t0\t0\n";
+        // eth1's route is down (flags without RTF_UP); eth0 has the lower metric.
+        assert_eq!(default_route_interface(table).as_deref(), Some("eth0"));
+        assert_eq!(default_route_interface("Iface\tDestination\n"), None);
+        assert_eq!(default_route_interface("garbage"), None);
+    }
+
+    #[test]
     fn history_shares_card_names_between_samples_and_finds_cards_that_moved() {
         let before = vec![xpu("sim/0", 0.1), xpu("sim/1", 0.2)];
         let mut now = vec![xpu("sim/0", 0.3), xpu("sim/1", 0.4)];
@@ -337,8 +409,8 @@ mod tests {
             cpu_utilization: 0.0,
             memory_used_gb: 0.0,
             memory_total_gb: 0.0,
-            disk_used_gb: 0.0,
-            disk_total_gb: 0.0,
+            disk_used_gb: None,
+            disk_total_gb: None,
             net_rx_bps: 0.0,
             net_tx_bps: 0.0,
             xpus,

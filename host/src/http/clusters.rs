@@ -250,7 +250,8 @@ struct NodeView {
     /// The text's spelling of `memory`.
     memoy: u32,
     /// GB.
-    disk: u32,
+    /// Null when the data directory's disk is not found.
+    disk: Option<u32>,
     xpu_resources: Vec<XpuResource>,
 }
 
@@ -409,7 +410,7 @@ async fn list_nodes(
                     cpu: facts.cpu_cores,
                     memory,
                     memoy: memory,
-                    disk: facts.disk_total_gb as u32,
+                    disk: facts.disk_total_gb.map(|gb| gb as u32),
                     xpu_resources: xpus.clone(),
                 }
             })

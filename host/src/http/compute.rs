@@ -22,7 +22,8 @@ struct BasicInfo {
     /// The accelerator types present, comma-separated.
     gpu_type: String,
     memory: f64,
-    disk: f64,
+    /// Null when the data directory's disk is not found.
+    disk: Option<f64>,
     os: String,
 }
 
@@ -40,11 +41,15 @@ pub struct GpuUseDetail {
 struct OpsInfo {
     ip: String,
     host_name: String,
-    cpu_use: f64,
+    /// Null until the first machine sample.
+    cpu_use: Option<f64>,
     /// Mean utilisation of the accelerators that report one; null when none does.
     gpu_use: Option<f64>,
-    memory_use: f64,
-    disk_use: f64,
+    /// Null until the first machine sample.
+    memory_use: Option<f64>,
+    /// Null until the first machine sample, or when the data directory's disk is
+    /// not found.
+    disk_use: Option<f64>,
     gpu_usedetail: Vec<GpuUseDetail>,
 }
 
@@ -55,12 +60,9 @@ struct CapStatus {
     ops_infos: Vec<OpsInfo>,
 }
 
-fn percent(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 {
-        (part / whole * 1000.0).round() / 10.0
-    } else {
-        0.0
-    }
+/// `part` of `whole` in percent, one decimal; none of nothing.
+fn percent(part: f64, whole: f64) -> Option<f64> {
+    (whole > 0.0).then(|| (part / whole * 1000.0).round() / 10.0)
 }
 
 pub fn routes() -> OpenApiRouter<App> {
@@ -84,16 +86,16 @@ async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
         host_name: facts.host_name.clone(),
         cpu_use: latest
             .as_ref()
-            .map_or(0.0, |s| (s.cpu_utilization * 1000.0).round() / 10.0),
+            .map(|s| (s.cpu_utilization * 1000.0).round() / 10.0),
         gpu_use: (!readings.is_empty()).then(|| {
             (readings.iter().sum::<f64>() / readings.len() as f64 * 1000.0).round() / 10.0
         }),
         memory_use: latest
             .as_ref()
-            .map_or(0.0, |s| percent(s.memory_used_gb, s.memory_total_gb)),
+            .and_then(|s| percent(s.memory_used_gb, s.memory_total_gb)),
         disk_use: latest
             .as_ref()
-            .map_or(0.0, |s| percent(s.disk_used_gb, s.disk_total_gb)),
+            .and_then(|s| percent(s.disk_used_gb?, s.disk_total_gb?)),
         gpu_usedetail: app
             .services
             .quota_by_algorithm()
@@ -112,11 +114,20 @@ async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
             .collect::<Vec<_>>()
             .join(","),
         memory: (facts.memory_total_gb * 10.0).round() / 10.0,
-        disk: (facts.disk_total_gb * 10.0).round() / 10.0,
+        disk: facts.disk_total_gb.map(|gb| (gb * 10.0).round() / 10.0),
         os: facts.os.clone(),
     };
     Ok(Reply::data(CapStatus {
         basic_infos: vec![basic],
         ops_infos: vec![ops],
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_share_of_nothing_is_unknown_not_zero() {
+        assert_eq!(super::percent(1.0, 4.0), Some(25.0));
+        assert_eq!(super::percent(0.0, 0.0), None);
+    }
 }

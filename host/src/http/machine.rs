@@ -53,9 +53,9 @@ async fn status(
         mem_free: latest
             .as_ref()
             .map(|s| gb((s.memory_total_gb - s.memory_used_gb).max(0.0))),
-        disk_usage: latest.as_ref().map(|s| gb(s.disk_used_gb)),
+        disk_usage: latest.as_ref().and_then(|s| s.disk_used_gb).map(gb),
         disk_free: latest
             .as_ref()
-            .map(|s| gb((s.disk_total_gb - s.disk_used_gb).max(0.0))),
+            .and_then(|s| Some(gb((s.disk_total_gb? - s.disk_used_gb?).max(0.0)))),
     }))
 }

@@ -61,13 +61,15 @@ pub struct XpuMonitorInfo {
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     cpu: u32,
-    cpu_utilization: f64,
+    /// Null without a sample (no node, or before the first one).
+    cpu_utilization: Option<f64>,
     cpu_utilization_list: Vec<TrendPoint>,
     memory: u32,
-    memory_used: f64,
+    memory_used: Option<f64>,
     memory_used_list: Vec<TrendPoint>,
-    disk: u32,
-    disk_used: f64,
+    /// Null when the data directory's disk is not found.
+    disk: Option<u32>,
+    disk_used: Option<f64>,
     disk_used_list: Vec<TrendPoint>,
     xpu_monitors: Vec<XpuMonitorInfo>,
 }
@@ -120,13 +122,13 @@ fn usage(app: &App, nodes: usize) -> Usage {
     if nodes == 0 {
         return Usage {
             cpu: 0,
-            cpu_utilization: 0.0,
+            cpu_utilization: None,
             cpu_utilization_list: Vec::new(),
             memory: 0,
-            memory_used: 0.0,
+            memory_used: None,
             memory_used_list: Vec::new(),
-            disk: 0,
-            disk_used: 0.0,
+            disk: Some(0),
+            disk_used: None,
             disk_used_list: Vec::new(),
             xpu_monitors: Vec::new(),
         };
@@ -160,14 +162,14 @@ fn usage(app: &App, nodes: usize) -> Usage {
         .unwrap_or_default();
     Usage {
         cpu: facts.cpu_cores,
-        cpu_utilization: latest.map_or(0.0, |s| s.cpu_utilization),
+        cpu_utilization: latest.map(|s| s.cpu_utilization),
         cpu_utilization_list: trend(&history, |s| Some(s.cpu_utilization)),
         memory: facts.memory_total_gb.round() as u32,
-        memory_used: latest.map_or(0.0, |s| s.memory_used_gb),
+        memory_used: latest.map(|s| s.memory_used_gb),
         memory_used_list: trend(&history, |s| Some(s.memory_used_gb)),
-        disk: facts.disk_total_gb.round() as u32,
-        disk_used: latest.map_or(0.0, |s| s.disk_used_gb),
-        disk_used_list: trend(&history, |s| Some(s.disk_used_gb)),
+        disk: facts.disk_total_gb.map(|gb| gb.round() as u32),
+        disk_used: latest.and_then(|s| s.disk_used_gb),
+        disk_used_list: trend(&history, |s| s.disk_used_gb),
         xpu_monitors,
     }
 }
