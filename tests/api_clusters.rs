@@ -113,7 +113,7 @@ fn clusters_and_nodes_follow_this_machine() {
     assert_eq!(node["internalIp"], node["interalIp"]);
     assert_eq!(
         node["xpuResources"],
-        json!([{ "xpuType": "SIMULATED_XPU16", "num": 2 }])
+        json!([{ "xpuType": "SIMULATED_XPU16", "num": 2, "simulated": true }])
     );
     let (_, by_body) = server.call(
         Method::GET,

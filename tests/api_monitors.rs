@@ -283,3 +283,50 @@ fn a_dead_drivers_cards_leave_every_figure_within_a_few_intervals() {
     // sim-xpu, beside it, is current.
     assert_eq!(row("sim-xpu").get("stale"), None);
 }
+
+/// A simulator passes for compute only when the operator asks for it, and then its
+/// cards say they are simulated wherever they appear.
+#[test]
+fn simulated_cards_load_only_on_request_and_say_so() {
+    let server = TestServer::start_with(&["sim-xpu"], |c| c.runtime.simulated_devices = false);
+    let (_, status) = server.get("/CAP/Status");
+    assert_eq!(status["data"]["basicInfos"][0]["gpu"], 0, "{status}");
+    let (_, list) = server.get("/plugins");
+    let sim = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "sim-xpu")
+        .unwrap()
+        .clone();
+    assert_eq!(sim["state"], "refused", "{sim}");
+    assert!(
+        sim["refused"]
+            .as_str()
+            .unwrap()
+            .contains("simulated-devices"),
+        "{sim}"
+    );
+    let (code, _) = running_cluster(&server);
+    let (_, nodes) = server.get(&format!("/CCP/cluster/nodes?clusterCode={code}"));
+    assert_eq!(nodes["data"][0]["machineType"], "CPU", "{nodes}");
+
+    let server = TestServer::start(&["sim-xpu"]);
+    let (_, status) = server.get("/CAP/Status");
+    assert_eq!(status["data"]["basicInfos"][0]["gpu"], 2);
+    assert_eq!(status["data"]["basicInfos"][0]["gpuSimulated"], 2);
+    let (_, list) = server.get("/plugins");
+    assert!(list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "sim-xpu" && p["simulated"] == true));
+    let (code, _) = running_cluster(&server);
+    let (_, nodes) = server.get(&format!("/CCP/cluster/nodes?clusterCode={code}"));
+    assert_eq!(
+        nodes["data"][0]["xpuResources"],
+        json!([{ "xpuType": "SIMULATED_XPU16", "num": 2, "simulated": true }])
+    );
+    let (_, monitors) = server.get(&format!("/CCP/cluster/monitors/{code}"));
+    assert_eq!(monitors["data"]["xpuMonitors"][0]["simulated"], true);
+}

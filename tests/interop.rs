@@ -40,6 +40,10 @@ fn host_figures_are_there_before_the_listener_opens() {
         data_dir: data.path().to_path_buf(),
         plugin_dir: Some(plugins.path().to_path_buf()),
         listen: "127.0.0.1:0".parse().unwrap(),
+        runtime: xpud::config::RuntimeConfig {
+            simulated_devices: true,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -34,7 +34,8 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     std::fs::write(
         &config,
         format!(
-            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n[sampler]\ninterval-ms = 50\n",
+            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n[sampler]\ninterval-ms = 50\n\
+             [runtime]\nsimulated-devices = true\n",
             data.path().join("state"),
             plugins.path()
         ),

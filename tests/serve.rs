@@ -38,7 +38,7 @@ fn serve_with(data: &std::path::Path, plugins: &PluginDir, top: &str) -> Serve {
         format!(
             "{top}data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
              [restart]\nmax-restarts = 1\nbackoff-initial-ms = 20\n\
-             [sampler]\ninterval-ms = 50\n",
+             [sampler]\ninterval-ms = 50\n[runtime]\nsimulated-devices = true\n",
             data.join("state"),
             plugins.path()
         ),

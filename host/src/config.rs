@@ -12,6 +12,8 @@
 //! max-memory-mib = 1024            # ceiling on any plugin's memory
 //! grant-root = "/"                 # host directory plugin grants are resolved under
 //! allowed-grants = ["/sys", "/proc/driver"]
+//! simulated-devices = false        # load drivers whose devices are simulated (sim-xpu):
+//!                                  # for trying xpud out and for tests, never production
 //!
 //! [plugin-limits]                  # what a plugin may make the host do
 //! max-call-timeout-ms = 30000      # ceiling on a manifest's call-timeout-ms
@@ -138,6 +140,9 @@ pub struct RuntimeConfig {
     pub max_memory_mib: u64,
     pub grant_root: PathBuf,
     pub allowed_grants: Vec<String>,
+    /// Drivers that say their devices are simulated load only when this is set
+    /// (`--simulated-devices`): a simulator must never pass for compute.
+    pub simulated_devices: bool,
 }
 
 impl Default for ServeConfig {
@@ -167,6 +172,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: 1024,
             grant_root: PathBuf::from("/"),
             allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
+            simulated_devices: false,
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct XpuSample {
     pub decode_utilization: Option<f64>,
     /// What the driver says of the card: an unhealthy one is not placed on.
     pub health: DeviceHealth,
+    /// No hardware behind it (a simulator the operator asked for).
+    pub simulated: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -282,6 +284,7 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
                     .and_then(|c| c.video_decode_utilization_pct)
                     .map(|p| f64::from(p) / 100.0),
                 health: device.health,
+                simulated: snapshot.simulated,
             });
         }
     }
@@ -378,6 +381,7 @@ mod tests {
             utilization: Some(utilization),
             decode_utilization: None,
             health: DeviceHealth::Healthy,
+            simulated: false,
         }
     }
 

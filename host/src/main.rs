@@ -167,6 +167,10 @@ struct ServeArgs {
     /// Serve plain HTTP instead of HTTPS: for local development only.
     #[arg(long)]
     insecure_http: bool,
+    /// Load drivers of simulated devices (sim-xpu): for trying xpud out, never
+    /// production. Their cards are marked simulated wherever they appear.
+    #[arg(long)]
+    simulated_devices: bool,
 }
 
 #[derive(Subcommand)]
@@ -268,6 +272,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.insecure_http {
         config.tls.insecure_http = true;
+    }
+    if args.simulated_devices {
+        config.runtime.simulated_devices = true;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

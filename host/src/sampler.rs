@@ -26,6 +26,8 @@ const MIN_MAX_AGE: Duration = Duration::from_secs(1);
 /// The latest readings of one driver.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
+    /// The driver says its devices are simulated.
+    pub simulated: bool,
     pub devices: Vec<Device>,
     pub metrics: Metrics,
     pub at: SystemTime,
@@ -150,6 +152,7 @@ fn sample_one(driver: &Driver) -> Result<Snapshot, DriverFailure> {
     let devices = driver.devices()?;
     let metrics = driver.sample()?;
     Ok(Snapshot {
+        simulated: driver.info().is_some_and(|i| i.simulated),
         devices,
         metrics,
         at: SystemTime::now(),
@@ -215,6 +218,7 @@ mod tests {
 
     fn snapshot(age: Duration) -> Snapshot {
         Snapshot {
+            simulated: false,
             devices: Vec::new(),
             metrics: Metrics {
                 cards: Vec::new(),

@@ -302,6 +302,7 @@ mod tests {
             utilization: None,
             decode_utilization: None,
             health: DeviceHealth::Healthy,
+            simulated: false,
         }
     }
 

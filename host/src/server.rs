@@ -61,6 +61,7 @@ impl Server {
                 grant_root: config.runtime.grant_root.clone(),
                 allowed_grants: config.runtime.allowed_grants.clone(),
                 restart: config.restart.clone(),
+                simulated_devices: config.runtime.simulated_devices,
             },
         )?);
         let watcher = watcher::watch(registry.clone()).await?;

@@ -139,6 +139,7 @@ pub fn registry_with(plugins: &PluginDir, grant_root: &Path, limits: PluginLimit
             grant_root: grant_root.to_path_buf(),
             allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
             restart: quick_restarts(),
+            simulated_devices: true,
         },
     )
     .expect("registry")
@@ -212,6 +213,8 @@ impl TestServer {
             ..Default::default()
         };
         config.sampler.interval_ms = 50;
+        // The tests place on sim-xpu's cards.
+        config.runtime.simulated_devices = true;
         config.inference.onnxruntime = onnxruntime();
         // Tests probe with bad tokens on purpose; the limit has a test of its own.
         config.auth.failed_auth_limit = u32::MAX;

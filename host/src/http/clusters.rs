@@ -62,6 +62,11 @@ pub struct ResourceSpec {
 pub struct XpuResource {
     pub xpu_type: String,
     pub num: u32,
+    /// In answers: these cards are simulated (no hardware behind them; loaded
+    /// because the operator asked). Not in table A.14; ignored in requests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schema(read_only)]
+    pub simulated: bool,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<XpuResource>, D::Error> {

@@ -19,6 +19,9 @@ struct BasicInfo {
     host_name: String,
     cpu: u32,
     gpu: u32,
+    /// How many of `gpu` are simulated (not in table D.12; absent when none is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gpu_simulated: Option<u32>,
     /// The accelerator types present, comma-separated.
     gpu_type: String,
     memory: f64,
@@ -108,6 +111,14 @@ async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
         host_name: facts.host_name.clone(),
         cpu: facts.cpu_cores,
         gpu: inventory.iter().map(|x| x.num).sum(),
+        gpu_simulated: Some(
+            inventory
+                .iter()
+                .filter(|x| x.simulated)
+                .map(|x| x.num)
+                .sum(),
+        )
+        .filter(|n| *n > 0),
         gpu_type: inventory
             .iter()
             .map(|x| x.xpu_type.as_str())

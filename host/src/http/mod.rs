@@ -136,11 +136,15 @@ impl App {
     pub fn xpu_inventory(&self) -> Vec<XpuResource> {
         let mut inventory: Vec<XpuResource> = Vec::new();
         for xpu in self.xpus() {
-            match inventory.iter_mut().find(|x| *x.xpu_type == *xpu.xpu_type) {
+            match inventory
+                .iter_mut()
+                .find(|x| *x.xpu_type == *xpu.xpu_type && x.simulated == xpu.simulated)
+            {
                 Some(entry) => entry.num += 1,
                 None => inventory.push(XpuResource {
                     xpu_type: xpu.xpu_type.to_string(),
                     num: 1,
+                    simulated: xpu.simulated,
                 }),
             }
         }

@@ -54,6 +54,9 @@ pub struct XpuMonitorInfo {
     xpu_utilization: Option<f64>,
     xpu_utilization_list: Vec<TrendPoint>,
     xpu_type: String,
+    /// A simulated card (not in table C.7).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    simulated: bool,
 }
 
 /// Tables C.6 and C.10: the shared figures.
@@ -155,6 +158,7 @@ fn usage(app: &App, nodes: usize) -> Usage {
                         xpu_utilization: xpu.utilization,
                         xpu_utilization_list: trend(&history, |s| of(s, |x| x.utilization)),
                         xpu_type: xpu.xpu_type.to_string(),
+                        simulated: xpu.simulated,
                     }
                 })
                 .collect()

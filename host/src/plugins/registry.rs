@@ -39,6 +39,8 @@ pub struct RegistryOptions {
     /// Path prefixes the operator allows plugins to be granted.
     pub allowed_grants: Vec<String>,
     pub restart: RestartPolicy,
+    /// Whether drivers of simulated devices load.
+    pub simulated_devices: bool,
 }
 
 /// Identity of the files a plugin was loaded from, cheap to compare.
@@ -133,6 +135,9 @@ pub struct PluginView {
     pub exports: Vec<String>,
     /// The supervisor's state (drivers).
     pub instance: Option<Status>,
+    /// Drivers: their devices are simulated (loaded because the operator asked).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub simulated: bool,
     /// Log lines dropped past `[plugin-limits] log-lines-per-s`.
     pub log_lines_dropped: u64,
     /// Why the driver's last answer was refused (degraded), until a good one comes.
@@ -222,6 +227,10 @@ impl Registry {
                     grants: p.map(|p| p.mounted.clone()).unwrap_or_default(),
                     exports: p.map(|p| p.inspection.exports.clone()).unwrap_or_default(),
                     instance: p.and_then(|p| p.status()),
+                    simulated: p
+                        .and_then(|p| p.driver())
+                        .and_then(|d| d.info())
+                        .is_some_and(|i| i.simulated),
                     log_lines_dropped: p.map_or(0, |p| p.log.dropped()),
                     answer_refused: p.and_then(|p| p.driver()).and_then(|d| d.violation()),
                     answers_refused: p
@@ -460,7 +469,15 @@ impl Registry {
                     driver.inherit_partitions(previous);
                 }
                 // A driver that cannot even start is refused now, not at first use.
-                driver.start().context("start")?;
+                let info = driver.start().context("start")?;
+                if info.simulated && !self.options.simulated_devices {
+                    anyhow::bail!(
+                        "its devices are simulated ({} {}): simulated devices load only when \
+                         the operator asks (--simulated-devices, [runtime] simulated-devices)",
+                        info.vendor,
+                        info.accelerator_types.join(", ")
+                    );
+                }
                 Handle::Driver(driver)
             }
             Kind::Algorithm => Handle::Algorithm(Box::new(AlgorithmPlugin::new(
