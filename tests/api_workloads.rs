@@ -97,7 +97,8 @@ fn workloads_run_pods_and_scale_for_real() {
     ));
     assert_eq!(status, 404);
 
-    // B.4: up to 4 pods (2 cards' worth), then more is refused, then down to 1.
+    // B.4: more pods than the node has cores is refused (each pod reserves its
+    // cpu), nothing changes; then down to 1, which frees a partition.
     let scale = |replicas: u32| {
         server.call(
             Method::PUT,
@@ -112,12 +113,15 @@ fn workloads_run_pods_and_scale_for_real() {
             Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
         ).1["data"]["pods"].as_array().unwrap().len()
     };
-    assert_eq!(scale(4).0, 200);
-    assert_eq!(count(), 4);
-    assert_eq!(partitions(&server, "sim-xpu"), 4);
-    let (status, body) = scale(5);
+    let cores = server.app.machine.facts().cpu_cores;
+    let (status, body) = scale(cores + 1);
     assert_eq!(status, 409, "{body}");
-    assert_eq!(count(), 4);
+    assert!(
+        body["message"].as_str().unwrap().starts_with("cpu:"),
+        "{body}"
+    );
+    assert_eq!(count(), 2);
+    assert_eq!(partitions(&server, "sim-xpu"), 2);
     assert_eq!(scale(1).0, 200);
     assert_eq!(count(), 1);
     assert_eq!(partitions(&server, "sim-xpu"), 1);
@@ -344,4 +348,80 @@ fn a_workload_scaled_to_zero_is_stopped() {
         "/CCP/algoService/workloads/human-detect?clusterCode={cluster}&namespace=default"
     ));
     assert_eq!(body["data"]["status"], "Stopped", "{body}");
+}
+
+/// B.2's cpu and memory are reserved per pod: pods never over-commit the node, a
+/// release frees them. `command` and `args` are the pod's arguments.
+#[test]
+fn pods_reserve_the_nodes_cores_and_get_their_arguments() {
+    let (_platform, server, cluster) = setup();
+    let cores = server.app.machine.facts().cpu_cores;
+    let mut big = example_workload(&cluster);
+    big["name"] = "big".into();
+    big["replicas"] = 1.into();
+    big["cpu"] = cores.into();
+    big["command"] = "detect --threads 4".into();
+    big["args"] = r#"--zone "gate a" '$HOME'"#.into();
+    let (status, body) = server.post("/CCP/algoService/workloads", big);
+    assert_eq!(status, 200, "{body}");
+
+    let mut small = example_workload(&cluster);
+    small["name"] = "small".into();
+    small["replicas"] = 1.into();
+    small["cpu"] = 1.into();
+    let (status, body) = server.post("/CCP/algoService/workloads", small.clone());
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserved by running pods"),
+        "{body}"
+    );
+    let scale = |name: &str, replicas: u32| {
+        server.call(
+            Method::PUT,
+            &format!("/CCP/algoService/workloads/{name}"),
+            Some(json!({ "clusterCode": cluster, "namespace": "default", "replicas": replicas })),
+        )
+    };
+    assert_eq!(scale("big", 2).0, 409);
+
+    // The pod runs with exactly those arguments.
+    let worker = server.app.workloads.workers()[0].clone();
+    let session = worker
+        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
+            event_type: "X".into(),
+            areas: vec![],
+            masks: vec![],
+            extend_params: r#"{"echoEnv": true}"#.into(),
+        }])
+        .unwrap();
+    let frame = xpud::runtime::frames::Frame::new(
+        32,
+        32,
+        0,
+        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
+        vec![7u8; 1024].into(),
+    )
+    .unwrap();
+    let events = worker.process(session, &frame).unwrap();
+    let attributes: serde_json::Value = serde_json::from_str(&events[0].attributes).unwrap();
+    assert_eq!(
+        attributes["args"],
+        json!(["detect", "--threads", "4", "--zone", "gate a", "$HOME"])
+    );
+    assert_eq!(attributes["env"], json!({}));
+
+    // Scaled to 0, the cores are free again.
+    assert_eq!(scale("big", 0).0, 200);
+    let (status, body) = server.post("/CCP/algoService/workloads", small);
+    assert_eq!(status, 200, "{body}");
+
+    let mut unclosed = example_workload(&cluster);
+    unclosed["name"] = "unclosed".into();
+    unclosed["args"] = "'oops".into();
+    let (status, body) = server.post("/CCP/algoService/workloads", unclosed);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("args"), "{body}");
 }

@@ -5,6 +5,10 @@
 //! [`Scheduler`] like service replicas. `replicas` is real: scaling up places and
 //! starts workers, scaling down stops the newest and frees their share. A pod's
 //! status, restarts and readiness are its worker's supervisor's.
+//!
+//! B.2's `cpu` and `memory` are reserved from the node per pod, like the cards'
+//! shares: pods never over-commit it. `command` and `args` become the pod's WASI
+//! arguments (split like a shell would, without expansion).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -17,11 +21,70 @@ use crate::machine::XpuSample;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
+use crate::runtime::Launch;
 use crate::scheduler::Scheduler;
 use crate::store::{Store, Table};
 
 /// Most replicas one workload may ask for.
 pub const MAX_REPLICAS: u32 = 64;
+
+/// What the node offers pods: B.2's `cpu` (cores) and `memory` (GiB) per pod are
+/// reserved from it.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeCapacity {
+    pub cpu: u32,
+    pub memory_gb: f64,
+}
+
+/// Splits a command line into words: blanks separate, single quotes keep
+/// everything, double quotes keep all but `\"` and `\\`, a backslash outside quotes
+/// escapes the next character. No expansion of any kind.
+pub fn split_words(field: &str, line: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    let unclosed = |what: &str| Error::Invalid(format!("{field}: unclosed {what}"));
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let current = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => current.push(c),
+                        None => return Err(unclosed("single quote")),
+                    }
+                }
+            }
+            '"' => {
+                let current = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\')) => current.push(c),
+                            Some(c) => {
+                                current.push('\\');
+                                current.push(c);
+                            }
+                            None => return Err(unclosed("double quote")),
+                        },
+                        Some(c) => current.push(c),
+                        None => return Err(unclosed("double quote")),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => return Err(Error::Invalid(format!("{field}: ends with a backslash"))),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
 
 /// What B.2 asks for.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -123,6 +186,9 @@ pub struct Workloads {
     packages: Arc<Packages>,
     scheduler: Arc<Scheduler>,
     state: RwLock<Vec<Live>>,
+    /// Held from the node-capacity check to the record of what it admitted (B.2,
+    /// B.4), so that two requests cannot both take the last cores.
+    admission: std::sync::Mutex<()>,
 }
 
 fn pod_name(workload: &str) -> String {
@@ -133,6 +199,19 @@ fn pod_name(workload: &str) -> String {
         .take(5)
         .collect();
     format!("{workload}-{suffix}")
+}
+
+/// A pod's WASI arguments: `command` split into words (else the workload's name as
+/// the program name), then `args` split into words.
+fn arguments(spec: &WorkloadSpec) -> Result<Vec<String>> {
+    let mut argv = match spec.command.as_deref().filter(|c| !c.trim().is_empty()) {
+        Some(command) => split_words("command", command)?,
+        None => vec![spec.name.clone()],
+    };
+    if let Some(args) = &spec.args {
+        argv.extend(split_words("args", args)?);
+    }
+    Ok(argv)
 }
 
 fn validate(spec: &WorkloadSpec) -> Result<()> {
@@ -173,6 +252,7 @@ fn validate(spec: &WorkloadSpec) -> Result<()> {
     if spec.cpu == 0 {
         return Err(Error::Invalid("cpu: at least 1".into()));
     }
+    arguments(spec)?;
     if let Some((k, v)) = spec
         .label_selector
         .iter()
@@ -192,7 +272,37 @@ impl Workloads {
             packages,
             scheduler,
             state: RwLock::new(Vec::new()),
+            admission: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Refuses `pods` more pods of `spec` when, with what every workload's pods
+    /// hold, they would not fit the node's cores or memory.
+    fn admit(&self, spec: &WorkloadSpec, pods: u32, node: NodeCapacity) -> Result<()> {
+        let (cores, gib) = self.read().iter().fold((0u64, 0u64), |(c, m), l| {
+            let n = l.workers.len() as u64;
+            (
+                c + u64::from(l.record.spec.cpu) * n,
+                m + u64::from(l.record.spec.memory) * n,
+            )
+        });
+        let want_cores = u64::from(spec.cpu) * u64::from(pods);
+        let want_gib = u64::from(spec.memory) * u64::from(pods);
+        if cores + want_cores > u64::from(node.cpu) {
+            return Err(Error::Conflict(format!(
+                "cpu: {pods} pod(s) x {} cores do not fit the node: {cores} of its {} cores are \
+                 reserved by running pods",
+                spec.cpu, node.cpu
+            )));
+        }
+        if (gib + want_gib) as f64 > node.memory_gb {
+            return Err(Error::Conflict(format!(
+                "memory: {pods} pod(s) x {} GiB do not fit the node: {gib} of its {:.1} GiB are \
+                 reserved by running pods",
+                spec.memory, node.memory_gb
+            )));
+        }
+        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Live>> {
@@ -257,9 +367,13 @@ impl Workloads {
         // The placements live in the scheduler's ledger under `owner`.
         self.scheduler
             .reserve(&owner, count, spec.xpu, &spec.xpu_type, xpus)?;
+        let launch = Launch {
+            env: Vec::new(),
+            args: arguments(spec)?,
+        };
         Ok((0..count)
             .map(|_| {
-                let worker = algorithm.spawn_worker();
+                let worker = algorithm.spawn_worker_with(launch.clone());
                 if let Err(e) = worker.start() {
                     tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
                 }
@@ -307,8 +421,7 @@ impl Workloads {
         spec: WorkloadSpec,
         clusters: &Clusters,
         xpus: &[XpuSample],
-        node_cpu: u32,
-        node_memory_gb: f64,
+        node: NodeCapacity,
     ) -> Result<WorkloadRecord> {
         validate(&spec)?;
         let cluster = clusters.get(&spec.cluster_code)?;
@@ -318,12 +431,8 @@ impl Workloads {
                 cluster.code
             )));
         }
-        if spec.cpu > node_cpu || f64::from(spec.memory) > node_memory_gb {
-            return Err(Error::Conflict(format!(
-                "a pod asking cpu {} and memory {} Gi does not fit the node ({node_cpu} cores, {node_memory_gb:.1} GiB)",
-                spec.cpu, spec.memory
-            )));
-        }
+        let _admission = crate::sync::lock(&self.admission);
+        self.admit(&spec, spec.replicas, node)?;
         let id = key(&spec.cluster_code, &spec.namespace, &spec.name);
         if self.read().iter().any(|l| l.record.key() == id) {
             return Err(Error::Conflict(format!(
@@ -477,6 +586,7 @@ impl Workloads {
         name: &str,
         replicas: u32,
         xpus: &[XpuSample],
+        node: NodeCapacity,
     ) -> Result<()> {
         if replicas > MAX_REPLICAS {
             return Err(Error::Invalid(format!(
@@ -484,11 +594,15 @@ impl Workloads {
             )));
         }
         let id = key(cluster, namespace, name);
+        let _admission = crate::sync::lock(&self.admission);
         let (spec, current) = {
             let state = self.read();
             let live = Self::find(&state, cluster, namespace, name)?;
             (live.record.spec.clone(), live.record.pods.len() as u32)
         };
+        if replicas > current {
+            self.admit(&spec, replicas - current, node)?;
+        }
         let owner = format!("workload:{id}");
         let per_pod = if spec.xpu > 1.0 { spec.xpu as usize } else { 1 };
         let mut state = self.write();
@@ -535,5 +649,21 @@ impl Workloads {
         drop(state);
         self.scheduler.release(&format!("workload:{id}"));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_lines_split_like_a_shell_without_expansion() {
+        let split = |line| super::split_words("args", line);
+        assert_eq!(
+            split(r#"--name "a b" 'c d' e\ f "q\"q" $HOME"#).unwrap(),
+            vec!["--name", "a b", "c d", "e f", "q\"q", "$HOME"]
+        );
+        assert_eq!(split("  ").unwrap(), Vec::<String>::new());
+        assert_eq!(split("''").unwrap(), vec![""]);
+        let error = split("'open").unwrap_err().to_string();
+        assert!(error.contains("args: unclosed single quote"), "{error}");
     }
 }

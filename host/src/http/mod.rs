@@ -124,6 +124,15 @@ impl App {
         crate::machine::xpus(&self.samples, &drivers)
     }
 
+    /// What this machine offers pods (B.2 cpu and memory are reserved from it).
+    pub fn node_capacity(&self) -> crate::workloads::NodeCapacity {
+        let facts = self.machine.facts();
+        crate::workloads::NodeCapacity {
+            cpu: facts.cpu_cores,
+            memory_gb: facts.memory_total_gb,
+        }
+    }
+
     /// What still runs file package `id` (an installed package, a workload's pods):
     /// such a package is not deleted.
     pub fn user_of_file_package(&self, id: &str) -> Option<String> {

@@ -362,14 +362,8 @@ async fn create(
     };
     let record = app
         .blocking(move |app| {
-            let facts = app.machine.facts();
-            app.workloads.create(
-                spec,
-                &app.clusters,
-                &app.xpus(),
-                facts.cpu_cores,
-                facts.memory_total_gb,
-            )
+            app.workloads
+                .create(spec, &app.clusters, &app.xpus(), app.node_capacity())
         })
         .await?;
     Ok(Reply::data(WorkloadResult {
@@ -411,6 +405,7 @@ async fn scale(
             &name,
             request.replicas,
             &app.xpus(),
+            app.node_capacity(),
         )
     })
     .await?;
