@@ -133,7 +133,9 @@ fn help_everywhere_and_bad_config_names_the_key() {
 fn the_example_config_parses_to_the_embedded_defaults() {
     let example = xpud::config::ServeConfig::from_file(&repo().join("examples/xpud.toml")).unwrap();
     let defaults = xpud::config::ServeConfig::default();
-    assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    // Values, not Debug text: a hand-written Debug (the platform password's is
+    // redacted) could leave a key out and let it drift.
+    assert_eq!(example, defaults);
 }
 
 #[test]

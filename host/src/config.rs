@@ -80,7 +80,7 @@ use crate::runtime::inference::Provider;
 use crate::runtime::PluginLimits;
 use crate::tls::TlsConfig;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
@@ -102,7 +102,7 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InferenceConfig {
     /// Path of libonnxruntime.so; without it models cannot run.
@@ -120,7 +120,7 @@ impl Default for InferenceConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SamplerConfig {
     /// How often every driver plugin is sampled.
@@ -133,7 +133,7 @@ impl Default for SamplerConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RuntimeConfig {
     pub max_instances: u32,

@@ -24,7 +24,7 @@ pub enum Mode {
     Cad,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PlatformConfig {
     /// The platform's base URL, e.g. `http://10.0.0.2:8080`; none: no calls are made.

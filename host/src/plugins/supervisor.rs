@@ -16,7 +16,7 @@ use wasmtime::Store;
 use crate::runtime::PluginState;
 
 /// Restart budget and backoff.
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RestartPolicy {
     /// Crashes tolerated within `window-s`; one more marks the plugin unhealthy.
