@@ -425,3 +425,27 @@ fn pods_reserve_the_nodes_cores_and_get_their_arguments() {
     assert_eq!(status, 400, "{body}");
     assert!(body["message"].as_str().unwrap().contains("args"), "{body}");
 }
+
+/// After a restart whose pods cannot be started again (here: their cards are gone),
+/// B.6 says Failed and why, not Running with the replicas it had.
+#[test]
+fn pods_that_do_not_come_back_after_a_restart_are_not_running() {
+    let (_platform, mut first, cluster) = setup();
+    let (status, body) = first.post("/CCP/algoService/workloads", example_workload(&cluster));
+    assert_eq!(status, 200, "{body}");
+    first.shutdown();
+    let data = first.data.path().to_path_buf();
+    // The same state, without the driver whose cards the pods were placed on.
+    let second = TestServer::start_with(&[], |config| config.data_dir = data);
+    let (status, body) = second.get(&format!(
+        "/CCP/algoService/workloads/human-detect?clusterCode={cluster}&namespace=default"
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"]["status"], "Failed", "{body}");
+    let why = body["data"]["statusDesc"].as_str().unwrap();
+    assert!(
+        why.contains("after a restart") && why.contains("SIMULATED_XPU16"),
+        "{why}"
+    );
+    assert_eq!(body["data"]["replicas"], 2);
+}
