@@ -9,10 +9,78 @@
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
-use crate::http::clusters::{ClusterCreateRequest, ClusterSpec, ResourceSpec, XpuResource};
 use crate::store::{Change, Store, Table};
+
+// What a cluster is asked to be (tables A.11-A.14): stored as sent, so the wire
+// layer reads and writes these types too.
+
+/// Table A.11.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    /// One of the text's Kubernetes versions: 1.18.x, 1.20.x, 1.22.x, 1.24.x.
+    #[schema(pattern = r"^1\.(18|20|22|24)\.[0-9]+$")]
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_network: Option<String>,
+    #[schema(min_items = 1)]
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// Table A.12.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    pub node_resource: ResourceSpec,
+    #[schema(minimum = 1)]
+    pub count: u32,
+}
+
+/// Table A.13. Memory and disks in GB.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSpec {
+    pub cpu: u32,
+    pub mem: u32,
+    pub root_disk_size: u32,
+    pub local_disk_size: u32,
+    /// The text's example writes one object where the table says a list: both parse.
+    #[serde(default, deserialize_with = "one_or_many")]
+    #[schema(value_type = Vec<XpuResource>)]
+    pub xpu_resources: Vec<XpuResource>,
+}
+
+/// Table A.14.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct XpuResource {
+    pub xpu_type: String,
+    pub num: u32,
+    /// In answers: these cards are simulated (no hardware behind them; loaded
+    /// because the operator asked). Not in table A.14; ignored in requests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[schema(read_only)]
+    pub simulated: bool,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<XpuResource>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(XpuResource),
+        Many(Vec<XpuResource>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(x)) => vec![x],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -200,15 +268,17 @@ impl Clusters {
     /// `create_failed` with the reason otherwise. Blocking (writes the store).
     pub fn create(
         &self,
-        request: ClusterCreateRequest,
+        name: String,
+        region_id: Option<String>,
+        spec: ClusterSpec,
         offer: &NodeOffer,
     ) -> Result<ClusterRecord> {
-        if request.name.trim().is_empty() {
+        if name.trim().is_empty() {
             return Err(Error::Invalid("name: must not be empty".into()));
         }
-        validate_spec(&request.spec)?;
+        validate_spec(&spec)?;
         let mut state = self.write();
-        let wanted: u32 = request.spec.nodes.iter().map(|n| n.count).sum();
+        let wanted: u32 = spec.nodes.iter().map(|n| n.count).sum();
         let holder = state
             .nodes
             .iter()
@@ -225,7 +295,7 @@ impl Clusters {
                 offer.node_id
             ))
         } else {
-            let missing = offer.shortfalls(&request.spec.nodes[0].node_resource);
+            let missing = offer.shortfalls(&spec.nodes[0].node_resource);
             (!missing.is_empty()).then(|| {
                 format!(
                     "node {} cannot satisfy the node spec: {}",
@@ -241,8 +311,8 @@ impl Clusters {
         let cluster = ClusterRecord {
             id: state.clusters.iter().map(|c| c.id).max().unwrap_or(0) + 1,
             code: code.clone(),
-            name: request.name,
-            region_id: request.region_id,
+            name,
+            region_id,
             status: if failure.is_some() {
                 ClusterStatus::CreateFailed
             } else {
@@ -250,7 +320,7 @@ impl Clusters {
             },
             reason: failure,
             created_ms: crate::dates::now_ms(),
-            spec: request.spec,
+            spec,
         };
         let node = (cluster.status == ClusterStatus::Running).then(|| NodeRecord {
             node_id: offer.node_id.clone(),

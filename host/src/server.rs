@@ -98,7 +98,7 @@ impl Server {
             packages.clone(),
             scheduler.clone(),
         ));
-        let tasks = Tasks::new(store.clone(), services.clone());
+        let tasks = Tasks::new(store.clone(), services.clone(), http::tasks::summary_json);
         let workloads = Workloads::new(store.clone(), packages.clone(), scheduler.clone());
         let machine_packages =
             MachinePackages::new(store.clone(), packages.clone(), scheduler.clone());

@@ -16,72 +16,11 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::envelope::{Answer, CodeString, CodeStringBody, CodeStringFailures, Failure, Reply};
 use super::input::{Body, Params, PathParam};
 use super::App;
-use crate::clusters::{ClusterRecord, ClusterStatus, NodeRecord};
+use crate::clusters::{
+    ClusterRecord, ClusterSpec, ClusterStatus, NodeRecord, ResourceSpec, XpuResource,
+};
 
 type Fail = Failure<CodeString>;
-
-/// Table A.11.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterSpec {
-    /// One of the text's Kubernetes versions: 1.18.x, 1.20.x, 1.22.x, 1.24.x.
-    #[schema(pattern = r"^1\.(18|20|22|24)\.[0-9]+$")]
-    pub version: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_network: Option<String>,
-    #[schema(min_items = 1)]
-    pub nodes: Vec<NodeSpec>,
-}
-
-/// Table A.12.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeSpec {
-    pub node_resource: ResourceSpec,
-    #[schema(minimum = 1)]
-    pub count: u32,
-}
-
-/// Table A.13. Memory and disks in GB.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ResourceSpec {
-    pub cpu: u32,
-    pub mem: u32,
-    pub root_disk_size: u32,
-    pub local_disk_size: u32,
-    /// The text's example writes one object where the table says a list: both parse.
-    #[serde(default, deserialize_with = "one_or_many")]
-    #[schema(value_type = Vec<XpuResource>)]
-    pub xpu_resources: Vec<XpuResource>,
-}
-
-/// Table A.14.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct XpuResource {
-    pub xpu_type: String,
-    pub num: u32,
-    /// In answers: these cards are simulated (no hardware behind them; loaded
-    /// because the operator asked). Not in table A.14; ignored in requests.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    #[schema(read_only)]
-    pub simulated: bool,
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<XpuResource>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(XpuResource),
-        Many(Vec<XpuResource>),
-    }
-    Ok(match Option::<OneOrMany>::deserialize(d)? {
-        None => Vec::new(),
-        Some(OneOrMany::One(x)) => vec![x],
-        Some(OneOrMany::Many(v)) => v,
-    })
-}
 
 /// Table A.10.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -276,7 +215,14 @@ async fn create_cluster(
     Body(request, ..): Body<ClusterCreateRequest, CodeString>,
 ) -> Answer<CodeString, CreatedCluster> {
     let cluster = app
-        .blocking(move |app| app.clusters.create(request, &app.node_offer()))
+        .blocking(move |app| {
+            app.clusters.create(
+                request.name,
+                request.region_id,
+                request.spec,
+                &app.node_offer(),
+            )
+        })
         .await?;
     Ok(Reply::data(CreatedCluster {
         cluster_code: cluster.code,

@@ -42,6 +42,7 @@ pub mod services;
 pub mod tasks;
 pub mod workloads;
 
+use crate::clusters::XpuResource;
 use crate::clusters::{Clusters, NodeOffer};
 use crate::error::Error;
 use crate::machine::Machine;
@@ -55,7 +56,6 @@ use crate::services::Services;
 use crate::store::Store;
 use crate::tasks::Tasks;
 use crate::workloads::Workloads;
-use clusters::XpuResource;
 
 /// Everything the handlers share.
 pub struct AppState {
@@ -218,7 +218,7 @@ impl App {
         (name = "xpud", description = "xpud's own endpoints"),
     ),
     // Referenced by hand-written schemas (G.2's `destinations`), not by a derive.
-    components(schemas(tasks::HttpDest, tasks::EventDest))
+    components(schemas(crate::tasks::spec::HttpDest, crate::tasks::spec::EventDest))
 )]
 struct ApiDoc;
 

@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+pub mod spec;
+
 use crate::error::{Error, Result};
-use crate::http::tasks::{AreaParam, AreaType, RestartPolicy, TaskCreateRequest, TaskInfo};
 use crate::plugins::algorithm::{AlgorithmFailure, AlgorithmWorker, SessionId};
 use crate::runtime::bindings::analyzer::{self, AnalyzerError};
 use crate::services::{ServiceStatus, Services};
 use crate::store::{Store, Table};
+use spec::{AreaParam, AreaType, RestartPolicy, TaskCreateRequest, TaskInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -50,10 +52,14 @@ pub struct Stored {
     pub summary: Arc<serde_json::value::RawValue>,
 }
 
+/// Renders a task's search record; the wire layer supplies it, so that this
+/// module need not know the wire format.
+pub type RenderSummary = fn(&TaskRecord) -> Arc<serde_json::value::RawValue>;
+
 impl Stored {
-    fn new(record: TaskRecord) -> Stored {
+    fn new(record: TaskRecord, render: RenderSummary) -> Stored {
         Stored {
-            summary: crate::http::tasks::summary_json(&record),
+            summary: render(&record),
             record: Arc::new(record),
         }
     }
@@ -142,6 +148,7 @@ pub struct Tasks {
     /// (writes are rare, searches are not), always under `state`'s write lock.
     index: RwLock<Index>,
     bindings: Mutex<HashMap<String, Binding>>,
+    render: RenderSummary,
 }
 
 fn area(a: &AreaParam) -> analyzer::Area {
@@ -233,8 +240,10 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
 }
 
 impl Tasks {
-    pub fn new(store: Arc<Store>, services: Arc<Services>) -> Tasks {
+    /// `render` makes the search record of a task when it is written.
+    pub fn new(store: Arc<Store>, services: Arc<Services>, render: RenderSummary) -> Tasks {
         Tasks {
+            render,
             store,
             services,
             state: RwLock::new(Vec::new()),
@@ -279,7 +288,10 @@ impl Tasks {
                 }
             }
         }
-        *self.write() = tasks.into_iter().map(Stored::new).collect();
+        *self.write() = tasks
+            .into_iter()
+            .map(|t| Stored::new(t, self.render))
+            .collect();
         Ok(())
     }
 
@@ -413,7 +425,7 @@ impl Tasks {
             self.unbind(&task.id);
             return Err(e.into());
         }
-        self.write().push(Stored::new(task.clone()));
+        self.write().push(Stored::new(task.clone(), self.render));
         Ok(task)
     }
 
@@ -430,7 +442,7 @@ impl Tasks {
         let mut changed = TaskRecord::clone(&stored.record);
         change(&mut changed)?;
         self.store.put(Table::Tasks, id, &changed)?;
-        *stored = Stored::new(changed);
+        *stored = Stored::new(changed, self.render);
         Ok(())
     }
 
