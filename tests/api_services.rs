@@ -31,7 +31,9 @@ fn install_algorithm(server: &TestServer, platform: &FileServer) -> String {
     "MEGCITY:3843938347".to_string()
 }
 
-/// Table G.8's example, typos fixed.
+/// Table G.8's example, typos fixed, with what this build reads: an RTSP source
+/// (where nothing listens: the task keeps reconnecting) instead of `iot://`, and an
+/// HTTP destination instead of Kafka.
 fn example_task(service: &str) -> serde_json::Value {
     json!({
         "algoServiceId": service,
@@ -44,12 +46,7 @@ fn example_task(service: &str) -> serde_json::Value {
                     "areaType": "POLYGON",
                     "points": [{"x": 0.0, "y": 1.0}, {"x": 1.0, "y": 1.0}, {"x": 1.0, "y": 0.0}, {"x": 0.0, "y": 0.0}]
                 }],
-                "destinations": {
-                    "eventDest": {
-                        "mqDest": { "mqType": "KAFKA", "topic": "PAAS_CAPTURE_ALL", "url": "10.172.198.207:23310" },
-                        "imageDest": { "cropImageDest": "aipaas-crop-image", "fullImageDest": "aipaas-full-image" }
-                    }
-                },
+                "destinations": { "HTTPDest": { "url": "http://127.0.0.1:9/events" } },
                 "eventType": "ILLEGAL_ADV",
                 "extendParams": { "sensitivity": "低", "durationThreshold": 1, "repeatAlarmIntervalThreshold": 720 },
                 "labels": {},
@@ -58,7 +55,7 @@ fn example_task(service: &str) -> serde_json::Value {
             "streamOptions": {
                 "videoStreamOptions": {
                     "resolution": "PIXELS_200W",
-                    "url": "iot://10.172.198.207/?deviceid=101234200200000046&mode=video"
+                    "url": "rtsp://127.0.0.1:9/camera"
                 }
             }
         }
@@ -138,13 +135,15 @@ fn services_place_replicas_and_tasks_bind_to_them() {
     assert_eq!(body["data"]["updatedStreams"], json!([]));
     let task = created["taskInfo"]["id"].as_str().unwrap().to_string();
 
-    // G.7: PENDING, and it says why.
-    let (_, body) = server.get(&format!("/CAP/AlgoTasks/{task}"));
-    assert_eq!(body["data"]["taskInfo"]["status"], "PENDING");
-    assert!(body["data"]["taskInfo"]["statusDesc"]
+    // G.7: PENDING, and it says why: nothing serves the camera's address.
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoTasks/{task}"))
+        .1["data"]["taskInfo"]["statusDesc"]
         .as_str()
         .unwrap()
-        .contains("video pipeline"));
+        .starts_with("reconnecting (attempt ")));
+    let (_, body) = server.get(&format!("/CAP/AlgoTasks/{task}"));
+    assert_eq!(body["data"]["taskInfo"]["status"], "PENDING");
     assert_eq!(
         body["data"]["taskInfo"]["labels"]["algoCabinName"],
         "megcity-a2"

@@ -18,3 +18,4 @@ mod platform;
 mod plugin_host;
 mod restart;
 mod serve;
+mod video;

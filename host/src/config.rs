@@ -38,6 +38,9 @@
 //! onnxruntime = "/opt/onnxruntime/libonnxruntime.so.1.31.1"   # or XPUD_ONNXRUNTIME
 //! providers = ["cuda", "cpu"]      # tried in order; each failure is logged
 //!
+//! [video]
+//! ffmpeg = "ffmpeg"                # the decoder binary (a bare name: looked up on PATH)
+//!
 //! [platform]                       # the platform xpud registers with (none: no calls)
 //! url = "http://10.0.0.2:8080"
 //! modes = ["cap"]                  # cap (/ACP/...), cad (/CAD/machine/...), or both
@@ -97,6 +100,7 @@ pub struct ServeConfig {
     pub restart: RestartPolicy,
     pub sampler: SamplerConfig,
     pub inference: InferenceConfig,
+    pub video: VideoConfig,
     pub platform: PlatformConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
@@ -125,6 +129,22 @@ impl Default for InferenceConfig {
 pub struct SamplerConfig {
     /// How often every driver plugin is sampled.
     pub interval_ms: u64,
+}
+
+/// `[video]`: how tasks reach their streams.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct VideoConfig {
+    /// The ffmpeg binary that decodes (a bare name is looked up on PATH).
+    pub ffmpeg: PathBuf,
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        VideoConfig {
+            ffmpeg: PathBuf::from("ffmpeg"),
+        }
+    }
 }
 
 impl Default for SamplerConfig {
@@ -158,6 +178,7 @@ impl Default for ServeConfig {
             restart: RestartPolicy::default(),
             sampler: SamplerConfig::default(),
             inference: InferenceConfig::default(),
+            video: VideoConfig::default(),
             platform: PlatformConfig::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),

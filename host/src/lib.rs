@@ -18,6 +18,7 @@ pub mod machine;
 pub mod machine_packages;
 pub mod package;
 pub mod packages;
+pub mod pipeline;
 pub mod platform;
 pub mod plugins;
 pub mod runtime;

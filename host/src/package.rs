@@ -102,12 +102,26 @@ pub struct Runtime {
     /// Unset: it does when `gpu` names no accelerator, and does not otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<bool>,
+    /// Frames the algorithm analyses per second of video (default 5): the decoder
+    /// drops the rest before converting them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_fps: Option<f64>,
 }
+
+/// Frames analysed per second of video when the package does not say.
+pub const DEFAULT_ANALYSIS_FPS: f64 = 5.0;
 
 impl Runtime {
     /// Whether replicas may be placed on CPU only (F.2 `gpuType: CPU`).
     pub fn runs_on_cpu(&self) -> bool {
         self.cpu.unwrap_or(self.gpu.is_empty())
+    }
+
+    /// The analysis rate, within 0.1-60 frames per second.
+    pub fn analysis_fps(&self) -> f64 {
+        self.analysis_fps
+            .filter(|f| f.is_finite())
+            .map_or(DEFAULT_ANALYSIS_FPS, |f| f.clamp(0.1, 60.0))
     }
 }
 

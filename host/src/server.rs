@@ -98,7 +98,20 @@ impl Server {
             packages.clone(),
             scheduler.clone(),
         ));
-        let tasks = Tasks::new(store.clone(), services.clone(), http::tasks::summary_json);
+        match crate::pipeline::decode::ffmpeg_available(&config.video.ffmpeg) {
+            Ok(version) => tracing::info!(%version, "video: ffmpeg found"),
+            Err(why) => tracing::warn!("video: {why}; tasks wait for it, saying so"),
+        }
+        let outbox = crate::pipeline::deliver::Outbox::new(store.clone())?;
+        let tasks = Tasks::new(
+            store.clone(),
+            services.clone(),
+            outbox,
+            crate::tasks::VideoOptions {
+                ffmpeg: config.video.ffmpeg.clone(),
+            },
+            http::tasks::summary_json,
+        );
         let workloads = Workloads::new(store.clone(), packages.clone(), scheduler.clone());
         let machine_packages =
             MachinePackages::new(store.clone(), packages.clone(), scheduler.clone());
@@ -254,6 +267,8 @@ impl Server {
         for task in &self.background {
             task.abort();
         }
+        // Decoders are child processes: they end with the server.
+        self.app.tasks.stop_all();
         if let Some(platform) = &self.platform {
             platform.unregister().await;
         }

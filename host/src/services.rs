@@ -203,6 +203,20 @@ impl Services {
             .ok_or_else(|| Error::NotFound(format!("no algorithm service {id:?}")))
     }
 
+    /// Frames per second the service's algorithm analyses (its package's
+    /// `runtime.analysis-fps`).
+    pub fn analysis_fps(&self, id: &str) -> f64 {
+        self.get(id)
+            .ok()
+            .and_then(|s| self.packages.algorithm(&s.algo_id).ok())
+            .and_then(|a| a.file_package_id)
+            .and_then(|f| self.packages.file(&f).ok())
+            .and_then(|f| f.manifest)
+            .map_or(crate::package::DEFAULT_ANALYSIS_FPS, |m| {
+                m.runtime.analysis_fps()
+            })
+    }
+
     /// F.5's status: what the live workers are doing, one entry per live replica.
     pub fn status(&self, id: &str) -> Result<LiveStatus> {
         let state = self.read();
@@ -486,6 +500,7 @@ mod tests {
             env: Vec::new(),
             gpu,
             cpu,
+            analysis_fps: None,
         };
         // No accelerator named: CPU only, and a gpuType is refused with the way out.
         let cpu_only = runtime(vec![], None);

@@ -18,6 +18,7 @@ use serde::Serialize;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_objects.sql"),
     include_str!("../migrations/0002_auth.sql"),
+    include_str!("../migrations/0003_event_queue.sql"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

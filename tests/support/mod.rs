@@ -664,3 +664,93 @@ pub fn passthrough_with_models(
     }
     (plugins, package)
 }
+
+/// A local HTTP receiver of events (an `HTTPDest`): keeps every JSON body POSTed to
+/// `/events`, in arrival order, and answers 503 while `down` is set.
+pub struct EventReceiver {
+    pub url: String,
+    pub received: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub down: Arc<std::sync::atomic::AtomicBool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl EventReceiver {
+    pub fn start() -> EventReceiver {
+        use axum::http::StatusCode;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let down = Arc::new(AtomicBool::new(false));
+        let app = {
+            let (received, down) = (received.clone(), down.clone());
+            axum::Router::new().route(
+                "/events",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let (received, down) = (received.clone(), down.clone());
+                    async move {
+                        if down.load(Ordering::SeqCst) {
+                            return StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        match serde_json::from_slice(&body) {
+                            Ok(event) => {
+                                received.lock().unwrap().push(event);
+                                StatusCode::OK
+                            }
+                            Err(_) => StatusCode::BAD_REQUEST,
+                        }
+                    }
+                }),
+            )
+        };
+        runtime.spawn(xpud::transport::serve(
+            listener,
+            app,
+            None,
+            std::future::pending(),
+        ));
+        EventReceiver {
+            url,
+            received,
+            down,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// A short H.264 video made by ffmpeg (`seconds` of a test pattern at 25 fps,
+/// `size` e.g. "320x240"), in `dir`; returns its path.
+pub fn test_video(dir: &Path, name: &str, seconds: u32, size: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg(format!("testsrc=size={size}:rate=25"))
+        .args([
+            "-t",
+            &seconds.to_string(),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg (scripts/test installs it)");
+    assert!(status.success(), "ffmpeg could not make {}", path.display());
+    path
+}

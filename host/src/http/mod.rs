@@ -69,7 +69,7 @@ pub struct AppState {
     pub clusters: Clusters,
     pub packages: Arc<Packages>,
     pub services: Arc<Services>,
-    pub tasks: Tasks,
+    pub tasks: Arc<Tasks>,
     pub workloads: Workloads,
     /// The address the server is bound to.
     pub listen: SocketAddr,

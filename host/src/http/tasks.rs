@@ -16,7 +16,7 @@ use super::input::{Body, PathParam};
 use super::page::{self, Page};
 use super::App;
 use crate::tasks::spec::{RestartPolicy, StreamOptions, TaskCreateRequest, TaskLabels};
-use crate::tasks::{Filter, TaskRecord, TaskStatus};
+use crate::tasks::{Filter, Progress, TaskRecord, TaskStatus};
 use serde_json::value::RawValue;
 
 /// Table G.9's stream entry.
@@ -89,6 +89,10 @@ struct TaskInfoView {
     status_desc: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
+    /// Frames decoded, analysed and failed, events raised, queued, delivered and
+    /// dropped (detail only; not in table G.19).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    progress: Option<Progress>,
 }
 
 fn view(task: &TaskRecord) -> TaskView {
@@ -101,6 +105,7 @@ fn view(task: &TaskRecord) -> TaskView {
             status: task.status,
             status_desc: None,
             stream_options: None,
+            progress: None,
         },
     }
 }
@@ -113,10 +118,11 @@ pub fn summary_json(task: &TaskRecord) -> std::sync::Arc<RawValue> {
         .into()
 }
 
-fn detail_view(task: &TaskRecord) -> TaskView {
+fn detail_view(task: &TaskRecord, progress: Progress) -> TaskView {
     let mut view = view(task);
     view.task_info.status_desc = Some(task.status_desc.clone());
     view.task_info.stream_options = Some(task.task_info.stream_options.clone());
+    view.task_info.progress = Some(progress);
     view
 }
 
@@ -293,5 +299,6 @@ async fn detail(
     PathParam(id, ..): PathParam<CodeInt>,
 ) -> Answer<CodeInt, TaskView> {
     let task = app.tasks.get(&id)?;
-    Ok(Reply::data(detail_view(&task)))
+    let progress = app.blocking(move |app| Ok(app.tasks.progress(&id))).await?;
+    Ok(Reply::data(detail_view(&task, progress)))
 }

@@ -1,20 +1,30 @@
 //! Video-analysis tasks (Appendix G).
 //!
 //! A task's rules are opened as a session on the least-loaded worker of its service:
-//! the algorithm plugin validates them there. The video pipeline that would feed the
-//! session frames is not part of this build, so a task stays PENDING, and its status
-//! description says so: nothing pretends to be RUNNING.
+//! the algorithm plugin validates them there. Its pipeline (`crate::pipeline`) then
+//! reads the stream and feeds the session frames; the task's status is what the
+//! pipeline reports: PENDING until the first frame (and while reconnecting, saying
+//! so), RUNNING while frames flow, PAUSED after a pause (decoding stopped),
+//! FINISHED when a finite source ends, ERROR with the reason. Events go to the
+//! rules' destinations through the durable outbox.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use serde::{Deserialize, Serialize};
 
 pub mod spec;
 
 use crate::error::{Error, Result};
+use crate::pipeline::decode::Settings;
+use crate::pipeline::deliver::{Destination, Outbox};
+use crate::pipeline::source::Source;
+use crate::pipeline::{Analyse, Pipeline, Report, State};
 use crate::plugins::algorithm::{AlgorithmFailure, AlgorithmWorker, SessionId};
-use crate::runtime::bindings::analyzer::{self, AnalyzerError};
+use crate::runtime::bindings::analyzer::{self, AnalyzerError, Event};
+use crate::runtime::frames::Frame;
 use crate::services::{ServiceStatus, Services};
 use crate::store::{Store, Table};
 use spec::{AreaParam, AreaType, RestartPolicy, TaskCreateRequest, TaskInfo};
@@ -40,9 +50,18 @@ pub struct TaskRecord {
     pub created_ms: u64,
 }
 
-/// Why a bound task is not running.
-const NO_PIPELINE: &str =
-    "rules accepted by the algorithm; waiting for the video pipeline, which this build does not have: no frames are analysed yet";
+/// Events one frame may raise; the rest are dropped (counted): a plugin must not
+/// make the host queue without bound.
+const MAX_EVENTS_PER_FRAME: usize = 256;
+/// Longest `attributes` text of one event kept in its document.
+const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
+
+/// How tasks reach video.
+#[derive(Clone, Debug)]
+pub struct VideoOptions {
+    /// The ffmpeg binary (a name is looked up on PATH).
+    pub ffmpeg: PathBuf,
+}
 
 /// A task and its search record (G.17) rendered once, when the task is written:
 /// a search copies JSON instead of building and serialising views.
@@ -139,6 +158,174 @@ struct Binding {
     session: SessionId,
 }
 
+/// A task's session, as its pipeline analyses through it.
+struct Session {
+    worker: Arc<AlgorithmWorker>,
+    session: SessionId,
+}
+
+impl Analyse for Session {
+    fn analyse(&self, frame: &Frame) -> std::result::Result<Vec<Event>, String> {
+        self.worker
+            .process(self.session, frame)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Where a task's pipeline reports: its status, and its events into the outbox.
+struct TaskReport {
+    tasks: Weak<Tasks>,
+    task: String,
+    /// What the running status says.
+    running: String,
+}
+
+impl Report for TaskReport {
+    fn state(&self, state: State) {
+        let Some(tasks) = self.tasks.upgrade() else {
+            return;
+        };
+        let (status, desc) = match state {
+            State::Waiting(why) => (TaskStatus::Pending, why),
+            State::Running => (TaskStatus::Running, self.running.clone()),
+            State::Reconnecting { attempt, reason } => (
+                TaskStatus::Pending,
+                format!("reconnecting (attempt {attempt}): {reason}"),
+            ),
+            State::Finished => (TaskStatus::Finished, "the source ended".into()),
+            State::Failed(reason) => (TaskStatus::Error, reason),
+        };
+        // A pause or a delete that raced the report wins.
+        let applied = tasks.transition(&self.task, |task| {
+            if matches!(task.status, TaskStatus::Paused) {
+                return Ok(());
+            }
+            task.status = status;
+            task.status_desc = desc;
+            Ok(())
+        });
+        if let Err(e) = applied {
+            tracing::debug!(task = %self.task, "status not recorded: {e}");
+        }
+    }
+
+    fn events(&self, frame: &Frame, events: Vec<Event>) {
+        let Some(tasks) = self.tasks.upgrade() else {
+            return;
+        };
+        let Ok(task) = tasks.get(&self.task) else {
+            return;
+        };
+        let algo_id = tasks
+            .services
+            .get(&task.algo_service_id)
+            .map(|s| s.algo_id)
+            .unwrap_or_default();
+        if events.len() > MAX_EVENTS_PER_FRAME {
+            tracing::warn!(task = %self.task, raised = events.len(), kept = MAX_EVENTS_PER_FRAME, "too many events on one frame: the rest are dropped");
+        }
+        let mut by_destination: Vec<(Destination, Vec<String>)> = Vec::new();
+        for event in events.iter().take(MAX_EVENTS_PER_FRAME) {
+            let (rule, document) = event_document(&task, &algo_id, frame, event);
+            for destination in destinations(&task.task_info.rules_params[rule].destinations) {
+                match by_destination.iter_mut().find(|(d, _)| *d == destination) {
+                    Some((_, docs)) => docs.push(document.clone()),
+                    None => by_destination.push((destination, vec![document.clone()])),
+                }
+            }
+        }
+        for (destination, documents) in by_destination {
+            tasks.outbox.enqueue(&self.task, &destination, &documents);
+        }
+    }
+}
+
+/// Where a rule's events are delivered. Kafka (`eventDest.mqDest`) is not in this
+/// build: such a rule is refused when the task is created.
+fn destinations(d: &spec::Destinations) -> Vec<Destination> {
+    d.http_dest
+        .iter()
+        .map(|h| Destination::Http { url: h.url.clone() })
+        .collect()
+}
+
+/// The rule an event belongs to: the one holding its area, else the one whose
+/// eventType it carries, else the first.
+fn rule_of(task: &TaskRecord, event: &Event) -> usize {
+    let rules = &task.task_info.rules_params;
+    event
+        .area_id
+        .and_then(|id| {
+            rules
+                .iter()
+                .position(|r| r.areas.iter().any(|a| a.areaid == id))
+        })
+        .or_else(|| {
+            rules
+                .iter()
+                .position(|r| r.event_type == event.event_type || r.event_type == event.label)
+        })
+        .unwrap_or(0)
+}
+
+/// An event as it is delivered (docs/events.md): the rule it belongs to, and its
+/// JSON document with a fresh `eventId`.
+fn event_document(
+    task: &TaskRecord,
+    algo_id: &str,
+    frame: &Frame,
+    event: &Event,
+) -> (usize, String) {
+    let rule = rule_of(task, event);
+    let area_type = event.area_id.and_then(|id| {
+        task.task_info.rules_params[rule]
+            .areas
+            .iter()
+            .find(|a| a.areaid == id)
+            .map(|a| a.area_type)
+    });
+    let attributes: Option<serde_json::Value> = (event.attributes.len() <= MAX_ATTRIBUTES_BYTES)
+        .then(|| serde_json::from_str(&event.attributes).ok())
+        .flatten()
+        .filter(|a: &serde_json::Value| a.as_object().is_some_and(|o| !o.is_empty()));
+    let track_id = attributes.as_ref().and_then(|a| a.get("trackId")).cloned();
+    let direction = attributes
+        .as_ref()
+        .and_then(|a| a.get("direction"))
+        .cloned();
+    let objects: Vec<serde_json::Value> = event
+        .bbox
+        .map(|b| {
+            serde_json::json!({
+                "trackId": track_id,
+                "label": event.label,
+                "confidence": event.confidence,
+                "bbox": { "x": b.x, "y": b.y, "width": b.width, "height": b.height },
+            })
+        })
+        .into_iter()
+        .collect();
+    let mut document = serde_json::json!({
+        "eventId": uuid::Uuid::new_v4().to_string(),
+        "taskId": task.id,
+        "algoServiceId": task.algo_service_id,
+        "algoId": algo_id,
+        "eventType": event.event_type,
+        "label": event.label,
+        "areaId": event.area_id,
+        "areaType": area_type,
+        "timestamp": frame.timestamp_ms(),
+        "objects": objects,
+    });
+    if let Some(direction) = direction {
+        document["direction"] = direction;
+    }
+    if let Some(attributes) = attributes {
+        document["attributes"] = attributes;
+    }
+    (rule, document.to_string())
+}
+
 pub struct Tasks {
     store: Arc<Store>,
     services: Arc<Services>,
@@ -149,6 +336,10 @@ pub struct Tasks {
     index: RwLock<Index>,
     bindings: Mutex<HashMap<String, Binding>>,
     render: RenderSummary,
+    outbox: Arc<Outbox>,
+    pipelines: Mutex<HashMap<String, Pipeline>>,
+    video: VideoOptions,
+    me: Weak<Tasks>,
 }
 
 fn area(a: &AreaParam) -> analyzer::Area {
@@ -229,6 +420,25 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
                 "taskInfo.rulesParams[{i}].destinations: HTTPDest or eventDest"
             )));
         }
+        if let Some(http) = &rule.destinations.http_dest {
+            let url = http.url.trim();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::Invalid(format!(
+                    "taskInfo.rulesParams[{i}].destinations.HTTPDest.url: an http:// or https:// URL"
+                )));
+            }
+        }
+        if rule
+            .destinations
+            .event_dest
+            .as_ref()
+            .is_some_and(|e| e.mq_dest.is_some())
+        {
+            return Err(Error::Invalid(format!(
+                "taskInfo.rulesParams[{i}].destinations.eventDest.mqDest: Kafka delivery is not \
+                 in this build yet; use HTTPDest"
+            )));
+        }
     }
     let url = &info.stream_options.video_stream_options.url;
     if url.trim().is_empty() {
@@ -236,20 +446,142 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
             "taskInfo.streamOptions.videoStreamOptions.url: must not be empty".into(),
         ));
     }
+    Source::parse(url).map_err(Error::Invalid)?;
     Ok(())
+}
+
+/// A task's counters: its pipeline's (absent while none runs) and its delivery's.
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub frames_decoded: Option<u64>,
+    pub frames_analysed: Option<u64>,
+    pub frames_failed: Option<u64>,
+    pub events: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_analysis_error: Option<String>,
+    pub events_queued: u64,
+    pub events_delivered: u64,
+    pub events_dropped: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_error: Option<String>,
 }
 
 impl Tasks {
     /// `render` makes the search record of a task when it is written.
-    pub fn new(store: Arc<Store>, services: Arc<Services>, render: RenderSummary) -> Tasks {
-        Tasks {
+    pub fn new(
+        store: Arc<Store>,
+        services: Arc<Services>,
+        outbox: Arc<Outbox>,
+        video: VideoOptions,
+        render: RenderSummary,
+    ) -> Arc<Tasks> {
+        Arc::new_cyclic(|me| Tasks {
             render,
             store,
             services,
             state: RwLock::new(Vec::new()),
             index: RwLock::new(Index::default()),
             bindings: Mutex::new(HashMap::new()),
+            outbox,
+            pipelines: Mutex::new(HashMap::new()),
+            video,
+            me: me.clone(),
+        })
+    }
+
+    /// Starts the task's pipeline (and its delivery); its status follows.
+    fn start_pipeline(&self, task: &TaskRecord) -> Result<()> {
+        let binding = self
+            .bindings()
+            .get(&task.id)
+            .map(|b| Session {
+                worker: b.worker.clone(),
+                session: b.session,
+            })
+            .ok_or_else(|| Error::Conflict(format!("task {} has no session", task.id)))?;
+        let video = &task.task_info.stream_options.video_stream_options;
+        let source = Source::parse(&video.url).map_err(Error::Invalid)?;
+        let (width, height) = video.resolution.size();
+        let settings = Settings {
+            fps: self.services.analysis_fps(&task.algo_service_id),
+            width,
+            height,
+        };
+        self.outbox.open(&task.id);
+        let report = TaskReport {
+            tasks: self.me.clone(),
+            task: task.id.clone(),
+            running: format!(
+                "analysing {} at {} fps, {width}x{height}",
+                source.redacted(),
+                settings.fps
+            ),
+        };
+        let pipeline = Pipeline::start(
+            crate::pipeline::Spec {
+                task: task.id.clone(),
+                source,
+                settings,
+                retry_forever: task.restart_policy == RestartPolicy::Always,
+                ffmpeg: self.video.ffmpeg.clone(),
+            },
+            Arc::new(binding),
+            Arc::new(report),
+        )
+        .map_err(|e| Error::Internal(anyhow::anyhow!("start the task's pipeline: {e}")))?;
+        crate::sync::lock(&self.pipelines).insert(task.id.clone(), pipeline);
+        Ok(())
+    }
+
+    /// Stops the task's pipeline, if it runs (blocking until its thread ends).
+    fn stop_pipeline(&self, id: &str) {
+        let pipeline = crate::sync::lock(&self.pipelines).remove(id);
+        if let Some(mut pipeline) = pipeline {
+            pipeline.stop();
         }
+    }
+
+    /// The counters of a task's pipeline and delivery, for its detail.
+    pub fn progress(&self, id: &str) -> Progress {
+        let pipelines = crate::sync::lock(&self.pipelines);
+        let stats = pipelines.get(id).map(|p| p.stats.clone());
+        drop(pipelines);
+        let delivery = self.outbox.delivery(id);
+        Progress {
+            frames_decoded: stats
+                .as_ref()
+                .map(|s| s.frames_decoded.load(Ordering::Relaxed)),
+            frames_analysed: stats
+                .as_ref()
+                .map(|s| s.frames_analysed.load(Ordering::Relaxed)),
+            frames_failed: stats
+                .as_ref()
+                .map(|s| s.frames_failed.load(Ordering::Relaxed)),
+            events: stats.as_ref().map(|s| s.events.load(Ordering::Relaxed)),
+            last_analysis_error: stats
+                .as_ref()
+                .and_then(|s| crate::sync::lock(&s.last_analysis_error).clone()),
+            events_queued: self.outbox.queued(id),
+            events_delivered: delivery
+                .as_ref()
+                .map_or(0, |d| d.delivered.load(Ordering::Relaxed)),
+            events_dropped: delivery
+                .as_ref()
+                .map_or(0, |d| d.dropped.load(Ordering::Relaxed)),
+            delivery_error: delivery
+                .as_ref()
+                .and_then(|d| crate::sync::lock(&d.last_error).clone()),
+        }
+    }
+
+    /// Stops every pipeline (server shutdown).
+    pub fn stop_all(&self) {
+        let pipelines: Vec<Pipeline> = crate::sync::lock(&self.pipelines)
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        drop(pipelines);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Stored>> {
@@ -289,19 +621,30 @@ impl Tasks {
             }
         }
         *self.write() = tasks
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|t| Stored::new(t, self.render))
             .collect();
+        // Events queued before the restart go out; live tasks analyse again.
+        for task in &tasks {
+            self.outbox.open(&task.id);
+            if matches!(task.status, TaskStatus::Pending | TaskStatus::Running) {
+                if let Err(e) = self.start_pipeline(task) {
+                    tracing::error!(task = %task.id, "pipeline not started after a restart: {e}");
+                }
+            }
+        }
         Ok(())
     }
 
     /// Opens the task's rules on its service's least-loaded worker.
     fn bind(&self, task: &TaskRecord) -> Result<()> {
         let service = self.services.get(&task.algo_service_id)?;
-        if service.status != ServiceStatus::Running {
+        let live = self.services.status(&service.id)?;
+        if live.status != ServiceStatus::Running {
             return Err(Error::Conflict(format!(
                 "algorithm service {} is not running: {}",
-                service.id, service.status_desc
+                service.id, live.reason
             )));
         }
         let worker = self
@@ -417,7 +760,7 @@ impl Tasks {
             restart_policy: request.restart_policy,
             task_info: request.task_info,
             status: TaskStatus::Pending,
-            status_desc: NO_PIPELINE.into(),
+            status_desc: "starting its pipeline".into(),
             created_ms: crate::dates::now_ms(),
         };
         self.bind(&task)?;
@@ -426,7 +769,15 @@ impl Tasks {
             return Err(e.into());
         }
         self.write().push(Stored::new(task.clone(), self.render));
-        Ok(task)
+        if let Err(e) = self.start_pipeline(&task) {
+            // The task exists; it says why it does not analyse.
+            let _ = self.transition(&task.id, |t| {
+                t.status = TaskStatus::Error;
+                t.status_desc = e.to_string();
+                Ok(())
+            });
+        }
+        Ok(TaskRecord::clone(&*self.get(&task.id)?))
     }
 
     fn transition(
@@ -446,12 +797,12 @@ impl Tasks {
         Ok(())
     }
 
-    /// G.5
+    /// G.5: decoding stops, no more events; queued ones are still delivered.
     pub fn pause(&self, id: &str) -> Result<()> {
         self.transition(id, |task| match task.status {
             TaskStatus::Pending | TaskStatus::Running => {
                 task.status = TaskStatus::Paused;
-                task.status_desc = "paused".into();
+                task.status_desc = "paused: not decoding".into();
                 Ok(())
             }
             TaskStatus::Paused => Ok(()),
@@ -459,22 +810,32 @@ impl Tasks {
                 "task {} is {other:?}: only a live task pauses",
                 task.id
             ))),
-        })
+        })?;
+        self.stop_pipeline(id);
+        Ok(())
     }
 
-    /// G.4: a paused task goes back to waiting for its pipeline.
+    /// G.4: a paused task decodes again: PENDING until its first frame.
     pub fn resume(&self, id: &str) -> Result<()> {
+        let mut was_paused = false;
         self.transition(id, |task| match task.status {
-            TaskStatus::Paused | TaskStatus::Pending => {
+            TaskStatus::Paused => {
+                was_paused = true;
                 task.status = TaskStatus::Pending;
-                task.status_desc = NO_PIPELINE.into();
+                task.status_desc = "resuming: opening the source".into();
                 Ok(())
             }
+            TaskStatus::Pending | TaskStatus::Running => Ok(()),
             other => Err(Error::Conflict(format!(
                 "task {} is {other:?}: only a paused task resumes",
                 task.id
             ))),
-        })
+        })?;
+        if was_paused {
+            let task = self.get(id)?;
+            self.start_pipeline(&task)?;
+        }
+        Ok(())
     }
 
     /// G.3
@@ -486,6 +847,8 @@ impl Tasks {
         self.store.delete(Table::Tasks, id)?;
         state.retain(|t| t.record.id != id);
         drop(state);
+        self.stop_pipeline(id);
+        self.outbox.forget(id);
         self.unbind(id);
         Ok(())
     }

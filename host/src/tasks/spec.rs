@@ -184,13 +184,18 @@ fn destinations_schema() -> utoipa::openapi::Object {
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 pub struct HttpDest {
+    /// Where each event is POSTed.
+    #[schema(pattern = r"^https?://\S+$")]
     pub url: String,
 }
 
+/// G.2's `eventDest`. Its `mqDest` (Kafka) is refused by this build, which has no
+/// Kafka client yet, so the document leaves it out.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventDest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub mq_dest: Option<MqDest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_dest: Option<ImageDest>,
@@ -244,7 +249,7 @@ impl Resolution {
 #[serde(rename_all = "camelCase")]
 pub struct VideoStreamOptions {
     pub resolution: Resolution,
-    /// Not blank.
-    #[schema(pattern = r"\S")]
+    /// rtsp(s)://, rtmp(s)://, http(s):// (HLS included) or file:///absolute/path.
+    #[schema(pattern = r"^((rtsps?|rtmps?|https?)://\S+|file:///.+)$")]
     pub url: String,
 }

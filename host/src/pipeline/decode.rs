@@ -1,0 +1,315 @@
+//! Decoding: a supervised ffmpeg child process writing raw frames to a pipe
+//! (Frigate's way).
+//!
+//! Why a child process and not libav bindings: a hostile or broken stream that
+//! crashes the decoder kills a child, never xpud; the same command line takes
+//! hardware decoders (`-hwaccel cuda`) where a driver exists and CPU decode where
+//! not; and nothing native is linked into the server. The cost is one copy through
+//! a pipe per analysed frame, which the sampling keeps small: ffmpeg drops frames to
+//! the analysis rate (`fps` filter) before it scales and converts, so only analysed
+//! frames are converted and copied.
+//!
+//! Frames land in a small pool of reusable buffers: at steady state no frame
+//! allocates (a buffer is reused once every frame made from it is gone).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, Read};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use super::source::Source;
+use crate::runtime::bindings::wit_frames::PixelFormat;
+use crate::runtime::frames::Frame;
+
+/// ffmpeg's stderr lines kept for the reason of a failure.
+const STDERR_LINES: usize = 8;
+/// Buffers a pool keeps: a frame in analysis, one being read, and slack.
+const POOL_SIZE: usize = 4;
+
+/// What the pipeline asks of the decoder.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    /// Frames analysed per second of the stream's timeline.
+    pub fps: f64,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Settings {
+    pub fn frame_bytes(&self) -> usize {
+        self.width as usize * self.height as usize * 3
+    }
+}
+
+/// Reusable frame buffers.
+pub struct FramePool {
+    bytes: usize,
+    buffers: Vec<Arc<[u8]>>,
+    /// Buffers allocated past the pool because every pooled one was still held.
+    pub overflow: u64,
+}
+
+impl FramePool {
+    pub fn new(bytes: usize) -> FramePool {
+        FramePool {
+            bytes,
+            buffers: Vec::with_capacity(POOL_SIZE),
+            overflow: 0,
+        }
+    }
+
+    /// Fills a free buffer from `read`; a buffer is free when no frame holds it.
+    fn fill(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Arc<[u8]>> {
+        let free = self
+            .buffers
+            .iter_mut()
+            .position(|b| Arc::get_mut(b).is_some());
+        let index = match free {
+            Some(i) => i,
+            None if self.buffers.len() < POOL_SIZE => {
+                self.buffers.push(Arc::from(vec![0u8; self.bytes]));
+                self.buffers.len() - 1
+            }
+            None => {
+                self.overflow += 1;
+                let mut buffer: Arc<[u8]> = Arc::from(vec![0u8; self.bytes]);
+                read(Arc::get_mut(&mut buffer).expect("a new buffer is unshared"))?;
+                return Ok(buffer);
+            }
+        };
+        let buffer = &mut self.buffers[index];
+        read(Arc::get_mut(buffer).expect("checked free above"))?;
+        Ok(buffer.clone())
+    }
+}
+
+/// Why decoding stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The source ended cleanly (a file played out).
+    Finished,
+    /// ffmpeg failed (could not open, lost the source, bad data): its own words.
+    Failed(String),
+    /// Stopped from outside (pause, delete, shutdown).
+    Stopped,
+}
+
+/// One run of ffmpeg over a source.
+pub struct Decoder {
+    child: Arc<Mutex<Child>>,
+    stdout: ChildStdout,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+    settings: Settings,
+    decoded: u64,
+    /// Added to every timestamp: where this run starts on the task's timeline.
+    origin_ms: u64,
+    /// The decoder ffmpeg was told to use, for the task detail.
+    pub decoder: &'static str,
+}
+
+/// A handle that stops a running decoder from another thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<Mutex<Child>>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        // Killing the child closes its stdout: the reading thread sees the end.
+        let _ = crate::sync::lock(&self.0).kill();
+    }
+}
+
+/// Whether `ffmpeg` runs here: `ffmpeg -version` answers.
+pub fn ffmpeg_available(ffmpeg: &Path) -> Result<String, String> {
+    match Command::new(ffmpeg)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("ffmpeg")
+            .to_string()),
+        Ok(out) => Err(format!(
+            "{} -version failed: {}",
+            ffmpeg.display(),
+            out.status
+        )),
+        Err(e) => Err(format!(
+            "{} not found ({e}): video tasks need ffmpeg (apt-get install ffmpeg)",
+            ffmpeg.display()
+        )),
+    }
+}
+
+impl Decoder {
+    /// Starts ffmpeg on `source`, its first frame at `origin_ms` on the task's
+    /// timeline.
+    pub fn start(
+        ffmpeg: &Path,
+        source: &Source,
+        settings: Settings,
+        origin_ms: u64,
+    ) -> std::io::Result<Decoder> {
+        let mut command = Command::new(ffmpeg);
+        command
+            .args(["-hide_banner", "-nostdin", "-loglevel", "error"])
+            .args(source.ffmpeg_input())
+            // Video only; frames dropped to the analysis rate first, so that only
+            // those are scaled and converted.
+            .args(["-an", "-sn", "-dn", "-vf"])
+            .arg(format!(
+                "fps={},scale={}:{}:flags=bilinear",
+                settings.fps, settings.width, settings.height
+            ))
+            .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn()?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr_pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
+        let stderr_reader = {
+            let stderr = stderr.clone();
+            let source = source.clone();
+            std::thread::Builder::new()
+                .name("ffmpeg-stderr".into())
+                .spawn(move || {
+                    // Bounded lines: a stream that makes ffmpeg complain forever
+                    // costs a few lines of memory.
+                    let mut reader = std::io::BufReader::new(stderr_pipe);
+                    let mut line = Vec::new();
+                    loop {
+                        line.clear();
+                        match (&mut reader).take(4096).read_until(b'\n', &mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                let text = String::from_utf8_lossy(&line);
+                                let text = source.scrub(text.trim_end());
+                                let mut lines = crate::sync::lock(&stderr);
+                                if lines.len() == STDERR_LINES {
+                                    lines.pop_front();
+                                }
+                                lines.push_back(crate::runtime::log::sanitize(&text));
+                            }
+                        }
+                    }
+                })?
+        };
+        Ok(Decoder {
+            child: Arc::new(Mutex::new(child)),
+            stdout,
+            stderr,
+            stderr_reader: Some(stderr_reader),
+            settings,
+            decoded: 0,
+            origin_ms,
+            decoder: "cpu",
+        })
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.child.clone())
+    }
+
+    /// Frames read so far in this run.
+    pub fn decoded(&self) -> u64 {
+        self.decoded
+    }
+
+    /// Where the next frame falls on the task's timeline.
+    pub fn position_ms(&self) -> u64 {
+        self.origin_ms + (self.decoded as f64 * 1000.0 / self.settings.fps).round() as u64
+    }
+
+    /// The next frame, or why there is none. Timestamps follow the stream's own
+    /// timeline at the analysis rate (ffmpeg's fps filter emits frames at exact
+    /// multiples of 1/fps), so a file analysed faster than real time gives the same
+    /// times as the same scene live.
+    pub fn next_frame(&mut self, pool: &mut FramePool) -> Result<Frame, Ended> {
+        let timestamp_ms = self.position_ms();
+        let stdout = &mut self.stdout;
+        match pool.fill(|buffer| stdout.read_exact(buffer)) {
+            Ok(pixels) => {
+                self.decoded += 1;
+                Frame::new(
+                    self.settings.width,
+                    self.settings.height,
+                    timestamp_ms,
+                    PixelFormat::Rgb8,
+                    pixels,
+                )
+                .map_err(|e| Ended::Failed(format!("frame: {e}")))
+            }
+            Err(_) => Err(self.finish()),
+        }
+    }
+
+    /// Waits for ffmpeg to exit and says why it did.
+    fn finish(&mut self) -> Ended {
+        let status = crate::sync::lock(&self.child).wait();
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        let said: Vec<String> = crate::sync::lock(&self.stderr).iter().cloned().collect();
+        let said = said.join(" | ");
+        match status {
+            Ok(status) if status.success() => Ended::Finished,
+            Ok(status) if status.code().is_none() && said.is_empty() => Ended::Stopped,
+            Ok(status) => Ended::Failed(if said.is_empty() {
+                format!("ffmpeg exited with {status}")
+            } else {
+                said
+            }),
+            Err(e) => Ended::Failed(format!("ffmpeg: {e}")),
+        }
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        let mut child = crate::sync::lock(&self.child);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that fills the buffer with `byte`.
+    fn fill(byte: u8) -> impl FnOnce(&mut [u8]) -> std::io::Result<()> {
+        move |buffer| {
+            buffer.fill(byte);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pooled_buffers_are_reused_once_their_frames_are_gone() {
+        let mut pool = FramePool::new(8);
+        let first = pool.fill(fill(1)).unwrap();
+        let pointer = first.as_ptr();
+        drop(first);
+        let again = pool.fill(fill(2)).unwrap();
+        assert_eq!(again.as_ptr(), pointer, "the free buffer is reused");
+        assert_eq!(&again[..], &[2u8; 8]);
+        // Held frames force new buffers, up to the pool, then overflow.
+        let held: Vec<_> = (0..POOL_SIZE)
+            .map(|_| pool.fill(fill(3)).unwrap())
+            .collect();
+        assert_eq!(pool.overflow, 1);
+        drop(held);
+        drop(again);
+        pool.fill(fill(4)).unwrap();
+        assert_eq!(pool.overflow, 1);
+    }
+}

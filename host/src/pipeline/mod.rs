@@ -1,0 +1,307 @@
+//! The video pipeline of one task: source → decode (sampled to the analysis rate,
+//! scaled to the task's resolution) → host frame → the algorithm's session → events.
+//!
+//! One supervised pipeline per task, on a thread of its own (Frigate runs a process
+//! per camera): a task whose camera stalls, whose stream is garbage or whose plugin
+//! crashes disturbs no other task. What a pipeline does is reported as it happens,
+//! never assumed: waiting until the first frame, running while frames flow,
+//! reconnecting with capped backoff (its attempt and ffmpeg's last words), finished
+//! when a finite source ends, failed with the reason.
+//!
+//! - `source`: which URLs are read, and how ffmpeg is told to;
+//! - `decode`: the ffmpeg child, its frames in a pool of reusable buffers;
+//! - `deliver`: events out, through a durable queue.
+
+pub mod decode;
+pub mod deliver;
+pub mod source;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use decode::{Decoder, Ended, FramePool, Settings, Stopper};
+use source::Source;
+
+use crate::runtime::bindings::analyzer::Event;
+use crate::runtime::frames::Frame;
+
+/// First wait before a lost source is opened again; it doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What a pipeline is doing, as it reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No frame yet (opening the source, or ffmpeg missing): why.
+    Waiting(String),
+    /// Frames flow.
+    Running,
+    /// The source was lost; opening it again after a backoff.
+    Reconnecting { attempt: u32, reason: String },
+    /// A finite source ended (restart policy NEVER).
+    Finished,
+    /// Given up (restart policy NEVER): the reason.
+    Failed(String),
+}
+
+/// What analyses a task's frames: its session in an algorithm worker.
+pub trait Analyse: Send + Sync {
+    fn analyse(&self, frame: &Frame) -> Result<Vec<Event>, String>;
+}
+
+/// Where a pipeline reports its state changes and its events.
+pub trait Report: Send + Sync {
+    fn state(&self, state: State);
+    /// Events raised on `frame`; must not block on delivery.
+    fn events(&self, frame: &Frame, events: Vec<Event>);
+}
+
+/// Counters of one pipeline, read by the task detail.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub frames_decoded: AtomicU64,
+    pub frames_analysed: AtomicU64,
+    /// Frames the algorithm failed on (a crash, a deadline, its own error).
+    pub frames_failed: AtomicU64,
+    pub events: AtomicU64,
+    /// Frames read into a new buffer because every pooled one was held.
+    pub buffer_overflow: AtomicU64,
+    /// The last error of the algorithm on a frame.
+    pub last_analysis_error: Mutex<Option<String>>,
+}
+
+/// How a pipeline runs.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub task: String,
+    pub source: Source,
+    pub settings: Settings,
+    /// ALWAYS: every failure and every end is followed by a reconnection.
+    pub retry_forever: bool,
+    pub ffmpeg: PathBuf,
+}
+
+/// A running pipeline; dropping it stops it.
+pub struct Pipeline {
+    stop: Arc<StopSignal>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct StopSignal {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+    /// The running decoder, to kill on stop (its read then ends).
+    decoder: Mutex<Option<Stopper>>,
+}
+
+impl StopSignal {
+    fn is_set(&self) -> bool {
+        *crate::sync::lock(&self.stopped)
+    }
+
+    /// Sleeps `duration` unless stopped first; true when stopped.
+    fn sleep(&self, duration: Duration) -> bool {
+        let stopped = crate::sync::lock(&self.stopped);
+        let (stopped, _) = self
+            .wake
+            .wait_timeout_while(stopped, duration, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        *stopped
+    }
+
+    fn set(&self) {
+        *crate::sync::lock(&self.stopped) = true;
+        self.wake.notify_all();
+        if let Some(decoder) = crate::sync::lock(&self.decoder).as_ref() {
+            decoder.stop();
+        }
+    }
+}
+
+impl Pipeline {
+    /// Starts the pipeline on a thread of its own.
+    pub fn start(
+        spec: Spec,
+        analyse: Arc<dyn Analyse>,
+        report: Arc<dyn Report>,
+    ) -> std::io::Result<Pipeline> {
+        let stop = Arc::new(StopSignal::default());
+        let stats = Arc::new(Stats::default());
+        let thread = {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name(format!("task-{}", &spec.task[..spec.task.len().min(8)]))
+                .spawn(move || run(&spec, &*analyse, &*report, &stop, &stats))?
+        };
+        Ok(Pipeline {
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Stops decoding and analysis and waits for the thread (a frame in analysis
+    /// finishes first; the plugin's deadline bounds it).
+    pub fn stop(&mut self) {
+        self.stop.set();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    (FIRST_BACKOFF * factor).min(MAX_BACKOFF)
+}
+
+fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSignal, stats: &Stats) {
+    let task = spec.task.as_str();
+    let source = spec.source.redacted();
+    let mut pool = FramePool::new(spec.settings.frame_bytes());
+    let mut attempt: u32 = 0;
+    // Where the next run starts on the task's timeline: times go on across
+    // reconnections, so durations measured by the algorithm stay right.
+    let mut origin_ms = 0;
+    report.state(State::Waiting(format!("opening {source}")));
+    while !stop.is_set() {
+        if let Err(why) = decode::ffmpeg_available(&spec.ffmpeg) {
+            attempt += 1;
+            tracing::warn!(%task, "{why}");
+            report.state(State::Waiting(why));
+            if stop.sleep(MAX_BACKOFF) {
+                break;
+            }
+            continue;
+        }
+        let mut decoder = match Decoder::start(&spec.ffmpeg, &spec.source, spec.settings, origin_ms)
+        {
+            Ok(decoder) => decoder,
+            Err(e) => {
+                let reason = format!("cannot start ffmpeg: {e}");
+                if !retry(spec, report, stop, &mut attempt, reason) {
+                    break;
+                }
+                continue;
+            }
+        };
+        *crate::sync::lock(&stop.decoder) = Some(decoder.stopper());
+        if stop.is_set() {
+            break;
+        }
+        tracing::info!(%task, %source, decoder = decoder.decoder, fps = spec.settings.fps, width = spec.settings.width, height = spec.settings.height, "decoding");
+        let ended = loop {
+            match decoder.next_frame(&mut pool) {
+                Ok(frame) => {
+                    if decoder.decoded() == 1 {
+                        attempt = 0;
+                        report.state(State::Running);
+                    }
+                    stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+                    match analyse.analyse(&frame) {
+                        Ok(events) => {
+                            stats.frames_analysed.fetch_add(1, Ordering::Relaxed);
+                            if !events.is_empty() {
+                                stats
+                                    .events
+                                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                                report.events(&frame, events);
+                            }
+                        }
+                        Err(e) => {
+                            // The worker's supervisor restarts a crashed plugin and
+                            // the session reopens on the next frame: go on.
+                            stats.frames_failed.fetch_add(1, Ordering::Relaxed);
+                            let mut last = crate::sync::lock(&stats.last_analysis_error);
+                            if last.as_deref() != Some(e.as_str()) {
+                                tracing::warn!(%task, "frame not analysed: {e}");
+                            }
+                            *last = Some(e);
+                        }
+                    }
+                }
+                Err(ended) => break ended,
+            }
+        };
+        stats
+            .buffer_overflow
+            .store(pool.overflow, Ordering::Relaxed);
+        origin_ms = decoder.position_ms();
+        let decoded = decoder.decoded();
+        crate::sync::lock(&stop.decoder).take();
+        drop(decoder);
+        if stop.is_set() {
+            break;
+        }
+        match ended {
+            Ended::Stopped => break,
+            Ended::Finished if !spec.retry_forever => {
+                tracing::info!(%task, %source, "source ended");
+                report.state(State::Finished);
+                break;
+            }
+            Ended::Finished => {
+                // ALWAYS: a file that ends starts again; a source that ended
+                // without a single frame is retried with backoff.
+                if decoded == 0 {
+                    let reason = "the source ended without a frame".to_string();
+                    if !retry(spec, report, stop, &mut attempt, reason) {
+                        break;
+                    }
+                }
+            }
+            Ended::Failed(reason) => {
+                if !retry(spec, report, stop, &mut attempt, reason) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// After a failure: ERROR under NEVER (false), else reports the reconnection and
+/// waits its backoff (false when stopped meanwhile).
+fn retry(
+    spec: &Spec,
+    report: &dyn Report,
+    stop: &StopSignal,
+    attempt: &mut u32,
+    reason: String,
+) -> bool {
+    let task = spec.task.as_str();
+    if !spec.retry_forever {
+        tracing::warn!(%task, "source failed: {reason}");
+        report.state(State::Failed(reason));
+        return false;
+    }
+    *attempt += 1;
+    let wait = backoff(*attempt);
+    tracing::warn!(%task, attempt = *attempt, wait_ms = wait.as_millis() as u64, "source lost, reconnecting: {reason}");
+    report.state(State::Reconnecting {
+        attempt: *attempt,
+        reason,
+    });
+    !stop.sleep(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), FIRST_BACKOFF);
+        assert_eq!(backoff(2), FIRST_BACKOFF * 2);
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,262 @@
+//! Tasks that analyse video end to end: ffmpeg reads the source, the algorithm's
+//! session analyses each sampled frame, events reach an HTTP receiver through the
+//! durable queue; statuses follow what the pipeline does.
+
+use std::time::Duration;
+
+use crate::support::*;
+use reqwest::Method;
+use serde_json::json;
+
+/// A server with the passthrough algorithm running as a CPU service; returns it
+/// with the service id.
+fn passthrough_service() -> (FileServer, TestServer, String) {
+    let platform = FileServer::start();
+    let server = TestServer::start(&[]);
+    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-VIDEO"));
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": "pt", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get("/CAP/AlgoFilePackages/pt")
+        .1["data"]["status"]
+        == 0));
+    let (url, md5) = platform.publish("a.json", br#"{"relatedAlgoFilePackageId": "pt"}"#);
+    server.post(
+        "/CAP/AlgoPackages",
+        json!({ "id": "pt-algo", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get("/CAP/AlgoPackages/pt-algo")
+        .1["data"]["status"]
+        == 0));
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "", "replicas": 1, "gpuType": "CPU", "algoId": "pt-algo" }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let service = body["data"].as_str().unwrap().to_string();
+    (platform, server, service)
+}
+
+fn task(service: &str, url: &str, receiver: &str, policy: &str) -> serde_json::Value {
+    json!({
+        "algoServiceId": service,
+        "restartPolicy": policy,
+        "taskInfo": {
+            "labels": { "algoCabinName": "cabin", "version": "1.0" },
+            "rulesParams": [{
+                "areas": [{ "areaid": 7, "areaType": "POLYGON",
+                            "points": [{"x": 0.1, "y": 0.1}, {"x": 0.9, "y": 0.1}, {"x": 0.5, "y": 0.9}] }],
+                "destinations": { "HTTPDest": { "url": receiver } },
+                "eventType": "AREA_SEEN",
+                "masks": []
+            }],
+            "streamOptions": { "videoStreamOptions": { "resolution": "PIXELS_200W", "url": url } }
+        }
+    })
+}
+
+fn create(server: &TestServer, body: serde_json::Value) -> String {
+    let (status, created) = server.post("/CAP/AlgoTasks", body);
+    assert_eq!(status, 200, "{created}");
+    created["data"]["createdStreams"][0]["taskInfo"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn detail(server: &TestServer, id: &str) -> serde_json::Value {
+    server.get(&format!("/CAP/AlgoTasks/{id}")).1["data"].clone()
+}
+
+fn status(server: &TestServer, id: &str) -> String {
+    detail(server, id)["taskInfo"]["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A two-second file at 5 fps: ten frames analysed, ten events delivered in order,
+/// on the stream's timeline, then FINISHED (NEVER).
+#[test]
+fn a_file_task_analyses_every_sampled_frame_and_delivers_its_events() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let video = test_video(server.data.path(), "two-seconds.mp4", 2, "320x240");
+    let id = create(
+        &server,
+        task(
+            &service,
+            &format!("file://{}", video.display()),
+            &receiver.url,
+            "NEVER",
+        ),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &id)
+            == "FINISHED"),
+        "{}",
+        detail(&server, &id)
+    );
+    assert!(wait_for(Duration::from_secs(10), || receiver
+        .events()
+        .len()
+        == 10));
+    let events = receiver.events();
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["timestamp"].as_u64().unwrap())
+        .collect();
+    assert_eq!(times, (0..10).map(|i| i * 200).collect::<Vec<u64>>());
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "eventIds are unique");
+    let first = &events[0];
+    assert_eq!(first["taskId"], id.as_str());
+    assert_eq!(first["algoServiceId"], service.as_str());
+    assert_eq!(first["algoId"], "pt-algo");
+    assert_eq!(first["eventType"], "FRAME_SEEN");
+    assert_eq!(first["areaId"], 7);
+    assert_eq!(first["areaType"], "POLYGON");
+    // The frame the plugin saw was the task's resolution.
+    assert_eq!(first["attributes"]["width"], 1920);
+    assert_eq!(first["attributes"]["height"], 1080);
+
+    let progress = &detail(&server, &id)["taskInfo"]["progress"];
+    assert_eq!(progress["eventsDelivered"], 10, "{progress}");
+    assert_eq!(progress["eventsQueued"], 0, "{progress}");
+}
+
+/// A source that cannot be read ends in ERROR with ffmpeg's reason under NEVER,
+/// and is retried, saying so, under ALWAYS. Unsupported schemes are refused.
+#[test]
+fn sources_that_fail_say_why() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let missing = create(
+        &server,
+        task(
+            &service,
+            "file:///nowhere/missing.mp4",
+            &receiver.url,
+            "NEVER",
+        ),
+    );
+    assert!(wait_for(Duration::from_secs(20), || status(
+        &server, &missing
+    ) == "ERROR"));
+    let why = detail(&server, &missing)["taskInfo"]["statusDesc"].to_string();
+    assert!(why.contains("No such file"), "{why}");
+
+    let refused = create(
+        &server,
+        task(
+            &service,
+            "http://127.0.0.1:9/nothing.mp4",
+            &receiver.url,
+            "ALWAYS",
+        ),
+    );
+    assert!(wait_for(Duration::from_secs(20), || detail(
+        &server, &refused
+    )["taskInfo"]["statusDesc"]
+        .as_str()
+        .unwrap()
+        .starts_with("reconnecting (attempt ")));
+    assert_eq!(status(&server, &refused), "PENDING");
+
+    let (status_code, body) = server.post(
+        "/CAP/AlgoTasks",
+        task(
+            &service,
+            "iot://10.0.0.1/?deviceid=1",
+            &receiver.url,
+            "NEVER",
+        ),
+    );
+    assert_eq!(status_code, 400, "{body}");
+    assert!(
+        body["msg"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported source iot://"),
+        "{body}"
+    );
+}
+
+/// Pause stops decoding and events; resume brings them back. A receiver that was
+/// down gets every event afterwards, in order, without duplicates.
+#[test]
+fn pause_stops_events_and_a_receiver_that_was_down_gets_them_all() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    receiver
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let video = test_video(server.data.path(), "loop.mp4", 2, "320x240");
+    // ALWAYS: the file starts again when it ends.
+    let id = create(
+        &server,
+        task(
+            &service,
+            &format!("file://{}", video.display()),
+            &receiver.url,
+            "ALWAYS",
+        ),
+    );
+    assert!(wait_for(Duration::from_secs(30), || status(&server, &id)
+        == "RUNNING"));
+    assert!(wait_for(Duration::from_secs(30), || {
+        detail(&server, &id)["taskInfo"]["progress"]["eventsQueued"]
+            .as_u64()
+            .unwrap()
+            >= 15
+    }));
+    let (code, _) = server.call(Method::POST, &format!("/CAP/AlgoTasks/{id}:pause"), None);
+    assert_eq!(code, 200);
+    assert_eq!(status(&server, &id), "PAUSED");
+    let raised = detail(&server, &id)["taskInfo"]["progress"]["framesDecoded"].clone();
+    assert!(raised.is_null(), "no pipeline while paused: {raised}");
+
+    // The receiver comes back: everything queued arrives, in order, once.
+    receiver
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(wait_for(Duration::from_secs(30), || {
+        detail(&server, &id)["taskInfo"]["progress"]["eventsQueued"] == 0
+    }));
+    let events = receiver.events();
+    assert!(events.len() >= 15, "{}", events.len());
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .collect();
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["timestamp"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "in order: {times:?}");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "no duplicates");
+
+    // Paused: nothing more comes.
+    let settled = receiver.events().len();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(receiver.events().len(), settled);
+    let (code, _) = server.call(Method::POST, &format!("/CAP/AlgoTasks/{id}:resume"), None);
+    assert_eq!(code, 200);
+    assert!(wait_for(Duration::from_secs(30), || receiver
+        .events()
+        .len()
+        > settled));
+    assert_eq!(status(&server, &id), "RUNNING");
+    let (code, _) = server.call(Method::DELETE, &format!("/CAP/AlgoTasks/{id}"), None);
+    assert_eq!(code, 200);
+}
