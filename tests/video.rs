@@ -133,6 +133,26 @@ fn a_file_task_analyses_every_sampled_frame_and_delivers_its_events() {
     assert_eq!(progress["eventsQueued"], 0, "{progress}");
 }
 
+/// The same over HTTP: a file served by a web server is read to its end.
+#[test]
+fn an_http_source_is_read_like_a_file() {
+    let (platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let video = test_video(server.data.path(), "served.mp4", 2, "320x240");
+    let (url, _) = platform.publish("served.mp4", &std::fs::read(video).unwrap());
+    let id = create(&server, task(&service, &url, &receiver.url, "NEVER"));
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &id)
+            == "FINISHED"),
+        "{}",
+        detail(&server, &id)
+    );
+    assert!(wait_for(Duration::from_secs(10), || receiver
+        .events()
+        .len()
+        == 10));
+}
+
 /// A source that cannot be read ends in ERROR with ffmpeg's reason under NEVER,
 /// and is retried, saying so, under ALWAYS. Unsupported schemes are refused.
 #[test]
@@ -259,4 +279,55 @@ fn pause_stops_events_and_a_receiver_that_was_down_gets_them_all() {
     assert_eq!(status(&server, &id), "RUNNING");
     let (code, _) = server.call(Method::DELETE, &format!("/CAP/AlgoTasks/{id}"), None);
     assert_eq!(code, 200);
+}
+
+/// A restart of xpud brings a running task back running, and what it had queued
+/// for a receiver that was down is delivered afterwards, once.
+#[test]
+fn a_running_task_and_its_queue_survive_a_restart() {
+    let (_platform, mut first, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    receiver
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let video = test_video(first.data.path(), "loop.mp4", 2, "320x240");
+    let id = create(
+        &first,
+        task(
+            &service,
+            &format!("file://{}", video.display()),
+            &receiver.url,
+            "ALWAYS",
+        ),
+    );
+    assert!(wait_for(Duration::from_secs(30), || {
+        detail(&first, &id)["taskInfo"]["progress"]["eventsQueued"]
+            .as_u64()
+            .unwrap()
+            >= 5
+    }));
+    first.shutdown();
+    let data = first.data.path().to_path_buf();
+    let second = TestServer::start_with(&[], |config| config.data_dir = data);
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&second, &id)
+            == "RUNNING"),
+        "{}",
+        detail(&second, &id)
+    );
+    receiver
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(wait_for(Duration::from_secs(30), || receiver
+        .events()
+        .len()
+        >= 5));
+    let events = receiver.events();
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), events.len(), "no duplicates");
 }

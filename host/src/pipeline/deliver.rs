@@ -174,6 +174,14 @@ impl Outbox {
         }
     }
 
+    /// Stops every delivery loop (server shutdown); the queue stays for the next
+    /// start.
+    pub fn close_all(&self) {
+        for (_, l) in crate::sync::lock(&self.loops).drain() {
+            l.handle.abort();
+        }
+    }
+
     /// Stops `task`'s delivery and deletes what it had queued (the task is gone).
     pub fn forget(&self, task: &str) {
         if let Some(l) = crate::sync::lock(&self.loops).remove(task) {

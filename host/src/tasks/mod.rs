@@ -575,13 +575,14 @@ impl Tasks {
         }
     }
 
-    /// Stops every pipeline (server shutdown).
+    /// Stops every pipeline and delivery loop (server shutdown).
     pub fn stop_all(&self) {
         let pipelines: Vec<Pipeline> = crate::sync::lock(&self.pipelines)
             .drain()
             .map(|(_, p)| p)
             .collect();
         drop(pipelines);
+        self.outbox.close_all();
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Stored>> {
