@@ -331,3 +331,104 @@ fn a_running_task_and_its_queue_survive_a_restart() {
     ids.dedup();
     assert_eq!(ids.len(), events.len(), "no duplicates");
 }
+
+/// Installs `package` as an algorithm and runs it as a CPU service; returns the
+/// service id.
+fn service_of(server: &TestServer, platform: &FileServer, id: &str, package: &[u8]) -> String {
+    let (url, md5) = platform.publish(&format!("{id}.tar.gz"), package);
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": id, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoFilePackages/{id}"))
+        .1["data"]["status"]
+        == 0));
+    let algo = format!("{id}-algo");
+    let (url, md5) = platform.publish(
+        &format!("{algo}.json"),
+        format!(r#"{{"relatedAlgoFilePackageId": "{id}"}}"#).as_bytes(),
+    );
+    server.post(
+        "/CAP/AlgoPackages",
+        json!({ "id": algo, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoPackages/{algo}"))
+        .1["data"]["status"]
+        == 0));
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "", "replicas": 1, "gpuType": "CPU", "algoId": algo }),
+    );
+    assert_eq!(status, 200, "{body}");
+    body["data"].as_str().unwrap().to_string()
+}
+
+/// The reference algorithm over the test scene: the square crossing the line raises
+/// one LEFT_TO_RIGHT crossing, the one that enters the polygon and stays raises one
+/// intrusion after the duration (no repeat within the interval), the masked one
+/// raises nothing.
+#[test]
+fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
+    let platform = FileServer::start();
+    let server = TestServer::start(&[]);
+    let package = area_intrusion_package("bright_grid.onnx", &[]);
+    let service = service_of(&server, &platform, "intrusion", &package);
+    let receiver = EventReceiver::start();
+    let scene = intrusion_scene(server.data.path());
+    let task = json!({
+        "algoServiceId": service,
+        "restartPolicy": "NEVER",
+        "taskInfo": {
+            "labels": { "algoCabinName": "gate", "version": "1" },
+            "rulesParams": [{
+                "areas": [
+                    { "areaid": 1, "areaType": "SINGLE_LINE",
+                      "points": [{"x": 0.5, "y": 0.4}, {"x": 0.5, "y": 0.0}] },
+                    { "areaid": 2, "areaType": "POLYGON",
+                      "points": [{"x": 0.05, "y": 0.55}, {"x": 0.95, "y": 0.55},
+                                 {"x": 0.95, "y": 0.98}, {"x": 0.05, "y": 0.98}] }
+                ],
+                "masks": [{ "areaid": 9, "areaType": "POLYGON",
+                            "points": [{"x": 0.1, "y": 0.65}, {"x": 0.26, "y": 0.65},
+                                       {"x": 0.26, "y": 0.85}, {"x": 0.1, "y": 0.85}] }],
+                "destinations": { "HTTPDest": { "url": receiver.url } },
+                "eventType": "AREA_INTRUSION",
+                "extendParams": { "sensitivity": "中", "durationThreshold": 1,
+                                  "repeatAlarmIntervalThreshold": 720 },
+                "labels": {}
+            }],
+            "streamOptions": { "videoStreamOptions": {
+                "resolution": "PIXELS_200W", "url": format!("file://{}", scene.display()) } }
+        }
+    });
+    let id = create(&server, task);
+    assert!(
+        wait_for(Duration::from_secs(60), || status(&server, &id)
+            == "FINISHED"),
+        "{}",
+        detail(&server, &id)
+    );
+    assert!(wait_for(Duration::from_secs(10), || {
+        detail(&server, &id)["taskInfo"]["progress"]["eventsQueued"] == 0
+    }));
+    let events = receiver.events();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let line = events
+        .iter()
+        .find(|e| e["areaId"] == 1)
+        .expect("the crossing");
+    assert_eq!(line["eventType"], "AREA_INTRUSION");
+    assert_eq!(line["areaType"], "SINGLE_LINE");
+    assert_eq!(line["direction"], "LEFT_TO_RIGHT");
+    let at = line["timestamp"].as_u64().unwrap();
+    assert!((2400..=3000).contains(&at), "crossed at {at} ms");
+    let bbox = &line["objects"][0]["bbox"];
+    assert!((bbox["y"].as_f64().unwrap() - 0.14).abs() < 0.05, "{bbox}");
+    let stay = events.iter().find(|e| e["areaId"] == 2).expect("the stay");
+    assert_eq!(stay["areaType"], "POLYGON");
+    let at = stay["timestamp"].as_u64().unwrap();
+    assert!((1600..=2400).contains(&at), "alarmed at {at} ms");
+    assert_ne!(line["objects"][0]["trackId"], stay["objects"][0]["trackId"]);
+}

@@ -7,6 +7,15 @@ python3 tests/models/make_models.py OUT_DIR
 - endless.onnx: the same input and output, but the mean goes through a Loop of
   2^62 iterations: a model that never returns, which the host must stop at the
   call's deadline.
+- bright_grid.onnx: the area-intrusion plugin's "grid" detector head. Input
+  "image" [1, 3, 144, 256] float (pixels / 255) -> output "heatmap" [1, 1, 36, 64],
+  the brightness of each 4x4 cell (mean over channels, then AveragePool): it finds
+  bright objects on a dark background, with a confidence of 1.0 for cells a white
+  object covers.
+- yolo_known.onnx: a YOLOv8-shaped detect head with known outputs. Input "images"
+  [1, 3, 64, 64] -> output "output0" [1, 6, 4] (cx, cy, w, h in input pixels, then
+  two class scores, for 4 candidates), the same whatever the input: two overlapping
+  boxes of class 0 (NMS keeps the stronger), one of class 1, one under threshold.
 """
 import os
 import sys
@@ -64,8 +73,57 @@ def endless(path):
     onnx.save(model, path)
 
 
+def bright_grid(path):
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 144, 256])
+    heatmap = helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, [1, 1, 36, 64])
+    axes = helper.make_tensor("channel_axis", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("ReduceMean", ["image", "channel_axis"], ["gray"], keepdims=1),
+        helper.make_node("AveragePool", ["gray"], ["heatmap"], kernel_shape=[4, 4], strides=[4, 4]),
+    ]
+    graph = helper.make_graph(nodes, "bright_grid", [image], [heatmap], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+# [cx, cy, w, h, score class 0, score class 1] of each candidate, in input pixels.
+YOLO_CANDIDATES = [
+    [20.0, 20.0, 10.0, 10.0, 0.90, 0.05],
+    [21.0, 21.0, 10.0, 10.0, 0.80, 0.05],
+    [48.0, 40.0, 8.0, 16.0, 0.10, 0.70],
+    [10.0, 50.0, 6.0, 6.0, 0.20, 0.10],
+]
+
+
+def yolo_known(path):
+    images = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    output = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 4])
+    # Transposed to YOLOv8's [1, 4 + classes, candidates].
+    values = [YOLO_CANDIDATES[n][row] for row in range(6) for n in range(4)]
+    known = helper.make_tensor("known", TensorProto.FLOAT, [1, 6, 4], values)
+    axes = helper.make_tensor("all_axes", TensorProto.INT64, [4], [0, 1, 2, 3])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    # known + 0 * mean(images): the input is read, the output does not depend on it.
+    nodes = [
+        helper.make_node("ReduceMean", ["images", "all_axes"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "zero"], ["nothing"]),
+        helper.make_node("Add", ["known", "nothing"], ["output0"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "yolo_known", [images], [output], initializer=[known, axes, zero]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
     channel_mean(os.path.join(out, "channel_mean.onnx"))
     endless(os.path.join(out, "endless.onnx"))
+    bright_grid(os.path.join(out, "bright_grid.onnx"))
+    yolo_known(os.path.join(out, "yolo_known.onnx"))

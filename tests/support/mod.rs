@@ -754,3 +754,60 @@ pub fn test_video(dir: &Path, name: &str, seconds: u32, size: &str) -> PathBuf {
     assert!(status.success(), "ffmpeg could not make {}", path.display());
     path
 }
+
+/// Builds the area-intrusion package with `model` (from target/test-models) as its
+/// detector and the manifest's env edited by `env` (name, value) pairs.
+pub fn area_intrusion_package(model: &str, env: &[(&str, &str)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (wasm, manifest) = built("area-intrusion");
+    let plugin = dir.path().join("plugin");
+    std::fs::create_dir_all(plugin.join("area-intrusion.d")).unwrap();
+    std::fs::copy(&wasm, plugin.join("area-intrusion.wasm")).unwrap();
+    std::fs::copy(&manifest, plugin.join("area-intrusion.toml")).unwrap();
+    let built_model = repo().join("target/test-models").join(model);
+    assert!(
+        built_model.exists(),
+        "{} is missing: scripts/test builds it with tests/models/make_models.py",
+        built_model.display()
+    );
+    std::fs::copy(&built_model, plugin.join("area-intrusion.d/detector.onnx")).unwrap();
+    let mut text =
+        std::fs::read_to_string(repo().join("examples/packages/area-intrusion.package.toml"))
+            .unwrap();
+    for (name, value) in env {
+        let start = text
+            .find(&format!("name = \"{name}\", value = \""))
+            .unwrap();
+        let value_at = text[start..].find("value = \"").unwrap() + start + "value = \"".len();
+        let end = text[value_at..].find('"').unwrap() + value_at;
+        text.replace_range(value_at..end, value);
+    }
+    let package_manifest = dir.path().join("package.toml");
+    std::fs::write(&package_manifest, text).unwrap();
+    let out = dir.path().join("package.tar.gz");
+    xpud::package::build(&package_manifest, &plugin, &out).unwrap();
+    std::fs::read(out).unwrap()
+}
+
+/// The area-intrusion test scene, 1080p at 25 fps for 6 s, white 100 px squares on
+/// black: A moves right along y = 150 from x = 100 at 300 px/s (its centre crosses
+/// x = 960 at about 2.7 s); B comes down x = 1400 from y = 300 at 300 px/s and stops
+/// at y = 800; C sits still at (300, 800).
+pub fn intrusion_scene(dir: &Path) -> PathBuf {
+    let path = dir.join("scene.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(["-f", "lavfi", "-i", "color=c=black:s=1920x1080:r=25:d=6"])
+        .args(["-f", "lavfi", "-i", "color=c=white:s=100x100:r=25:d=6"])
+        .args([
+            "-filter_complex",
+            "[1]split=3[s1][s2][s3];[0][s1]overlay=x='100+300*t':y=150[a];\
+             [a][s2]overlay=x=1400:y='min(300+300*t\\,800)'[b];[b][s3]overlay=x=300:y=800",
+        ])
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg (scripts/test installs it)");
+    assert!(status.success(), "ffmpeg could not make the scene");
+    path
+}
