@@ -432,3 +432,66 @@ fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
     assert!((1600..=2400).contains(&at), "alarmed at {at} ms");
     assert_ne!(line["objects"][0]["trackId"], stay["objects"][0]["trackId"]);
 }
+
+/// A YOLOv8-shaped detector loads the same way (the package's env chooses its head):
+/// its known boxes are decoded, suppressed and labelled.
+#[test]
+fn a_yolov8_head_is_decoded_end_to_end() {
+    let platform = FileServer::start();
+    let server = TestServer::start(&[]);
+    let package = area_intrusion_package(
+        "yolo_known.onnx",
+        &[
+            ("AREA_INTRUSION_HEAD", "yolov8"),
+            ("AREA_INTRUSION_INPUT", "64x64"),
+            ("AREA_INTRUSION_LABELS", "person,car"),
+        ],
+    );
+    let service = service_of(&server, &platform, "yolo", &package);
+    let receiver = EventReceiver::start();
+    let video = test_video(server.data.path(), "one.mp4", 1, "320x240");
+    let polygon = |id: i32, x0: f64, y0: f64, x1: f64, y1: f64| {
+        json!({ "areaid": id, "areaType": "POLYGON", "points": [
+            {"x": x0, "y": y0}, {"x": x1, "y": y0}, {"x": x1, "y": y1}, {"x": x0, "y": y1}] })
+    };
+    let task = json!({
+        "algoServiceId": service,
+        "restartPolicy": "NEVER",
+        "taskInfo": {
+            "labels": { "algoCabinName": "yard", "version": "1" },
+            "rulesParams": [{
+                // Around the person (centre 0.31, 0.31) and the car (0.75, 0.63).
+                "areas": [polygon(1, 0.2, 0.2, 0.4, 0.4), polygon(2, 0.6, 0.5, 0.9, 0.8)],
+                "destinations": { "HTTPDest": { "url": receiver.url } },
+                "eventType": "YARD",
+                "extendParams": { "sensitivity": 0.5 },
+                "masks": []
+            }],
+            "streamOptions": { "videoStreamOptions": {
+                "resolution": "PIXELS_200W", "url": format!("file://{}", video.display()) } }
+        }
+    });
+    let id = create(&server, task);
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &id)
+            == "FINISHED"),
+        "{}",
+        detail(&server, &id)
+    );
+    assert!(wait_for(Duration::from_secs(10), || receiver
+        .events()
+        .len()
+        == 2));
+    let events = receiver.events();
+    let person = events.iter().find(|e| e["areaId"] == 1).unwrap();
+    assert_eq!(person["label"], "person");
+    assert_eq!(person["timestamp"], 0);
+    let bbox = &person["objects"][0]["bbox"];
+    assert!(
+        (bbox["x"].as_f64().unwrap() - 15.0 / 64.0).abs() < 1e-6,
+        "{bbox}"
+    );
+    assert!((person["objects"][0]["confidence"].as_f64().unwrap() - 0.9).abs() < 1e-6);
+    let car = events.iter().find(|e| e["areaId"] == 2).unwrap();
+    assert_eq!(car["label"], "car");
+}
