@@ -495,3 +495,57 @@ fn a_yolov8_head_is_decoded_end_to_end() {
     let car = events.iter().find(|e| e["areaId"] == 2).unwrap();
     assert_eq!(car["label"], "car");
 }
+
+/// An RTSP camera (PLAY over TCP): frames flow and the task is RUNNING; killed,
+/// the task says it is reconnecting; back, the task runs again and events resume.
+#[test]
+fn an_rtsp_source_is_read_and_reconnected_when_it_comes_back() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let mut camera = RtspServer::start();
+    let id = create(
+        &server,
+        task(&service, &camera.url, &receiver.url, "ALWAYS"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &id)
+            == "RUNNING"),
+        "{}",
+        detail(&server, &id)
+    );
+    assert!(wait_for(Duration::from_secs(20), || receiver
+        .events()
+        .len()
+        >= 5));
+
+    camera.stop();
+    assert!(
+        wait_for(Duration::from_secs(30), || detail(&server, &id)["taskInfo"]
+            ["statusDesc"]
+            .as_str()
+            .unwrap()
+            .starts_with("reconnecting (attempt ")),
+        "{}",
+        detail(&server, &id)
+    );
+    assert_eq!(status(&server, &id), "PENDING");
+    camera.start_again();
+    assert!(
+        wait_for(Duration::from_secs(60), || status(&server, &id)
+            == "RUNNING"),
+        "{}",
+        detail(&server, &id)
+    );
+    let before = receiver.events().len();
+    assert!(wait_for(Duration::from_secs(20), || receiver
+        .events()
+        .len()
+        >= before + 5));
+    // Times go on across the reconnection.
+    let times: Vec<u64> = receiver
+        .events()
+        .iter()
+        .map(|e| e["timestamp"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+}

@@ -811,3 +811,58 @@ pub fn intrusion_scene(dir: &Path) -> PathBuf {
     assert!(status.success(), "ffmpeg could not make the scene");
     path
 }
+
+/// A local RTSP server to PLAY from (tests/rtsp/serve.py: GStreamer's RTSP server
+/// through Debian's python3-gi): a live 320x240 test pattern at 25 fps on
+/// `url`. Stopped when dropped; `stop` and `start_again` on the same port.
+pub struct RtspServer {
+    pub url: String,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RtspServer {
+    pub fn start() -> RtspServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RtspServer {
+            url: format!("rtsp://127.0.0.1:{port}/live"),
+            port,
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    pub fn start_again(&mut self) {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/rtsp/serve.py"))
+            .arg(self.port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("/usr/bin/python3 (scripts/install-rtsp-server)");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert_eq!(ready.trim(), "ready", "the RTSP server did not start");
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
