@@ -549,3 +549,37 @@ fn an_rtsp_source_is_read_and_reconnected_when_it_comes_back() {
         .collect();
     assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
 }
+
+/// A hardware decoder that cannot run here (no NVIDIA driver on this machine) is
+/// given up for CPU decode at once, and the task detail says so; nothing is lost.
+#[test]
+fn a_hardware_decoder_that_fails_falls_back_to_the_cpu_and_says_so() {
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        eprintln!("skipped: this machine has an NVIDIA device, where NVDEC would run");
+        return;
+    }
+    let platform = FileServer::start();
+    let server = TestServer::start_with(&[], |c| {
+        c.video.hwaccel = xpud::tasks::HwaccelMode::Cuda;
+    });
+    let service = service_of(&server, &platform, "pt", &passthrough_package("XPUD-PT-HW"));
+    let receiver = EventReceiver::start();
+    let video = test_video(server.data.path(), "two.mp4", 2, "320x240");
+    let id = create(
+        &server,
+        task(
+            &service,
+            &format!("file://{}", video.display()),
+            &receiver.url,
+            "ALWAYS",
+        ),
+    );
+    assert!(wait_for(Duration::from_secs(30), || receiver
+        .events()
+        .len()
+        >= 10));
+    let progress = detail(&server, &id)["taskInfo"]["progress"].clone();
+    let decoder = progress["decoder"].as_str().unwrap();
+    assert!(decoder.starts_with("cpu (cuda unavailable: "), "{decoder}");
+    assert_eq!(status(&server, &id), "RUNNING");
+}

@@ -40,6 +40,8 @@
 //!
 //! [video]
 //! ffmpeg = "ffmpeg"                # the decoder binary (a bare name: looked up on PATH)
+//! hwaccel = "auto"                 # auto (NVDEC on an NVIDIA replica, VA-API where
+//!                                  # /dev/dri exists), none, cuda, vaapi
 //!
 //! [platform]                       # the platform xpud registers with (none: no calls)
 //! url = "http://10.0.0.2:8080"
@@ -137,12 +139,17 @@ pub struct SamplerConfig {
 pub struct VideoConfig {
     /// The ffmpeg binary that decodes (a bare name is looked up on PATH).
     pub ffmpeg: PathBuf,
+    /// Hardware decode: `auto` (NVDEC when the task's replica sits on an NVIDIA
+    /// card, VA-API where /dev/dri/renderD128 exists, else CPU), `none`, `cuda`,
+    /// `vaapi`. A hardware decoder that fails falls back to CPU, said so.
+    pub hwaccel: crate::tasks::HwaccelMode,
 }
 
 impl Default for VideoConfig {
     fn default() -> Self {
         VideoConfig {
             ffmpeg: PathBuf::from("ffmpeg"),
+            hwaccel: crate::tasks::HwaccelMode::Auto,
         }
     }
 }

@@ -109,6 +109,7 @@ impl Server {
             outbox,
             crate::tasks::VideoOptions {
                 ffmpeg: config.video.ffmpeg.clone(),
+                hwaccel: config.video.hwaccel,
             },
             http::tasks::summary_json,
         );

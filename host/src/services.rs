@@ -286,6 +286,23 @@ impl Services {
         ))
     }
 
+    /// Where `worker`, a replica of service `id`, runs: its placement, and the
+    /// service's accelerator type when it holds a card.
+    pub fn placement_of(
+        &self,
+        id: &str,
+        worker: &Arc<AlgorithmWorker>,
+    ) -> Option<(Placement, String)> {
+        let state = self.read();
+        let running = state.iter().find(|r| r.record.id == id)?;
+        let index = running
+            .workers
+            .iter()
+            .position(|w| Arc::ptr_eq(w, worker))?;
+        let placement = running.record.placements.get(index)?.clone();
+        Some((placement, running.record.gpu_type.clone()))
+    }
+
     /// Every live worker (replica), for the keeper that revives crashed ones.
     pub fn all_workers(&self) -> Vec<Arc<AlgorithmWorker>> {
         self.read()

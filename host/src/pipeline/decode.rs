@@ -36,6 +36,42 @@ pub struct Settings {
     pub height: u32,
 }
 
+/// A hardware decoder ffmpeg is asked to use; frames come back to system memory
+/// for the pipe either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hwaccel {
+    /// NVDEC on the CUDA device with this index (the replica's card).
+    Cuda { device: u32 },
+    /// VA-API on a DRM render node (`/dev/dri/renderD128`).
+    Vaapi { device: std::path::PathBuf },
+}
+
+impl Hwaccel {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Hwaccel::Cuda { .. } => "cuda",
+            Hwaccel::Vaapi { .. } => "vaapi",
+        }
+    }
+
+    fn ffmpeg_args(&self) -> Vec<String> {
+        match self {
+            Hwaccel::Cuda { device } => vec![
+                "-hwaccel".into(),
+                "cuda".into(),
+                "-hwaccel_device".into(),
+                device.to_string(),
+            ],
+            Hwaccel::Vaapi { device } => vec![
+                "-hwaccel".into(),
+                "vaapi".into(),
+                "-hwaccel_device".into(),
+                device.display().to_string(),
+            ],
+        }
+    }
+}
+
 impl Settings {
     pub fn frame_bytes(&self) -> usize {
         self.width as usize * self.height as usize * 3
@@ -155,11 +191,13 @@ impl Decoder {
         ffmpeg: &Path,
         source: &Source,
         settings: Settings,
+        hwaccel: Option<&Hwaccel>,
         origin_ms: u64,
     ) -> std::io::Result<Decoder> {
         let mut command = Command::new(ffmpeg);
         command
             .args(["-hide_banner", "-nostdin", "-loglevel", "error"])
+            .args(hwaccel.map(Hwaccel::ffmpeg_args).unwrap_or_default())
             .args(source.ffmpeg_input())
             // Video only; frames dropped to the analysis rate first, so that only
             // those are scaled and converted.
@@ -211,7 +249,7 @@ impl Decoder {
             settings,
             decoded: 0,
             origin_ms,
-            decoder: "cpu",
+            decoder: hwaccel.map_or("cpu", Hwaccel::name),
         })
     }
 

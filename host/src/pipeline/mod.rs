@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use decode::{Decoder, Ended, FramePool, Settings, Stopper};
+use decode::{Decoder, Ended, FramePool, Hwaccel, Settings, Stopper};
 use source::Source;
 
 use crate::runtime::bindings::analyzer::Event;
@@ -70,6 +70,9 @@ pub struct Stats {
     pub buffer_overflow: AtomicU64,
     /// The last error of the algorithm on a frame.
     pub last_analysis_error: Mutex<Option<String>>,
+    /// The decoder in use: `cpu`, `cuda`, `vaapi`, or `cpu` with why the hardware
+    /// one was given up.
+    pub decoder: Mutex<String>,
 }
 
 /// How a pipeline runs.
@@ -78,6 +81,9 @@ pub struct Spec {
     pub task: String,
     pub source: Source,
     pub settings: Settings,
+    /// A hardware decoder to try first; given up for CPU decode (said in the log
+    /// and the stats) when it cannot deliver a frame.
+    pub hwaccel: Option<Hwaccel>,
     /// ALWAYS: every failure and every end is followed by a reconnection.
     pub retry_forever: bool,
     pub ffmpeg: PathBuf,
@@ -170,6 +176,8 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
     let source = spec.source.redacted();
     let mut pool = FramePool::new(spec.settings.frame_bytes());
     let mut attempt: u32 = 0;
+    let mut hwaccel = spec.hwaccel.clone();
+    *crate::sync::lock(&stats.decoder) = hwaccel.as_ref().map_or("cpu", Hwaccel::name).into();
     // Where the next run starts on the task's timeline: times go on across
     // reconnections, so durations measured by the algorithm stay right.
     let mut origin_ms = 0;
@@ -184,8 +192,14 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             }
             continue;
         }
-        let mut decoder = match Decoder::start(&spec.ffmpeg, &spec.source, spec.settings, origin_ms)
-        {
+        let started = Decoder::start(
+            &spec.ffmpeg,
+            &spec.source,
+            spec.settings,
+            hwaccel.as_ref(),
+            origin_ms,
+        );
+        let mut decoder = match started {
             Ok(decoder) => decoder,
             Err(e) => {
                 let reason = format!("cannot start ffmpeg: {e}");
@@ -242,6 +256,15 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
         drop(decoder);
         if stop.is_set() {
             break;
+        }
+        // A hardware decoder that could not give one frame is given up: the
+        // same source is opened again at once, decoded on the CPU.
+        if let (Some(hw), 0, Ended::Failed(reason)) = (&hwaccel, decoded, &ended) {
+            tracing::warn!(%task, decoder = hw.name(), "hardware decode failed, decoding on the CPU: {reason}");
+            *crate::sync::lock(&stats.decoder) =
+                format!("cpu ({} unavailable: {reason})", hw.name());
+            hwaccel = None;
+            continue;
         }
         match ended {
             Ended::Stopped => break,

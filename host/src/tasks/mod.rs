@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub mod spec;
 
 use crate::error::{Error, Result};
-use crate::pipeline::decode::Settings;
+use crate::pipeline::decode::{Hwaccel, Settings};
 use crate::pipeline::deliver::{Destination, Outbox};
 use crate::pipeline::source::Source;
 use crate::pipeline::{Analyse, Pipeline, Report, State};
@@ -61,6 +61,42 @@ const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
 pub struct VideoOptions {
     /// The ffmpeg binary (a name is looked up on PATH).
     pub ffmpeg: PathBuf,
+    pub hwaccel: HwaccelMode,
+}
+
+/// Which decoder tasks try first (`[video] hwaccel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HwaccelMode {
+    Auto,
+    None,
+    Cuda,
+    Vaapi,
+}
+
+/// The DRM render node VA-API decodes on.
+const RENDER_NODE: &str = "/dev/dri/renderD128";
+
+impl HwaccelMode {
+    /// The decoder for a replica on `card` (driver, index) of `xpu_type`.
+    fn choose(self, card: Option<(&str, u32)>, xpu_type: &str) -> Option<Hwaccel> {
+        let cuda = |device| Hwaccel::Cuda { device };
+        let vaapi = || Hwaccel::Vaapi {
+            device: PathBuf::from(RENDER_NODE),
+        };
+        match self {
+            HwaccelMode::None => None,
+            HwaccelMode::Cuda => Some(cuda(card.map_or(0, |c| c.1))),
+            HwaccelMode::Vaapi => Some(vaapi()),
+            HwaccelMode::Auto => match card {
+                Some((_, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
+                    Some(cuda(index))
+                }
+                _ if std::path::Path::new(RENDER_NODE).exists() => Some(vaapi()),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// A task and its search record (G.17) rendered once, when the task is written:
@@ -454,6 +490,10 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
 #[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
+    /// The decoder in use (`cpu`, `cuda`, `vaapi`; `cpu (cuda unavailable: ...)`
+    /// after a fallback); absent while no pipeline runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<String>,
     pub frames_decoded: Option<u64>,
     pub frames_analysed: Option<u64>,
     pub frames_failed: Option<u64>,
@@ -500,6 +540,17 @@ impl Tasks {
                 session: b.session,
             })
             .ok_or_else(|| Error::Conflict(format!("task {} has no session", task.id)))?;
+        let placement = self
+            .services
+            .placement_of(&task.algo_service_id, &binding.worker);
+        let hwaccel = self.video.hwaccel.choose(
+            placement.as_ref().and_then(|(p, _)| {
+                p.card
+                    .as_ref()
+                    .map(|(driver, index)| (driver.as_str(), *index))
+            }),
+            placement.as_ref().map_or("", |(_, t)| t.as_str()),
+        );
         let video = &task.task_info.stream_options.video_stream_options;
         let source = Source::parse(&video.url).map_err(Error::Invalid)?;
         let (width, height) = video.resolution.size();
@@ -523,6 +574,7 @@ impl Tasks {
                 task: task.id.clone(),
                 source,
                 settings,
+                hwaccel,
                 retry_forever: task.restart_policy == RestartPolicy::Always,
                 ffmpeg: self.video.ffmpeg.clone(),
             },
@@ -549,6 +601,9 @@ impl Tasks {
         drop(pipelines);
         let delivery = self.outbox.delivery(id);
         Progress {
+            decoder: stats
+                .as_ref()
+                .map(|s| crate::sync::lock(&s.decoder).clone()),
             frames_decoded: stats
                 .as_ref()
                 .map(|s| s.frames_decoded.load(Ordering::Relaxed)),
@@ -852,5 +907,32 @@ impl Tasks {
         self.outbox.forget(id);
         self.unbind(id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod decoder_tests {
+    use super::*;
+
+    #[test]
+    fn nvdec_is_chosen_for_a_replica_on_an_nvidia_card() {
+        assert_eq!(
+            HwaccelMode::Auto.choose(Some(("nvidia", 2)), "NVIDIA_T4"),
+            Some(Hwaccel::Cuda { device: 2 })
+        );
+        assert_eq!(
+            HwaccelMode::None.choose(Some(("nvidia", 2)), "NVIDIA_T4"),
+            None
+        );
+        assert_eq!(
+            HwaccelMode::Cuda.choose(None, "CPU"),
+            Some(Hwaccel::Cuda { device: 0 })
+        );
+        // Not on an NVIDIA card: VA-API only where a render node exists.
+        let elsewhere = HwaccelMode::Auto.choose(Some(("sim-xpu", 0)), "SIMULATED_XPU16");
+        assert_eq!(
+            elsewhere.is_some(),
+            std::path::Path::new(RENDER_NODE).exists()
+        );
     }
 }
