@@ -583,3 +583,91 @@ fn a_hardware_decoder_that_fails_falls_back_to_the_cpu_and_says_so() {
     assert!(decoder.starts_with("cpu (cuda unavailable: "), "{decoder}");
     assert_eq!(status(&server, &id), "RUNNING");
 }
+
+/// §7.1: creating, pausing, resuming and deleting other tasks, and pushing a package
+/// and starting and deleting a service, never stall a running task: its frames keep
+/// flowing (a live camera analysed at 5 fps never waits a second and a half).
+#[test]
+fn other_work_does_not_stall_a_running_task() {
+    let (platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let camera = RtspServer::start();
+    let live = create(
+        &server,
+        task(&service, &camera.url, &receiver.url, "ALWAYS"),
+    );
+    assert!(wait_for(Duration::from_secs(30), || status(&server, &live)
+        == "RUNNING"));
+    let frames = |server: &TestServer| -> u64 {
+        server.app.tasks.progress(&live).frames_decoded.unwrap_or(0)
+    };
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Watches the live task from the side while the churn runs.
+    let app = server.app.clone();
+    let watcher = {
+        let (watching, live) = (watching.clone(), live.clone());
+        std::thread::spawn(move || {
+            let mut last = (std::time::Instant::now(), 0u64);
+            let mut worst = Duration::ZERO;
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                let now = app.tasks.progress(&live).frames_decoded.unwrap_or(0);
+                if now != last.1 {
+                    worst = worst.max(last.0.elapsed());
+                    last = (std::time::Instant::now(), now);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            worst.max(last.0.elapsed())
+        })
+    };
+    let started = frames(&server);
+    let churn = std::time::Instant::now();
+    let video = test_video(server.data.path(), "other.mp4", 2, "320x240");
+    for round in 0..3 {
+        let other = create(
+            &server,
+            task(
+                &service,
+                &format!("file://{}", video.display()),
+                &receiver.url,
+                "ALWAYS",
+            ),
+        );
+        server.call(Method::POST, &format!("/CAP/AlgoTasks/{other}:pause"), None);
+        server.call(
+            Method::POST,
+            &format!("/CAP/AlgoTasks/{other}:resume"),
+            None,
+        );
+        let (url, md5) = platform.publish(
+            &format!("other-{round}.tar.gz"),
+            &passthrough_package(&format!("XPUD-PT-OTHER-{round}")),
+        );
+        server.post(
+            "/CAP/AlgoFilePackages",
+            json!({ "id": format!("other-{round}"), "md5": md5, "url": url }),
+        );
+        let (code, body) = server.post(
+            "/CAP/AlgoServices",
+            json!({ "envs": "", "replicas": 1, "gpuType": "CPU", "algoId": "pt-algo" }),
+        );
+        assert_eq!(code, 200, "{body}");
+        let extra = body["data"].as_str().unwrap().to_string();
+        std::thread::sleep(Duration::from_millis(300));
+        server.call(Method::DELETE, &format!("/CAP/AlgoTasks/{other}"), None);
+        server.call(Method::DELETE, &format!("/CAP/AlgoServices/{extra}"), None);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let worst = watcher.join().unwrap();
+    let analysed = frames(&server) - started;
+    let elapsed = churn.elapsed().as_secs_f64();
+    assert!(
+        worst < Duration::from_millis(1500),
+        "the live task waited {worst:?}"
+    );
+    assert!(
+        analysed as f64 >= elapsed * 5.0 * 0.6,
+        "{analysed} frames in {elapsed:.1} s"
+    );
+}
