@@ -431,6 +431,15 @@ fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
     let at = stay["timestamp"].as_u64().unwrap();
     assert!((1600..=2400).contains(&at), "alarmed at {at} ms");
     assert_ne!(line["objects"][0]["trackId"], stay["objects"][0]["trackId"]);
+    // Which execution provider ran the detector, in the task and service details.
+    let progress = &detail(&server, &id)["taskInfo"]["progress"];
+    assert_eq!(progress["inference"], json!(["cpu"]), "{progress}");
+    let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
+    assert_eq!(
+        body["data"]["replicasDetail"][0]["inference"],
+        json!(["cpu"]),
+        "{body}"
+    );
 }
 
 /// A YOLOv8-shaped detector loads the same way (the package's env chooses its head):

@@ -162,6 +162,7 @@ fn main() -> anyhow::Result<()> {
             runtime.options.limits.log_lines_per_s,
         )),
         launch: Default::default(),
+        providers: Default::default(),
     };
     let config = vec![("cards".to_string(), "8".to_string())];
     let native_config = Config::new(config.clone());

@@ -32,6 +32,8 @@ pub const CPU: &str = "CPU";
 pub struct ReplicaState {
     pub placement: Option<Placement>,
     pub worker: WorkerStatus,
+    /// The execution providers its models run on.
+    pub inference: Vec<&'static str>,
 }
 
 /// A service's status, read from its live workers.
@@ -232,6 +234,7 @@ impl Services {
             .map(|(i, worker)| ReplicaState {
                 placement: record.placements.get(i).cloned(),
                 worker: worker.status(),
+                inference: worker.providers(),
             })
             .collect();
         let asked = record.replicas as usize;

@@ -86,6 +86,8 @@ struct ReplicaDetail {
     /// The driver's partition, where it made one.
     #[serde(skip_serializing_if = "Option::is_none")]
     partition: Option<String>,
+    /// The execution providers its models run on (`cpu`, `cuda`).
+    inference: Vec<&'static str>,
 }
 
 /// Table F.13.
@@ -187,6 +189,7 @@ async fn detail(
                     .and_then(|p| p.card.as_ref())
                     .map(|(driver, index)| format!("{driver}/{index}")),
                 partition: replica.placement.and_then(|p| p.partition),
+                inference: replica.inference,
             })
             .collect(),
         status: live.status,

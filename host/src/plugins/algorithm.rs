@@ -59,6 +59,8 @@ pub type SessionId = u64;
 
 pub struct AlgorithmWorker {
     supervised: Supervised<AlgorithmIncarnation>,
+    /// Execution providers its models have run on (`cpu`, `cuda`).
+    providers: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
     rules: Mutex<HashMap<SessionId, Vec<Rule>>>,
     next_session: AtomicU64,
 }
@@ -93,6 +95,9 @@ impl AlgorithmPlugin {
     pub fn spawn_worker_with(&self, launch: Launch) -> Arc<AlgorithmWorker> {
         let mut template = self.clone();
         template.sandbox.launch = launch;
+        // This worker's own record of the providers its models run on.
+        template.sandbox.providers = Default::default();
+        let providers = template.sandbox.providers.clone();
         let start = move || -> Result<AlgorithmIncarnation, CallError> {
             let mut store = template
                 .sandbox
@@ -110,6 +115,7 @@ impl AlgorithmPlugin {
             })
         };
         Arc::new(AlgorithmWorker {
+            providers,
             supervised: Supervised::new(&self.name, self.policy.clone(), self.timeout, start),
             rules: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -152,6 +158,12 @@ impl AlgorithmWorker {
 
     fn revival_due(&self) -> bool {
         self.supervised.revival_due()
+    }
+
+    /// The execution providers this worker's models run on, e.g. `["cpu"]`;
+    /// empty while it has loaded none.
+    pub fn providers(&self) -> Vec<&'static str> {
+        lock(&self.providers).iter().copied().collect()
     }
 
     /// How many sessions (tasks) the worker holds.

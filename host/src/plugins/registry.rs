@@ -443,6 +443,7 @@ impl Registry {
             limits: Arc::new(limits.clone()),
             log: log.clone(),
             launch: Default::default(),
+            providers: Default::default(),
         };
         let pre = self
             .runtime

@@ -265,6 +265,7 @@ impl HostModel for PluginState {
             Err(e) => return Ok(Err(prefixed(&path, e))),
         };
         tracing::info!(plugin = &*self.plugin, model = %path, provider = shared.provider.name(), "model loaded");
+        crate::sync::lock(&self.providers).insert(shared.provider.name());
         self.models_loaded += 1;
         Ok(Ok(self.table().push(Model { path, shared })?))
     }
@@ -290,6 +291,43 @@ impl HostModel for PluginState {
         self.table().delete(model)?;
         self.models_loaded = self.models_loaded.saturating_sub(1);
         Ok(())
+    }
+}
+
+/// A model loaded by the host for its own use, outside any plugin: the baselines
+/// the benchmarks compare plugins against. The same shared session, preprocessing
+/// and run as a plugin's `model`.
+pub struct NativeModel(Model);
+
+impl Inference {
+    /// Loads `bytes` (named `name` in errors) as a plugin's `model.load` would.
+    pub fn load_native(&self, name: &str, bytes: Vec<u8>) -> Result<NativeModel, InferenceError> {
+        let shared = self.model(
+            bytes,
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(60),
+        )?;
+        Ok(NativeModel(Model {
+            path: name.to_string(),
+            shared,
+        }))
+    }
+}
+
+impl NativeModel {
+    /// Which execution provider runs it.
+    pub fn provider(&self) -> &'static str {
+        self.0.shared.provider.name()
+    }
+
+    /// Runs the model on `frame`, stopped at `deadline`.
+    pub fn run(
+        &self,
+        frame: &Frame,
+        pre: &Preprocess,
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        run(&self.0, frame, pre, usize::MAX, deadline)
     }
 }
 

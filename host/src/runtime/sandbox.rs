@@ -49,6 +49,9 @@ pub struct Sandbox {
     pub log: Arc<LogBudget>,
     /// The environment and arguments instances start with.
     pub launch: Launch,
+    /// The execution providers the models of these instances run on (what the
+    /// service and task details show), shared by the instances of one worker.
+    pub providers: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
 }
 
 /// What one instance is started with beyond its plugin's grants: exactly these
@@ -70,6 +73,7 @@ pub struct PluginState {
     pub(crate) inference: Arc<Inference>,
     pub(crate) limits: Arc<PluginLimits>,
     pub(crate) log: Arc<LogBudget>,
+    pub(crate) providers: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
     /// Models this instance holds loaded (bounded by the limits).
     pub(crate) models_loaded: u32,
     pub(crate) clock: SandboxClock,
@@ -181,6 +185,7 @@ impl Sandbox {
             inference: self.inference.clone(),
             limits: self.limits.clone(),
             log: self.log.clone(),
+            providers: self.providers.clone(),
             models_loaded: 0,
             clock,
             call_deadline: None,

@@ -494,6 +494,9 @@ pub struct Progress {
     /// after a fallback); absent while no pipeline runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decoder: Option<String>,
+    /// The execution providers the task's algorithm runs its models on (`cpu`,
+    /// `cuda`); empty when it runs none.
+    pub inference: Vec<&'static str>,
     pub frames_decoded: Option<u64>,
     pub frames_analysed: Option<u64>,
     pub frames_failed: Option<u64>,
@@ -600,7 +603,13 @@ impl Tasks {
         let stats = pipelines.get(id).map(|p| p.stats.clone());
         drop(pipelines);
         let delivery = self.outbox.delivery(id);
+        let inference = self
+            .bindings()
+            .get(id)
+            .map(|b| b.worker.providers())
+            .unwrap_or_default();
         Progress {
+            inference,
             decoder: stats
                 .as_ref()
                 .map(|s| crate::sync::lock(&s.decoder).clone()),

@@ -1,7 +1,7 @@
 //! Turning a detector's output tensor into boxes, for the two heads the package
 //! manifest can choose (`AREA_INTRUSION_HEAD`).
 
-use crate::geometry::BoxN;
+use super::geometry::BoxN;
 
 /// One detected object, normalised to the frame.
 #[derive(Clone, Debug, PartialEq)]

@@ -17,6 +17,7 @@
 //!   for grid, 640x640 for yolov8);
 //! - `AREA_INTRUSION_LABELS`: class names, comma-separated (default `object`).
 
+pub mod analysis;
 pub mod detect;
 pub mod geometry;
 pub mod rules;
@@ -29,10 +30,10 @@ use serde_json::{json, Value};
 use xpud_sdk::algorithm::inference::{ChannelOrder, Layout, Model, Preprocess};
 use xpud_sdk::algorithm::*;
 
+use analysis::Analysis;
 use detect::Head;
 use geometry::Pt;
-use rules::{Kind, Memory};
-use tracker::{Tracker, MAX_UNSEEN_MS};
+use rules::Kind;
 
 /// The detector this instance runs: loaded once, shared by its sessions.
 struct Detector {
@@ -140,11 +141,7 @@ fn rule(index: usize, rule: &Rule) -> Result<rules::Rule, AnalyzerError> {
 
 struct AreaIntrusion {
     detector: Rc<Detector>,
-    rules: Vec<rules::Rule>,
-    tracker: Tracker,
-    memory: Memory,
-    /// The lowest threshold of the rules: what the detector keeps.
-    threshold: f32,
+    analysis: Analysis,
 }
 
 impl Analyzer for AreaIntrusion {
@@ -157,18 +154,12 @@ impl Analyzer for AreaIntrusion {
             .enumerate()
             .map(|(i, r)| rule(i, r))
             .collect::<Result<Vec<_>, _>>()?;
-        let threshold = rules.iter().map(|r| r.threshold).fold(1.0f32, f32::min);
-        Ok(AreaIntrusion {
-            detector: detector()?,
-            rules,
-            tracker: Tracker::default(),
-            memory: Memory::default(),
-            threshold,
-        })
+        let detector = detector()?;
+        let analysis = Analysis::new(rules, detector.head, detector.input);
+        Ok(AreaIntrusion { detector, analysis })
     }
 
     fn process(&mut self, frame: &Frame) -> Result<Vec<Event>, AnalyzerError> {
-        let now = frame.timestamp_ms();
         let detector = &self.detector;
         let pre = Preprocess {
             crop: None,
@@ -186,29 +177,13 @@ impl Analyzer for AreaIntrusion {
         let output = outputs
             .first()
             .ok_or_else(|| AnalyzerError::Processing("detector: no output".into()))?;
-        let detections = detect::decode(
-            detector.head,
-            &output.shape,
-            &output.data,
-            detector.input,
-            self.threshold,
-        )
-        .map_err(|e| AnalyzerError::Processing(format!("detector: {e}")))?;
-        let tracks = self.tracker.update(detections, now);
-        let alarms = self.memory.evaluate(&self.rules, &tracks, now);
-        let live: Vec<u64> = tracks.iter().map(|t| t.id).collect();
-        let keep = self
-            .rules
-            .iter()
-            .map(|r| r.repeat_ms)
-            .max()
-            .unwrap_or(0)
-            .max(MAX_UNSEEN_MS);
-        self.memory.forget_except(&live, now, keep);
+        let alarms = self
+            .analysis
+            .step(&output.shape, &output.data, frame.timestamp_ms())
+            .map_err(|e| AnalyzerError::Processing(format!("detector: {e}")))?;
         Ok(alarms
             .into_iter()
-            .filter_map(|alarm| {
-                let track = tracks.iter().find(|t| t.id == alarm.track)?;
+            .map(|(alarm, track)| {
                 let label = detector
                     .labels
                     .get(track.class)
@@ -218,8 +193,8 @@ impl Analyzer for AreaIntrusion {
                 if let Some(direction) = alarm.direction {
                     attributes["direction"] = json!(direction.as_str());
                 }
-                Some(Event {
-                    event_type: self.rules[alarm.rule].event_type.clone(),
+                Event {
+                    event_type: self.analysis.rules[alarm.rule].event_type.clone(),
                     area_id: Some(alarm.area),
                     bbox: Some(BoundingBox {
                         x: track.bbox.x,
@@ -230,7 +205,7 @@ impl Analyzer for AreaIntrusion {
                     label,
                     confidence: track.confidence,
                     attributes: attributes.to_string(),
-                })
+                }
             })
             .collect())
     }

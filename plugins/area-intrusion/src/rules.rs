@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::geometry::{crossing, inside, Crossing, Pt};
-use crate::tracker::Track;
+use super::geometry::{crossing, inside, Crossing, Pt};
+use super::tracker::Track;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -180,8 +180,8 @@ impl Memory {
 
 #[cfg(test)]
 mod tests {
+    use super::super::geometry::BoxN;
     use super::*;
-    use crate::geometry::BoxN;
 
     fn pt(x: f64, y: f64) -> Pt {
         Pt { x, y }

@@ -3,8 +3,8 @@
 //! whose centre is within one and a half box sizes); the rest start new tracks. A
 //! track unseen for `MAX_UNSEEN_MS` of stream time is dropped.
 
-use crate::detect::Detection;
-use crate::geometry::{BoxN, Pt};
+use super::detect::Detection;
+use super::geometry::{BoxN, Pt};
 
 const MIN_IOU: f64 = 0.2;
 /// Stream time a track survives without a detection.
