@@ -256,6 +256,7 @@ fn spec(video: &std::path::Path) -> Spec {
             fps: FPS,
             width: 1920,
             height: 1080,
+            skip_unreferenced: true,
         },
         hwaccel: None,
         retry_forever: false,
@@ -264,10 +265,10 @@ fn spec(video: &std::path::Path) -> Spec {
 }
 
 /// One pass over the source: frames analysed, wall seconds, CPU seconds.
-fn pass(video: &std::path::Path, analyse: Arc<dyn Analyse>) -> (u64, f64, f64) {
+fn pass(spec: Spec, analyse: Arc<dyn Analyse>) -> (u64, f64, f64) {
     let done = Arc::new(Done::default());
     let (cpu, wall) = (cpu_seconds(), Instant::now());
-    let pipeline = Pipeline::start(spec(video), analyse, done.clone()).unwrap();
+    let pipeline = Pipeline::start(spec, analyse, done.clone()).unwrap();
     let mut finished = done.finished.lock().unwrap();
     while finished.is_none() {
         finished = done.wake.wait(finished).unwrap();
@@ -281,10 +282,10 @@ fn pass(video: &std::path::Path, analyse: Arc<dyn Analyse>) -> (u64, f64, f64) {
     (frames, wall.elapsed().as_secs_f64(), cpu_seconds() - cpu)
 }
 
-fn row(name: &str, video: &std::path::Path, analyse: impl Fn() -> Arc<dyn Analyse>) -> f64 {
+fn row(name: &str, spec: impl Fn() -> Spec, analyse: impl Fn() -> Arc<dyn Analyse>) -> f64 {
     let mut runs: Vec<(f64, f64)> = (0..RUNS)
         .map(|_| {
-            let (frames, wall, cpu) = pass(video, analyse());
+            let (frames, wall, cpu) = pass(spec(), analyse());
             (frames as f64 / wall, cpu / frames as f64)
         })
         .collect();
@@ -361,15 +362,30 @@ fn main() {
         "{:<46} {:>8} {:>12} {:>12}",
         "", "frames/s", "CPU ms/frame", "streams/core"
     );
-    row("(a) ffmpeg decode alone", &video, || Arc::new(Nothing));
-    let b = row("(b) decode + preprocess + ORT, no plugin", &video, || {
+    let every_frame = || {
+        let mut spec = spec(&video);
+        spec.settings.skip_unreferenced = false;
+        spec
+    };
+    let sampled = || spec(&video);
+    row(
+        "(a0) decode alone, every frame decoded",
+        every_frame,
+        || Arc::new(Nothing),
+    );
+    row(
+        "(a) decode alone, unreferenced frames skipped",
+        sampled,
+        || Arc::new(Nothing),
+    );
+    let b = row("(b) decode + preprocess + ORT, no plugin", sampled, || {
         Arc::new(Detector(detector.clone()))
     });
-    let c = row("(c) full pipeline, area-intrusion as WASM", &video, || {
+    let c = row("(c) full pipeline, area-intrusion as WASM", sampled, || {
         let (worker, session) = worker();
         Arc::new(Plugin(worker, session))
     });
-    let d = row("(d) the same algorithm compiled natively", &video, || {
+    let d = row("(d) the same algorithm compiled natively", sampled, || {
         Arc::new(NativeAlgorithm(
             detector.clone(),
             Mutex::new(analysis::Analysis::new(

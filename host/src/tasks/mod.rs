@@ -557,10 +557,12 @@ impl Tasks {
         let video = &task.task_info.stream_options.video_stream_options;
         let source = Source::parse(&video.url).map_err(Error::Invalid)?;
         let (width, height) = video.resolution.size();
+        let fps = self.services.analysis_fps(&task.algo_service_id);
         let settings = Settings {
-            fps: self.services.analysis_fps(&task.algo_service_id),
+            fps,
             width,
             height,
+            skip_unreferenced: fps <= crate::pipeline::decode::SKIP_UNREFERENCED_UP_TO_FPS,
         };
         self.outbox.open(&task.id);
         let report = TaskReport {
