@@ -53,8 +53,11 @@ pub struct TaskRecord {
 /// Events one frame may raise; the rest are dropped (counted): a plugin must not
 /// make the host queue without bound.
 const MAX_EVENTS_PER_FRAME: usize = 256;
-/// Longest `attributes` text of one event kept in its document.
-const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
+/// Longest `attributes` text of one event kept in its document: with the queue's
+/// count bound, what one task can make the host store stays under ~200 MB.
+const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+/// Longest event type or label an event may carry; longer ones drop the event.
+const MAX_NAME_BYTES: usize = 256;
 
 /// How tasks reach video.
 #[derive(Clone, Debug)]
@@ -261,7 +264,14 @@ impl Report for TaskReport {
             tracing::warn!(task = %self.task, raised = events.len(), kept = MAX_EVENTS_PER_FRAME, "too many events on one frame: the rest are dropped");
         }
         let mut by_destination: Vec<(Destination, Vec<String>)> = Vec::new();
-        for event in events.iter().take(MAX_EVENTS_PER_FRAME) {
+        let (named, misnamed): (Vec<&Event>, Vec<&Event>) = events
+            .iter()
+            .take(MAX_EVENTS_PER_FRAME)
+            .partition(|e| e.event_type.len() <= MAX_NAME_BYTES && e.label.len() <= MAX_NAME_BYTES);
+        if !misnamed.is_empty() {
+            tracing::warn!(task = %self.task, dropped = misnamed.len(), "events with an event type or label over {MAX_NAME_BYTES} bytes dropped");
+        }
+        for event in named {
             let (rule, document) = event_document(&task, &algo_id, frame, event);
             for destination in destinations(&task.task_info.rules_params[rule].destinations) {
                 match by_destination.iter_mut().find(|(d, _)| *d == destination) {
@@ -945,5 +955,78 @@ mod decoder_tests {
             elsewhere.is_some(),
             std::path::Path::new(RENDER_NODE).exists()
         );
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+    use crate::runtime::bindings::wit_frames::PixelFormat;
+
+    fn task() -> TaskRecord {
+        let area = |id: i32| {
+            serde_json::json!({ "areaid": id, "areaType": "POLYGON",
+                "points": [{"x": 0.0, "y": 0.0}, {"x": 1.0, "y": 0.0}, {"x": 0.0, "y": 1.0}] })
+        };
+        let rule = |id: i32, event: &str| {
+            serde_json::json!({ "areas": [area(id)], "eventType": event, "masks": [],
+                "destinations": { "HTTPDest": { "url": "http://127.0.0.1:9/e" } } })
+        };
+        TaskRecord {
+            id: "t".into(),
+            algo_service_id: "s".into(),
+            restart_policy: RestartPolicy::Never,
+            task_info: serde_json::from_value(serde_json::json!({
+                "labels": { "algoCabinName": "c", "version": "1" },
+                "rulesParams": [rule(1, "A"), rule(2, "B")],
+                "streamOptions": { "videoStreamOptions": {
+                    "resolution": "PIXELS_200W", "url": "file:///v.mp4" } }
+            }))
+            .unwrap(),
+            status: TaskStatus::Running,
+            status_desc: String::new(),
+            created_ms: 0,
+        }
+    }
+
+    fn event(area: Option<i32>, event_type: &str, attributes: String) -> Event {
+        Event {
+            event_type: event_type.into(),
+            area_id: area,
+            bbox: None,
+            label: String::new(),
+            confidence: 1.0,
+            attributes,
+        }
+    }
+
+    #[test]
+    fn events_go_to_their_rule_and_oversized_attributes_stay_out() {
+        let task = task();
+        let frame = Frame::new(4, 4, 1200, PixelFormat::Gray8, vec![0u8; 16].into()).unwrap();
+        let (rule, doc) = event_document(&task, "algo", &frame, &event(Some(2), "X", "{}".into()));
+        assert_eq!(rule, 1);
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc["areaType"], "POLYGON");
+        assert_eq!(doc["timestamp"], 1200);
+        assert!(doc.get("attributes").is_none());
+        let (rule, _) = event_document(&task, "algo", &frame, &event(None, "A", "{}".into()));
+        assert_eq!(rule, 0);
+        let big = format!("{{\"x\": \"{}\"}}", "y".repeat(MAX_ATTRIBUTES_BYTES));
+        let (_, doc) = event_document(&task, "algo", &frame, &event(Some(1), "A", big));
+        assert!(!doc.contains("yyyy"), "oversized attributes are left out");
+        let (_, doc) = event_document(
+            &task,
+            "algo",
+            &frame,
+            &event(
+                Some(1),
+                "A",
+                r#"{"trackId": 4, "direction": "LEFT_TO_RIGHT"}"#.into(),
+            ),
+        );
+        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(doc["direction"], "LEFT_TO_RIGHT");
+        assert_eq!(doc["attributes"]["trackId"], 4);
     }
 }
