@@ -680,3 +680,61 @@ fn other_work_does_not_stall_a_running_task() {
         "{analysed} frames in {elapsed:.1} s"
     );
 }
+
+/// An algorithm that crashes on one frame: its worker is restarted by its
+/// supervisor, the task's session reopens, analysis goes on from the next frames,
+/// and a task of another service over the same video loses nothing.
+#[test]
+fn a_plugin_crash_mid_stream_restarts_its_worker_and_the_task_goes_on() {
+    let (platform, server, passthrough) = passthrough_service();
+    let wobbly = service_of(
+        &server,
+        &platform,
+        "wobbly",
+        &algorithm_package("wobbly", "XPUD-WOBBLY-0.1.0"),
+    );
+    let receiver = EventReceiver::start();
+    let bystander = EventReceiver::start();
+    // 10 s of black with one white flash at 1.0-1.1 s: the frame analysed at 1 s.
+    let video = server.data.path().join("flash.mp4");
+    let made = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(["-f", "lavfi", "-i", "color=c=black:s=320x240:r=25:d=10"])
+        .args(["-f", "lavfi", "-i", "color=c=white:s=320x240:r=25:d=10"])
+        .args(["-filter_complex", "[0][1]overlay=enable='between(t,1,1.1)'"])
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(&video)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let url = format!("file://{}", video.display());
+    let crashing = create(&server, task(&wobbly, &url, &receiver.url, "NEVER"));
+    let steady = create(&server, task(&passthrough, &url, &bystander.url, "NEVER"));
+    for id in [&crashing, &steady] {
+        assert!(
+            wait_for(Duration::from_secs(60), || status(&server, id)
+                == "FINISHED"),
+            "{}",
+            detail(&server, id)
+        );
+    }
+    let worker = server.app.services.workers(&wobbly).unwrap()[0].clone();
+    assert_eq!(worker.status().crashes, 1, "{:?}", worker.status());
+    let progress = detail(&server, &crashing)["taskInfo"]["progress"].clone();
+    assert!(
+        progress["framesFailed"].as_u64().unwrap() >= 1,
+        "{progress}"
+    );
+    // Analysis went on after the crash: events from frames after the flash.
+    assert!(wait_for(Duration::from_secs(10), || receiver
+        .events()
+        .iter()
+        .any(|e| e["timestamp"].as_u64().unwrap() > 2000)));
+    // The other service's task saw every frame.
+    assert!(wait_for(Duration::from_secs(10), || bystander
+        .events()
+        .len()
+        == 50));
+    let progress = detail(&server, &steady)["taskInfo"]["progress"].clone();
+    assert_eq!(progress["framesFailed"], 0, "{progress}");
+}

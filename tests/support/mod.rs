@@ -22,7 +22,7 @@ pub fn repo() -> PathBuf {
 
 /// Where scripts/build-plugins packed a plugin (NAME.wasm + NAME.toml).
 pub fn built(name: &str) -> (PathBuf, PathBuf) {
-    let dir = if matches!(name, "chaos" | "misfit") {
+    let dir = if matches!(name, "chaos" | "misfit" | "wobbly") {
         repo().join("target/test-plugins")
     } else {
         repo().join("target/plugins")
@@ -865,4 +865,27 @@ impl Drop for RtspServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Builds an algorithm file package around built plugin `plugin` (no models),
+/// runnable on CPU, with package code `code`.
+pub fn algorithm_package(plugin: &str, code: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let (wasm, manifest) = built(plugin);
+    let plugin_dir = dir.path().join("plugin");
+    std::fs::create_dir(&plugin_dir).unwrap();
+    std::fs::copy(&wasm, plugin_dir.join(format!("{plugin}.wasm"))).unwrap();
+    std::fs::copy(&manifest, plugin_dir.join(format!("{plugin}.toml"))).unwrap();
+    let package_manifest = dir.path().join("package.toml");
+    std::fs::write(
+        &package_manifest,
+        format!(
+            "[package]\ncode = \"{code}\"\nname = \"{plugin}\"\nversion = \"0.1.0\"\n\
+             type = \"ENGINE\"\nplugin = \"{plugin}\"\n\n[runtime]\ncpu = true\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("package.tar.gz");
+    xpud::package::build(&package_manifest, &plugin_dir, &out).unwrap();
+    std::fs::read(out).unwrap()
 }
