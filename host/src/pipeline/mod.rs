@@ -183,15 +183,6 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
     let mut origin_ms = 0;
     report.state(State::Waiting(format!("opening {source}")));
     while !stop.is_set() {
-        if let Err(why) = decode::ffmpeg_available(&spec.ffmpeg) {
-            attempt += 1;
-            tracing::warn!(%task, "{why}");
-            report.state(State::Waiting(why));
-            if stop.sleep(MAX_BACKOFF) {
-                break;
-            }
-            continue;
-        }
         let started = Decoder::start(
             &spec.ffmpeg,
             &spec.source,
@@ -201,6 +192,19 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
         );
         let mut decoder = match started {
             Ok(decoder) => decoder,
+            // No ffmpeg (yet): the task waits for it, whatever its restart policy.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let why = format!(
+                    "{} not found: video tasks need ffmpeg (apt-get install ffmpeg)",
+                    spec.ffmpeg.display()
+                );
+                tracing::warn!(%task, "{why}");
+                report.state(State::Waiting(why));
+                if stop.sleep(MAX_BACKOFF) {
+                    break;
+                }
+                continue;
+            }
             Err(e) => {
                 let reason = format!("cannot start ffmpeg: {e}");
                 if !retry(spec, report, stop, &mut attempt, reason) {

@@ -215,6 +215,10 @@ impl Analyse for Session {
 struct TaskReport {
     tasks: Weak<Tasks>,
     task: String,
+    /// What events are made from (a task's rules and ids do not change).
+    record: Arc<TaskRecord>,
+    /// The service's algorithm, named in every event.
+    algo_id: String,
     /// What the running status says.
     running: String,
 }
@@ -252,14 +256,7 @@ impl Report for TaskReport {
         let Some(tasks) = self.tasks.upgrade() else {
             return;
         };
-        let Ok(task) = tasks.get(&self.task) else {
-            return;
-        };
-        let algo_id = tasks
-            .services
-            .get(&task.algo_service_id)
-            .map(|s| s.algo_id)
-            .unwrap_or_default();
+        let (task, algo_id) = (&self.record, &self.algo_id);
         if events.len() > MAX_EVENTS_PER_FRAME {
             tracing::warn!(task = %self.task, raised = events.len(), kept = MAX_EVENTS_PER_FRAME, "too many events on one frame: the rest are dropped");
         }
@@ -272,7 +269,7 @@ impl Report for TaskReport {
             tracing::warn!(task = %self.task, dropped = misnamed.len(), "events with an event type or label over {MAX_NAME_BYTES} bytes dropped");
         }
         for event in named {
-            let (rule, document) = event_document(&task, &algo_id, frame, event);
+            let (rule, document) = event_document(task, algo_id, frame, event);
             for destination in destinations(&task.task_info.rules_params[rule].destinations) {
                 match by_destination.iter_mut().find(|(d, _)| *d == destination) {
                     Some((_, docs)) => docs.push(document.clone()),
@@ -578,6 +575,8 @@ impl Tasks {
         let report = TaskReport {
             tasks: self.me.clone(),
             task: task.id.clone(),
+            record: Arc::new(task.clone()),
+            algo_id: self.services.get(&task.algo_service_id)?.algo_id,
             running: format!(
                 "analysing {} at {} fps, {width}x{height}",
                 source.redacted(),
