@@ -738,3 +738,56 @@ fn a_plugin_crash_mid_stream_restarts_its_worker_and_the_task_goes_on() {
     let progress = detail(&server, &steady)["taskInfo"]["progress"].clone();
     assert_eq!(progress["framesFailed"], 0, "{progress}");
 }
+
+/// Running pipelines are bounded (`[video] max-running-tasks`): past it, creating
+/// or resuming a task is refused with the reason and changes nothing.
+#[test]
+fn running_tasks_are_bounded() {
+    let platform = FileServer::start();
+    let server = TestServer::start_with(&[], |c| c.video.max_running_tasks = 2);
+    let service = service_of(
+        &server,
+        &platform,
+        "pt",
+        &passthrough_package("XPUD-PT-BOUND"),
+    );
+    let camera = "rtsp://127.0.0.1:9/nothing";
+    let receiver = "http://127.0.0.1:9/events";
+    let first = create(&server, task(&service, camera, receiver, "ALWAYS"));
+    create(&server, task(&service, camera, receiver, "ALWAYS"));
+    let count = || {
+        server
+            .post(
+                "/CAP/AlgoTasks:search",
+                json!({ "pageNumber": 1, "pageSize": 20 }),
+            )
+            .1["data"]["total"]
+            .clone()
+    };
+    let (code, body) = server.post("/CAP/AlgoTasks", task(&service, camera, receiver, "ALWAYS"));
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["msg"].as_str().unwrap().contains("max-running-tasks"),
+        "{body}"
+    );
+    assert_eq!(count(), 2);
+    // A paused task frees its place; it cannot take it back while the place is taken.
+    let (code, _) = server.call(Method::POST, &format!("/CAP/AlgoTasks/{first}:pause"), None);
+    assert_eq!(code, 200);
+    let third = create(&server, task(&service, camera, receiver, "ALWAYS"));
+    let (code, body) = server.call(
+        Method::POST,
+        &format!("/CAP/AlgoTasks/{first}:resume"),
+        None,
+    );
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(status(&server, &first), "PAUSED");
+    let (code, _) = server.call(Method::DELETE, &format!("/CAP/AlgoTasks/{third}"), None);
+    assert_eq!(code, 200);
+    let (code, _) = server.call(
+        Method::POST,
+        &format!("/CAP/AlgoTasks/{first}:resume"),
+        None,
+    );
+    assert_eq!(code, 200);
+}

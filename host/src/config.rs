@@ -42,6 +42,7 @@
 //! ffmpeg = "ffmpeg"                # the decoder binary (a bare name: looked up on PATH)
 //! hwaccel = "auto"                 # auto (NVDEC on an NVIDIA replica, VA-API where
 //!                                  # /dev/dri exists), none, cuda, vaapi
+//! max-running-tasks = 64           # tasks decoding at once (a thread and an ffmpeg each)
 //!
 //! [platform]                       # the platform xpud registers with (none: no calls)
 //! url = "http://10.0.0.2:8080"
@@ -143,6 +144,9 @@ pub struct VideoConfig {
     /// card, VA-API where /dev/dri/renderD128 exists, else CPU), `none`, `cuda`,
     /// `vaapi`. A hardware decoder that fails falls back to CPU, said so.
     pub hwaccel: crate::tasks::HwaccelMode,
+    /// Tasks decoding at once: each holds a thread, an ffmpeg process and its
+    /// frame buffers. Past it, G.2 and G.4 are refused (409).
+    pub max_running_tasks: usize,
 }
 
 impl Default for VideoConfig {
@@ -150,6 +154,7 @@ impl Default for VideoConfig {
         VideoConfig {
             ffmpeg: PathBuf::from("ffmpeg"),
             hwaccel: crate::tasks::HwaccelMode::Auto,
+            max_running_tasks: 64,
         }
     }
 }

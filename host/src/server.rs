@@ -110,6 +110,7 @@ impl Server {
             crate::tasks::VideoOptions {
                 ffmpeg: config.video.ffmpeg.clone(),
                 hwaccel: config.video.hwaccel,
+                max_running_tasks: config.video.max_running_tasks,
             },
             http::tasks::summary_json,
         );

@@ -305,3 +305,32 @@ async fn send(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past the bound the oldest events go, counted; the newest stay, in order.
+    #[test]
+    fn the_queue_keeps_the_newest_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let outbox = runtime.block_on(async { Outbox::new(store).unwrap() });
+        // A receiver nobody serves: nothing leaves the queue.
+        let delivery = runtime.block_on(async { outbox.open("t") });
+        let nowhere = Destination::Http {
+            url: "http://127.0.0.1:9/events".into(),
+        };
+        let events: Vec<String> = (0..MAX_QUEUED_PER_TASK + 5)
+            .map(|i| i.to_string())
+            .collect();
+        outbox.enqueue("t", &nowhere, &events);
+        assert_eq!(outbox.queued("t"), MAX_QUEUED_PER_TASK);
+        assert_eq!(delivery.dropped.load(Ordering::Relaxed), 5);
+        let oldest = outbox.oldest("t").unwrap();
+        assert_eq!(oldest[0].2, "5", "the five oldest went");
+        outbox.forget("t");
+        assert_eq!(outbox.queued("t"), 0);
+    }
+}

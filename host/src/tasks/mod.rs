@@ -65,6 +65,8 @@ pub struct VideoOptions {
     /// The ffmpeg binary (a name is looked up on PATH).
     pub ffmpeg: PathBuf,
     pub hwaccel: HwaccelMode,
+    /// Pipelines running at once, at most.
+    pub max_running_tasks: usize,
 }
 
 /// Which decoder tasks try first (`[video] hwaccel`).
@@ -596,7 +598,30 @@ impl Tasks {
             Arc::new(report),
         )
         .map_err(|e| Error::Internal(anyhow::anyhow!("start the task's pipeline: {e}")))?;
-        crate::sync::lock(&self.pipelines).insert(task.id.clone(), pipeline);
+        let mut pipelines = crate::sync::lock(&self.pipelines);
+        if pipelines.len() >= self.video.max_running_tasks {
+            // Another start took the last place meanwhile.
+            drop(pipelines);
+            drop(pipeline);
+            return Err(Error::Conflict(format!(
+                "the limit of running tasks ([video] max-running-tasks = {}) is reached",
+                self.video.max_running_tasks
+            )));
+        }
+        pipelines.insert(task.id.clone(), pipeline);
+        Ok(())
+    }
+
+    /// Refuses one more running pipeline past `[video] max-running-tasks`.
+    fn check_capacity(&self) -> Result<()> {
+        let running = crate::sync::lock(&self.pipelines).len();
+        let max = self.video.max_running_tasks;
+        if running >= max {
+            return Err(Error::Conflict(format!(
+                "{running} tasks are analysing video, the limit ([video] max-running-tasks = \
+                 {max}): pause or delete one first"
+            )));
+        }
         Ok(())
     }
 
@@ -693,6 +718,11 @@ impl Tasks {
                     task.status = TaskStatus::Error;
                     task.status_desc = format!("after a restart: {e}");
                     self.store.put(Table::Tasks, &task.id, &*task)?;
+                } else if task.status == TaskStatus::Running {
+                    // Nothing is analysed yet: RUNNING comes back with the first frame.
+                    task.status = TaskStatus::Pending;
+                    task.status_desc = "after a restart: opening the source".into();
+                    self.store.put(Table::Tasks, &task.id, &*task)?;
                 }
             }
         }
@@ -704,9 +734,14 @@ impl Tasks {
         // Events queued before the restart go out; live tasks analyse again.
         for task in &tasks {
             self.outbox.open(&task.id);
-            if matches!(task.status, TaskStatus::Pending | TaskStatus::Running) {
+            if task.status == TaskStatus::Pending {
                 if let Err(e) = self.start_pipeline(task) {
                     tracing::error!(task = %task.id, "pipeline not started after a restart: {e}");
+                    let _ = self.transition(&task.id, |t| {
+                        t.status = TaskStatus::Error;
+                        t.status_desc = format!("after a restart: {e}");
+                        Ok(())
+                    });
                 }
             }
         }
@@ -830,6 +865,7 @@ impl Tasks {
     /// G.2. Blocking.
     pub fn create(&self, request: TaskCreateRequest) -> Result<TaskRecord> {
         validate(&request)?;
+        self.check_capacity()?;
         let task = TaskRecord {
             id: uuid::Uuid::new_v4().simple().to_string(),
             algo_service_id: request.algo_service_id,
@@ -893,6 +929,9 @@ impl Tasks {
 
     /// G.4: a paused task decodes again: PENDING until its first frame.
     pub fn resume(&self, id: &str) -> Result<()> {
+        if self.get(id)?.status == TaskStatus::Paused {
+            self.check_capacity()?;
+        }
         let mut was_paused = false;
         self.transition(id, |task| match task.status {
             TaskStatus::Paused => {
