@@ -9,7 +9,7 @@ use serde_json::json;
 
 /// Installs the passthrough package (gpu quota 0.5 on SIMULATED XPU16) and an
 /// algorithm for it; returns the algorithm id.
-fn install_algorithm(server: &TestServer, platform: &FileServer) -> String {
+fn install_passthrough(server: &TestServer, platform: &FileServer) -> String {
     let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-3.0.0"));
     server.post(
         "/CAP/AlgoFilePackages",
@@ -66,7 +66,7 @@ fn example_task(service: &str) -> serde_json::Value {
 fn services_place_replicas_and_tasks_bind_to_them() {
     let platform = FileServer::start();
     let server = TestServer::start(&["sim-xpu"]);
-    let algo = install_algorithm(&server, &platform);
+    let algo = install_passthrough(&server, &platform);
 
     // F.2, the text's example with this machine's gpuType.
     let (status, body) = server.post(
@@ -206,7 +206,7 @@ fn services_place_replicas_and_tasks_bind_to_them() {
 fn bad_tasks_and_services_are_refused_with_the_field() {
     let platform = FileServer::start();
     let server = TestServer::start(&["sim-xpu"]);
-    let algo = install_algorithm(&server, &platform);
+    let algo = install_passthrough(&server, &platform);
     let (_, body) = server.post(
         "/CAP/AlgoServices",
         json!({ "envs": "a=1", "replicas": 1, "gpuType": "SIMULATED_XPU16", "algoId": algo }),
@@ -299,7 +299,7 @@ fn bad_tasks_and_services_are_refused_with_the_field() {
 fn task_search_stays_right_across_deletes_and_pages() {
     let platform = FileServer::start();
     let server = TestServer::start(&["sim-xpu"]);
-    let algo = install_algorithm(&server, &platform);
+    let algo = install_passthrough(&server, &platform);
     let service = server
         .post(
             "/CAP/AlgoServices",
@@ -357,33 +357,6 @@ fn task_search_stays_right_across_deletes_and_pages() {
     assert_eq!(search(json!({ "algoServiceId": "other" }))["total"], 0);
 }
 
-/// Installs `package` as file package `id` and an algorithm `id`-algo for it.
-fn install_package(server: &TestServer, platform: &FileServer, id: &str, package: &[u8]) -> String {
-    let (url, md5) = platform.publish(&format!("{id}.tar.gz"), package);
-    server.post(
-        "/CAP/AlgoFilePackages",
-        json!({ "id": id, "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get(&format!("/CAP/AlgoFilePackages/{id}"))
-        .1["data"]["status"]
-        == 0));
-    let algo = format!("{id}-algo");
-    let (url, md5) = platform.publish(
-        &format!("{algo}.json"),
-        format!(r#"{{"relatedAlgoFilePackageId": "{id}"}}"#).as_bytes(),
-    );
-    server.post(
-        "/CAP/AlgoPackages",
-        json!({ "id": algo, "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get(&format!("/CAP/AlgoPackages/{algo}"))
-        .1["data"]["status"]
-        == 0));
-    algo
-}
-
 /// F.2 `gpuType: CPU` places replicas without an accelerator where the package says
 /// it runs there; F.5 says so per replica; the instances see exactly the service's
 /// `envs` (after the package's `env`) and nothing of the host's environment.
@@ -391,7 +364,7 @@ fn install_package(server: &TestServer, platform: &FileServer, id: &str, package
 fn cpu_replicas_get_the_service_envs_and_nothing_of_the_hosts() {
     let platform = FileServer::start();
     let server = TestServer::start(&["sim-xpu"]);
-    let algo = install_package(
+    let algo = install_algorithm(
         &server,
         &platform,
         "pt",
@@ -418,24 +391,7 @@ fn cpu_replicas_get_the_service_envs_and_nothing_of_the_hosts() {
     assert_eq!(partitions(&server, "sim-xpu"), 0);
 
     let worker = server.app.services.workers(&service).unwrap()[0].clone();
-    let session = worker
-        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
-            event_type: "X".into(),
-            areas: vec![],
-            masks: vec![],
-            extend_params: r#"{"echoEnv": true}"#.into(),
-        }])
-        .unwrap();
-    let frame = xpud::runtime::frames::Frame::new(
-        32,
-        32,
-        0,
-        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
-        vec![7u8; 1024].into(),
-    )
-    .unwrap();
-    let events = worker.process(session, &frame).unwrap();
-    let attributes: serde_json::Value = serde_json::from_str(&events[0].attributes).unwrap();
+    let attributes = echoed_launch(&worker);
     assert_eq!(
         attributes["env"],
         json!({ "LOG_LEVEL": "debug", "threadCount": "8", "k1": "v1" }),
@@ -452,7 +408,7 @@ fn a_service_follows_its_workers() {
     let server = TestServer::start(&["sim-xpu"]);
     let package =
         passthrough_package_with("XPUD-PT-TINY", |m| set(m, "limits", "memory-mib", 1.into()));
-    let algo = install_package(&server, &platform, "tiny", &package);
+    let algo = install_algorithm(&server, &platform, "tiny", &package);
     let (status, body) = server.post(
         "/CAP/AlgoServices",
         json!({ "envs": "", "replicas": 2, "gpuType": "CPU", "algoId": algo }),

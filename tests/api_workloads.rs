@@ -389,24 +389,7 @@ fn pods_reserve_the_nodes_cores_and_get_their_arguments() {
 
     // The pod runs with exactly those arguments.
     let worker = server.app.workloads.workers()[0].clone();
-    let session = worker
-        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
-            event_type: "X".into(),
-            areas: vec![],
-            masks: vec![],
-            extend_params: r#"{"echoEnv": true}"#.into(),
-        }])
-        .unwrap();
-    let frame = xpud::runtime::frames::Frame::new(
-        32,
-        32,
-        0,
-        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
-        vec![7u8; 1024].into(),
-    )
-    .unwrap();
-    let events = worker.process(session, &frame).unwrap();
-    let attributes: serde_json::Value = serde_json::from_str(&events[0].attributes).unwrap();
+    let attributes = echoed_launch(&worker);
     assert_eq!(
         attributes["args"],
         json!(["detect", "--threads", "4", "--zone", "gate a", "$HOME"])

@@ -13,30 +13,12 @@ use serde_json::json;
 fn passthrough_service() -> (FileServer, TestServer, String) {
     let platform = FileServer::start();
     let server = TestServer::start(&[]);
-    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-VIDEO"));
-    server.post(
-        "/CAP/AlgoFilePackages",
-        json!({ "id": "pt", "md5": md5, "url": url }),
+    let service = service_of(
+        &server,
+        &platform,
+        "pt",
+        &passthrough_package("XPUD-PT-VIDEO"),
     );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get("/CAP/AlgoFilePackages/pt")
-        .1["data"]["status"]
-        == 0));
-    let (url, md5) = platform.publish("a.json", br#"{"relatedAlgoFilePackageId": "pt"}"#);
-    server.post(
-        "/CAP/AlgoPackages",
-        json!({ "id": "pt-algo", "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get("/CAP/AlgoPackages/pt-algo")
-        .1["data"]["status"]
-        == 0));
-    let (status, body) = server.post(
-        "/CAP/AlgoServices",
-        json!({ "envs": "", "replicas": 1, "gpuType": "CPU", "algoId": "pt-algo" }),
-    );
-    assert_eq!(status, 200, "{body}");
-    let service = body["data"].as_str().unwrap().to_string();
     (platform, server, service)
 }
 
@@ -335,28 +317,7 @@ fn a_running_task_and_its_queue_survive_a_restart() {
 /// Installs `package` as an algorithm and runs it as a CPU service; returns the
 /// service id.
 fn service_of(server: &TestServer, platform: &FileServer, id: &str, package: &[u8]) -> String {
-    let (url, md5) = platform.publish(&format!("{id}.tar.gz"), package);
-    server.post(
-        "/CAP/AlgoFilePackages",
-        json!({ "id": id, "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get(&format!("/CAP/AlgoFilePackages/{id}"))
-        .1["data"]["status"]
-        == 0));
-    let algo = format!("{id}-algo");
-    let (url, md5) = platform.publish(
-        &format!("{algo}.json"),
-        format!(r#"{{"relatedAlgoFilePackageId": "{id}"}}"#).as_bytes(),
-    );
-    server.post(
-        "/CAP/AlgoPackages",
-        json!({ "id": algo, "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get(&format!("/CAP/AlgoPackages/{algo}"))
-        .1["data"]["status"]
-        == 0));
+    let algo = install_algorithm(server, platform, id, package);
     let (status, body) = server.post(
         "/CAP/AlgoServices",
         json!({ "envs": "", "replicas": 1, "gpuType": "CPU", "algoId": algo }),

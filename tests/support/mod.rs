@@ -889,3 +889,59 @@ pub fn algorithm_package(plugin: &str, code: &str) -> Vec<u8> {
     xpud::package::build(&package_manifest, &plugin_dir, &out).unwrap();
     std::fs::read(out).unwrap()
 }
+
+/// Pushes `package` as file package `id` and an algorithm `id`-algo for it (E.2,
+/// E.6), waits until both are ready; returns the algorithm's id.
+pub fn install_algorithm(
+    server: &TestServer,
+    platform: &FileServer,
+    id: &str,
+    package: &[u8],
+) -> String {
+    let (url, md5) = platform.publish(&format!("{id}.tar.gz"), package);
+    server.post(
+        "/CAP/AlgoFilePackages",
+        serde_json::json!({ "id": id, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoFilePackages/{id}"))
+        .1["data"]["status"]
+        == 0));
+    let algo = format!("{id}-algo");
+    let (url, md5) = platform.publish(
+        &format!("{algo}.json"),
+        format!(r#"{{"relatedAlgoFilePackageId": "{id}"}}"#).as_bytes(),
+    );
+    server.post(
+        "/CAP/AlgoPackages",
+        serde_json::json!({ "id": algo, "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get(&format!("/CAP/AlgoPackages/{algo}"))
+        .1["data"]["status"]
+        == 0));
+    algo
+}
+
+/// What a passthrough worker was started with: the `env` and `args` its
+/// `echoEnv` rule reports on one frame.
+pub fn echoed_launch(worker: &xpud::plugins::algorithm::AlgorithmWorker) -> serde_json::Value {
+    let session = worker
+        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
+            event_type: "X".into(),
+            areas: vec![],
+            masks: vec![],
+            extend_params: r#"{"echoEnv": true}"#.into(),
+        }])
+        .unwrap();
+    let frame = xpud::runtime::frames::Frame::new(
+        32,
+        32,
+        0,
+        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
+        vec![7u8; 1024].into(),
+    )
+    .unwrap();
+    let events = worker.process(session, &frame).unwrap();
+    serde_json::from_str(&events[0].attributes).unwrap()
+}
