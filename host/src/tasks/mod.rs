@@ -285,13 +285,21 @@ impl Report for TaskReport {
     }
 }
 
-/// Where a rule's events are delivered. Kafka (`eventDest.mqDest`) is not in this
-/// build: such a rule is refused when the task is created.
+/// Where a rule's events are delivered (checked by `validate`).
 fn destinations(d: &spec::Destinations) -> Vec<Destination> {
-    d.http_dest
+    let http = d
+        .http_dest
         .iter()
-        .map(|h| Destination::Http { url: h.url.clone() })
-        .collect()
+        .map(|h| Destination::Http { url: h.url.clone() });
+    let kafka = d
+        .event_dest
+        .iter()
+        .filter_map(|e| e.mq_dest.as_ref())
+        .map(|mq| Destination::Kafka {
+            brokers: spec::MqDest::brokers(&mq.url),
+            topic: mq.topic.clone(),
+        });
+    http.chain(kafka).collect()
 }
 
 /// The rule an event belongs to: the one holding its area, else the one whose
@@ -473,16 +481,17 @@ fn validate(request: &TaskCreateRequest) -> Result<()> {
                 )));
             }
         }
-        if rule
+        if let Some(mq) = rule
             .destinations
             .event_dest
             .as_ref()
-            .is_some_and(|e| e.mq_dest.is_some())
+            .and_then(|e| e.mq_dest.as_ref())
         {
-            return Err(Error::Invalid(format!(
-                "taskInfo.rulesParams[{i}].destinations.eventDest.mqDest: Kafka delivery is not \
-                 in this build yet; use HTTPDest"
-            )));
+            mq.check().map_err(|e| {
+                Error::Invalid(format!(
+                    "taskInfo.rulesParams[{i}].destinations.eventDest.mqDest.{e}"
+                ))
+            })?;
         }
     }
     let url = &info.stream_options.video_stream_options.url;
@@ -514,7 +523,10 @@ pub struct Progress {
     pub last_analysis_error: Option<String>,
     pub events_queued: u64,
     pub events_delivered: u64,
+    /// Dropped past the queue bound, oldest first.
     pub events_dropped: u64,
+    /// Refused for good by their destination (too large), and so dropped.
+    pub events_refused: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery_error: Option<String>,
 }
@@ -669,6 +681,9 @@ impl Tasks {
             events_dropped: delivery
                 .as_ref()
                 .map_or(0, |d| d.dropped.load(Ordering::Relaxed)),
+            events_refused: delivery
+                .as_ref()
+                .map_or(0, |d| d.refused.load(Ordering::Relaxed)),
             delivery_error: delivery
                 .as_ref()
                 .and_then(|d| crate::sync::lock(&d.last_error).clone()),

@@ -189,13 +189,12 @@ pub struct HttpDest {
     pub url: String,
 }
 
-/// G.2's `eventDest`. Its `mqDest` (Kafka) is refused by this build, which has no
-/// Kafka client yet, so the document leaves it out.
+/// G.2's `eventDest`: a message queue for the events, and whether they carry
+/// images.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventDest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(ignore)]
     pub mq_dest: Option<MqDest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_dest: Option<ImageDest>,
@@ -204,9 +203,56 @@ pub struct EventDest {
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MqDest {
+    #[schema(pattern = "^KAFKA$")]
     pub mq_type: String,
+    /// A Kafka topic name; the topic must exist.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,249}$")]
     pub topic: String,
+    /// The bootstrap brokers: `host:port`, comma-separated.
+    #[schema(
+        pattern = r"^\s*[^\s,:/]+:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})\s*(,\s*[^\s,:/]+:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})\s*)*$"
+    )]
     pub url: String,
+}
+
+impl MqDest {
+    /// `url`'s brokers, as a Kafka client's bootstrap list.
+    pub fn brokers(url: &str) -> Vec<String> {
+        url.split(',').map(|b| b.trim().to_string()).collect()
+    }
+
+    /// What a task can be created with; the error names the field.
+    pub fn check(&self) -> Result<(), String> {
+        if self.mq_type != "KAFKA" {
+            return Err(format!(
+                "mqType: {:?} is not supported; KAFKA is",
+                self.mq_type
+            ));
+        }
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if self.topic.is_empty() || self.topic.len() > 249 || !self.topic.chars().all(legal) {
+            return Err(format!(
+                "topic: {:?} is not a Kafka topic name (1-249 of A-Z a-z 0-9 . _ -)",
+                self.topic
+            ));
+        }
+        for broker in Self::brokers(&self.url) {
+            let port = broker
+                .rsplit_once(':')
+                .filter(|(host, _)| {
+                    !host.is_empty()
+                        && !host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':')
+                })
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .filter(|port| *port > 0);
+            if port.is_none() {
+                return Err(format!(
+                    "url: {broker:?} is not host:port (brokers are host:port, comma-separated, no scheme)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]

@@ -8,6 +8,12 @@
 //! runs on its own task: a slow receiver grows the queue, never the frame latency.
 //! Each event carries an `eventId` made when it was queued, so a receiver can drop
 //! the duplicate a retry after a lost answer makes.
+//!
+//! - `http`: `HTTPDest`, a POST per event;
+//! - `kafka`: `eventDest.mqDest`, records on a Kafka topic.
+
+mod http;
+mod kafka;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,11 +28,12 @@ use crate::store::Store;
 pub const MAX_QUEUED_PER_TASK: u64 = 10_000;
 /// Events read from the queue at a time.
 const BATCH: usize = 64;
+/// Consecutive events for one Kafka topic go in one request up to this many bytes
+/// (brokers take 1 MB per request by default).
+const KAFKA_REQUEST_BYTES: usize = 512 * 1024;
 /// Retry backoff: doubling from the first, capped.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(5);
-/// One POST may take this long.
-const POST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a rule's events go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +41,17 @@ const POST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Destination {
     /// G.2 `HTTPDest`: a POST of each event's JSON.
     Http { url: String },
+    /// G.2 `eventDest.mqDest` of type KAFKA: a record per event on `topic`.
+    Kafka { brokers: Vec<String>, topic: String },
+}
+
+/// Why a delivery did not happen.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// Worth another try (receiver down, broker unreachable, topic missing).
+    Retry(String),
+    /// The destination will never take it (too large): dropped, counted.
+    Refused(String),
 }
 
 /// Delivery counters of one task.
@@ -42,6 +60,8 @@ pub struct Delivery {
     pub delivered: AtomicU64,
     /// Dropped past the queue bound (oldest first).
     pub dropped: AtomicU64,
+    /// Refused for good by the destination (too large), and so dropped.
+    pub refused: AtomicU64,
     /// Why the last attempt failed, while deliveries fail.
     pub last_error: Mutex<Option<String>>,
 }
@@ -55,7 +75,8 @@ struct Loop {
 /// The queue and the delivery loops.
 pub struct Outbox {
     store: Arc<Store>,
-    client: reqwest::Client,
+    http: reqwest::Client,
+    kafka: kafka::Producers,
     loops: Mutex<HashMap<String, Loop>>,
     runtime: tokio::runtime::Handle,
 }
@@ -63,13 +84,10 @@ pub struct Outbox {
 impl Outbox {
     /// Must be called inside the tokio runtime that runs the delivery loops.
     pub fn new(store: Arc<Store>) -> anyhow::Result<Arc<Outbox>> {
-        let client = reqwest::Client::builder()
-            .timeout(POST_TIMEOUT)
-            .build()
-            .map_err(|e| anyhow::anyhow!("event delivery client: {e}"))?;
         Ok(Arc::new(Outbox {
             store,
-            client,
+            http: http::client()?,
+            kafka: kafka::Producers::default(),
             loops: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
         }))
@@ -195,24 +213,75 @@ impl Outbox {
         }
     }
 
-    fn oldest(&self, task: &str) -> anyhow::Result<Vec<(i64, String, String)>> {
+    fn oldest(&self, task: &str) -> anyhow::Result<Vec<Queued>> {
         self.store.with(|conn| {
             let mut select = conn.prepare_cached(
                 "SELECT seq, destination, body FROM event_queue WHERE task_id = ?1 \
                  ORDER BY seq LIMIT ?2",
             )?;
             let rows = select.query_map((task, BATCH as i64), |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok(Queued {
+                    seq: row.get(0)?,
+                    destination: row.get(1)?,
+                    body: row.get(2)?,
+                })
             })?;
             rows.collect()
         })
     }
 
-    fn delivered(&self, seq: i64) -> anyhow::Result<()> {
-        self.store
-            .with(|conn| conn.execute("DELETE FROM event_queue WHERE seq = ?1", [seq]))
-            .map(|_| ())
+    fn delivered(&self, seqs: &[i64]) -> anyhow::Result<()> {
+        self.store.with(|conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM event_queue WHERE seq = ?1")?;
+                for seq in seqs {
+                    delete.execute([seq])?;
+                }
+            }
+            tx.commit()
+        })
     }
+
+    /// Sends `run` (events for one destination, oldest first) in one go where
+    /// the destination takes several at once.
+    async fn send(
+        &self,
+        task: &str,
+        destination: &Destination,
+        run: &[Queued],
+    ) -> Result<(), Failed> {
+        match destination {
+            Destination::Http { url } => http::post(&self.http, url, &run[0].body).await,
+            Destination::Kafka { brokers, topic } => {
+                let values: Vec<&str> = run.iter().map(|q| q.body.as_str()).collect();
+                self.kafka.produce(brokers, topic, task, &values).await
+            }
+        }
+    }
+}
+
+/// An event in the queue.
+struct Queued {
+    seq: i64,
+    destination: String,
+    body: String,
+}
+
+/// How many of `batch` (from the first) go in one request.
+fn run_length(destination: &Destination, batch: &[Queued], single: bool) -> usize {
+    if single || matches!(destination, Destination::Http { .. }) {
+        return 1;
+    }
+    let mut bytes = 0;
+    batch
+        .iter()
+        .take_while(|q| {
+            bytes += q.body.len();
+            q.destination == batch[0].destination && bytes <= KAFKA_REQUEST_BYTES
+        })
+        .count()
+        .max(1)
 }
 
 /// Empties `task`'s queue in order, for as long as the task lives.
@@ -222,6 +291,9 @@ async fn deliver(
     wake: Arc<tokio::sync::Notify>,
     delivery: Arc<Delivery>,
 ) {
+    // After a request of several events was refused as too large: one at a time
+    // until the next success, so only the event that is too large is dropped.
+    let mut single = false;
     loop {
         let batch = {
             let (outbox, task) = (outbox.clone(), task.clone());
@@ -241,36 +313,64 @@ async fn deliver(
             wake.notified().await;
             continue;
         }
-        for (seq, destination, body) in batch {
-            let destination: Destination = match serde_json::from_str(&destination) {
+        let mut next = 0;
+        while next < batch.len() {
+            let first = &batch[next];
+            let destination: Destination = match serde_json::from_str(&first.destination) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::error!(%task, seq, "queued event with an unreadable destination dropped: {e}");
-                    delivery.dropped.fetch_add(1, Ordering::Relaxed);
-                    let _ = outbox.delivered(seq);
+                    tracing::error!(%task, seq = first.seq, "queued event with an unreadable destination dropped: {e}");
+                    delivery.refused.fetch_add(1, Ordering::Relaxed);
+                    forget(&outbox, &task, vec![first.seq]).await;
+                    next += 1;
                     continue;
                 }
             };
+            let run = &batch[next..next + run_length(&destination, &batch[next..], single)];
             let mut attempt = 0u32;
-            loop {
-                match send(&outbox.client, &destination, &body).await {
-                    Ok(()) => break,
-                    Err(why) => {
+            let sent = loop {
+                match outbox.send(&task, &destination, run).await {
+                    Ok(()) => break Ok(()),
+                    Err(Failed::Refused(why)) => break Err(why),
+                    Err(Failed::Retry(why)) => {
                         attempt += 1;
                         let wait = (FIRST_RETRY * (1 << attempt.min(8))).min(MAX_RETRY);
                         remember(&task, &delivery, why);
                         tokio::time::sleep(wait).await;
                     }
                 }
+            };
+            match sent {
+                Ok(()) => {
+                    single = false;
+                    crate::sync::lock(&delivery.last_error).take();
+                    delivery
+                        .delivered
+                        .fetch_add(run.len() as u64, Ordering::Relaxed);
+                }
+                Err(why) if run.len() > 1 => {
+                    tracing::info!(%task, events = run.len(), "refused as too large, sending one at a time: {why}");
+                    single = true;
+                    continue;
+                }
+                Err(why) => {
+                    tracing::error!(%task, seq = run[0].seq, "event refused by its destination, dropped: {why}");
+                    delivery.refused.fetch_add(1, Ordering::Relaxed);
+                    *crate::sync::lock(&delivery.last_error) = Some(why);
+                }
             }
-            crate::sync::lock(&delivery.last_error).take();
-            delivery.delivered.fetch_add(1, Ordering::Relaxed);
-            let (outbox, task) = (outbox.clone(), task.clone());
-            let deleted = tokio::task::spawn_blocking(move || outbox.delivered(seq)).await;
-            if let Ok(Err(e)) = deleted {
-                tracing::error!(%task, seq, "delivered event stays queued (it will be sent again): {e:#}");
-            }
+            forget(&outbox, &task, run.iter().map(|q| q.seq).collect()).await;
+            next += run.len();
         }
+    }
+}
+
+/// Deletes events that left (or were refused) from the queue.
+async fn forget(outbox: &Arc<Outbox>, task: &str, seqs: Vec<i64>) {
+    let outbox = outbox.clone();
+    let deleted = tokio::task::spawn_blocking(move || outbox.delivered(&seqs)).await;
+    if let Ok(Err(e)) = deleted {
+        tracing::error!(%task, "delivered events stay queued (they will be sent again): {e:#}");
     }
 }
 
@@ -281,29 +381,6 @@ fn remember(task: &str, delivery: &Delivery, why: String) {
         tracing::warn!(%task, "event delivery failed, retrying: {why}");
     }
     *last = Some(why);
-}
-
-async fn send(
-    client: &reqwest::Client,
-    destination: &Destination,
-    body: &str,
-) -> Result<(), String> {
-    match destination {
-        Destination::Http { url } => {
-            let response = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await
-                .map_err(|e| format!("POST {url}: {e}"))?;
-            if response.status().is_success() {
-                Ok(())
-            } else {
-                Err(format!("POST {url}: {}", response.status()))
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -329,7 +406,7 @@ mod tests {
         assert_eq!(outbox.queued("t"), MAX_QUEUED_PER_TASK);
         assert_eq!(delivery.dropped.load(Ordering::Relaxed), 5);
         let oldest = outbox.oldest("t").unwrap();
-        assert_eq!(oldest[0].2, "5", "the five oldest went");
+        assert_eq!(oldest[0].body, "5", "the five oldest went");
         outbox.forget("t");
         assert_eq!(outbox.queued("t"), 0);
     }
