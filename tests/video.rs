@@ -354,7 +354,9 @@ fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
                 "masks": [{ "areaid": 9, "areaType": "POLYGON",
                             "points": [{"x": 0.1, "y": 0.65}, {"x": 0.26, "y": 0.65},
                                        {"x": 0.26, "y": 0.85}, {"x": 0.1, "y": 0.85}] }],
-                "destinations": { "HTTPDest": { "url": receiver.url } },
+                "destinations": { "HTTPDest": { "url": receiver.url },
+                                  "eventDest": { "imageDest": { "fullImageDest": "frames",
+                                                                "cropImageDest": "objects" } } },
                 "eventType": "AREA_INTRUSION",
                 "extendParams": { "sensitivity": "中", "durationThreshold": 1,
                                   "repeatAlarmIntervalThreshold": 720 },
@@ -392,6 +394,13 @@ fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
     let at = stay["timestamp"].as_u64().unwrap();
     assert!((1600..=2400).contains(&at), "alarmed at {at} ms");
     assert_ne!(line["objects"][0]["trackId"], stay["objects"][0]["trackId"]);
+    // The rule asks for images: the analysed frame, and the object's box.
+    assert_eq!(jpeg_size(&line["image"]), (1920, 1080));
+    let (w, h) = jpeg_size(&line["objects"][0]["image"]);
+    assert!(
+        (60..=300).contains(&w) && (60..=300).contains(&h),
+        "crop {w}x{h}"
+    );
     // Which execution provider ran the detector, in the task and service details.
     let progress = &detail(&server, &id)["taskInfo"]["progress"];
     assert_eq!(progress["inference"], json!(["cpu"]), "{progress}");
@@ -859,4 +868,19 @@ fn a_kafka_destination_is_checked_at_create() {
         json!({ "pageNumber": 1, "pageSize": 10 }),
     );
     assert_eq!(listed["data"]["total"], 0, "{listed}");
+}
+
+/// The size of a base64 JPEG, from its SOF0 header.
+fn jpeg_size(image: &serde_json::Value) -> (u16, u16) {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(image.as_str().expect("an image"))
+        .unwrap();
+    assert_eq!(&bytes[..2], &[0xFF, 0xD8], "a JPEG");
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    let at = |i: usize| u16::from_be_bytes([bytes[sof + i], bytes[sof + i + 1]]);
+    (at(7), at(5))
 }

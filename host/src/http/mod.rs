@@ -217,8 +217,13 @@ impl App {
         (name = "I", description = "Appendix I: machine algorithm packages (CAD mode)"),
         (name = "xpud", description = "xpud's own endpoints"),
     ),
-    // Referenced by hand-written schemas (G.2's `destinations`), not by a derive.
-    components(schemas(crate::tasks::spec::HttpDest, crate::tasks::spec::EventDest))
+    // Referenced by hand-written schemas (G.2's `destinations`), not by a derive;
+    // and what a task delivers to its destinations (docs/events.md).
+    components(schemas(
+        crate::tasks::spec::HttpDest,
+        crate::tasks::spec::EventDest,
+        crate::tasks::events::EventDocument
+    ))
 )]
 struct ApiDoc;
 

@@ -10,10 +10,12 @@
 //!
 //! - `source`: which URLs are read, and how ffmpeg is told to;
 //! - `decode`: the ffmpeg child, its frames in a pool of reusable buffers;
+//! - `snapshot`: JPEG images of analysed frames, for events that carry them;
 //! - `deliver`: events out, through a durable queue.
 
 pub mod decode;
 pub mod deliver;
+pub mod snapshot;
 pub mod source;
 
 use std::path::PathBuf;

@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use serde::{Deserialize, Serialize};
 
+pub mod events;
 pub mod spec;
 
 use crate::error::{Error, Result};
 use crate::pipeline::decode::{Hwaccel, Settings};
-use crate::pipeline::deliver::{Destination, Outbox};
+use crate::pipeline::deliver::Outbox;
 use crate::pipeline::source::Source;
 use crate::pipeline::{Analyse, Pipeline, Report, State};
 use crate::plugins::algorithm::{AlgorithmFailure, AlgorithmWorker, SessionId};
@@ -49,15 +50,6 @@ pub struct TaskRecord {
     pub status_desc: String,
     pub created_ms: u64,
 }
-
-/// Events one frame may raise; the rest are dropped (counted): a plugin must not
-/// make the host queue without bound.
-const MAX_EVENTS_PER_FRAME: usize = 256;
-/// Longest `attributes` text of one event kept in its document: with the queue's
-/// count bound, what one task can make the host store stays under ~200 MB.
-const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
-/// Longest event type or label an event may carry; longer ones drop the event.
-const MAX_NAME_BYTES: usize = 256;
 
 /// How tasks reach video.
 #[derive(Clone, Debug)]
@@ -258,125 +250,12 @@ impl Report for TaskReport {
         let Some(tasks) = self.tasks.upgrade() else {
             return;
         };
-        let (task, algo_id) = (&self.record, &self.algo_id);
-        if events.len() > MAX_EVENTS_PER_FRAME {
-            tracing::warn!(task = %self.task, raised = events.len(), kept = MAX_EVENTS_PER_FRAME, "too many events on one frame: the rest are dropped");
-        }
-        let mut by_destination: Vec<(Destination, Vec<String>)> = Vec::new();
-        let (named, misnamed): (Vec<&Event>, Vec<&Event>) = events
-            .iter()
-            .take(MAX_EVENTS_PER_FRAME)
-            .partition(|e| e.event_type.len() <= MAX_NAME_BYTES && e.label.len() <= MAX_NAME_BYTES);
-        if !misnamed.is_empty() {
-            tracing::warn!(task = %self.task, dropped = misnamed.len(), "events with an event type or label over {MAX_NAME_BYTES} bytes dropped");
-        }
-        for event in named {
-            let (rule, document) = event_document(task, algo_id, frame, event);
-            for destination in destinations(&task.task_info.rules_params[rule].destinations) {
-                match by_destination.iter_mut().find(|(d, _)| *d == destination) {
-                    Some((_, docs)) => docs.push(document.clone()),
-                    None => by_destination.push((destination, vec![document.clone()])),
-                }
-            }
-        }
-        for (destination, documents) in by_destination {
+        for (destination, documents) in
+            events::documents(&self.record, &self.algo_id, frame, &events)
+        {
             tasks.outbox.enqueue(&self.task, &destination, &documents);
         }
     }
-}
-
-/// Where a rule's events are delivered (checked by `validate`).
-fn destinations(d: &spec::Destinations) -> Vec<Destination> {
-    let http = d
-        .http_dest
-        .iter()
-        .map(|h| Destination::Http { url: h.url.clone() });
-    let kafka = d
-        .event_dest
-        .iter()
-        .filter_map(|e| e.mq_dest.as_ref())
-        .map(|mq| Destination::Kafka {
-            brokers: spec::MqDest::brokers(&mq.url),
-            topic: mq.topic.clone(),
-        });
-    http.chain(kafka).collect()
-}
-
-/// The rule an event belongs to: the one holding its area, else the one whose
-/// eventType it carries, else the first.
-fn rule_of(task: &TaskRecord, event: &Event) -> usize {
-    let rules = &task.task_info.rules_params;
-    event
-        .area_id
-        .and_then(|id| {
-            rules
-                .iter()
-                .position(|r| r.areas.iter().any(|a| a.areaid == id))
-        })
-        .or_else(|| {
-            rules
-                .iter()
-                .position(|r| r.event_type == event.event_type || r.event_type == event.label)
-        })
-        .unwrap_or(0)
-}
-
-/// An event as it is delivered (docs/events.md): the rule it belongs to, and its
-/// JSON document with a fresh `eventId`.
-fn event_document(
-    task: &TaskRecord,
-    algo_id: &str,
-    frame: &Frame,
-    event: &Event,
-) -> (usize, String) {
-    let rule = rule_of(task, event);
-    let area_type = event.area_id.and_then(|id| {
-        task.task_info.rules_params[rule]
-            .areas
-            .iter()
-            .find(|a| a.areaid == id)
-            .map(|a| a.area_type)
-    });
-    let attributes: Option<serde_json::Value> = (event.attributes.len() <= MAX_ATTRIBUTES_BYTES)
-        .then(|| serde_json::from_str(&event.attributes).ok())
-        .flatten()
-        .filter(|a: &serde_json::Value| a.as_object().is_some_and(|o| !o.is_empty()));
-    let track_id = attributes.as_ref().and_then(|a| a.get("trackId")).cloned();
-    let direction = attributes
-        .as_ref()
-        .and_then(|a| a.get("direction"))
-        .cloned();
-    let objects: Vec<serde_json::Value> = event
-        .bbox
-        .map(|b| {
-            serde_json::json!({
-                "trackId": track_id,
-                "label": event.label,
-                "confidence": event.confidence,
-                "bbox": { "x": b.x, "y": b.y, "width": b.width, "height": b.height },
-            })
-        })
-        .into_iter()
-        .collect();
-    let mut document = serde_json::json!({
-        "eventId": uuid::Uuid::new_v4().to_string(),
-        "taskId": task.id,
-        "algoServiceId": task.algo_service_id,
-        "algoId": algo_id,
-        "eventType": event.event_type,
-        "label": event.label,
-        "areaId": event.area_id,
-        "areaType": area_type,
-        "timestamp": frame.timestamp_ms(),
-        "objects": objects,
-    });
-    if let Some(direction) = direction {
-        document["direction"] = direction;
-    }
-    if let Some(attributes) = attributes {
-        document["attributes"] = attributes;
-    }
-    (rule, document.to_string())
 }
 
 pub struct Tasks {
@@ -522,6 +401,8 @@ pub struct Progress {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_analysis_error: Option<String>,
     pub events_queued: u64,
+    /// The bytes of the events queued.
+    pub events_queued_bytes: u64,
     pub events_delivered: u64,
     /// Dropped past the queue bound, oldest first.
     pub events_dropped: u64,
@@ -675,6 +556,9 @@ impl Tasks {
                 .as_ref()
                 .and_then(|s| crate::sync::lock(&s.last_analysis_error).clone()),
             events_queued: self.outbox.queued(id),
+            events_queued_bytes: delivery
+                .as_ref()
+                .map_or(0, |d| d.queued_bytes.load(Ordering::Relaxed)),
             events_delivered: delivery
                 .as_ref()
                 .map_or(0, |d| d.delivered.load(Ordering::Relaxed)),
@@ -1008,78 +892,5 @@ mod decoder_tests {
             elsewhere.is_some(),
             std::path::Path::new(RENDER_NODE).exists()
         );
-    }
-}
-
-#[cfg(test)]
-mod event_tests {
-    use super::*;
-    use crate::runtime::bindings::wit_frames::PixelFormat;
-
-    fn task() -> TaskRecord {
-        let area = |id: i32| {
-            serde_json::json!({ "areaid": id, "areaType": "POLYGON",
-                "points": [{"x": 0.0, "y": 0.0}, {"x": 1.0, "y": 0.0}, {"x": 0.0, "y": 1.0}] })
-        };
-        let rule = |id: i32, event: &str| {
-            serde_json::json!({ "areas": [area(id)], "eventType": event, "masks": [],
-                "destinations": { "HTTPDest": { "url": "http://127.0.0.1:9/e" } } })
-        };
-        TaskRecord {
-            id: "t".into(),
-            algo_service_id: "s".into(),
-            restart_policy: RestartPolicy::Never,
-            task_info: serde_json::from_value(serde_json::json!({
-                "labels": { "algoCabinName": "c", "version": "1" },
-                "rulesParams": [rule(1, "A"), rule(2, "B")],
-                "streamOptions": { "videoStreamOptions": {
-                    "resolution": "PIXELS_200W", "url": "file:///v.mp4" } }
-            }))
-            .unwrap(),
-            status: TaskStatus::Running,
-            status_desc: String::new(),
-            created_ms: 0,
-        }
-    }
-
-    fn event(area: Option<i32>, event_type: &str, attributes: String) -> Event {
-        Event {
-            event_type: event_type.into(),
-            area_id: area,
-            bbox: None,
-            label: String::new(),
-            confidence: 1.0,
-            attributes,
-        }
-    }
-
-    #[test]
-    fn events_go_to_their_rule_and_oversized_attributes_stay_out() {
-        let task = task();
-        let frame = Frame::new(4, 4, 1200, PixelFormat::Gray8, vec![0u8; 16].into()).unwrap();
-        let (rule, doc) = event_document(&task, "algo", &frame, &event(Some(2), "X", "{}".into()));
-        assert_eq!(rule, 1);
-        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
-        assert_eq!(doc["areaType"], "POLYGON");
-        assert_eq!(doc["timestamp"], 1200);
-        assert!(doc.get("attributes").is_none());
-        let (rule, _) = event_document(&task, "algo", &frame, &event(None, "A", "{}".into()));
-        assert_eq!(rule, 0);
-        let big = format!("{{\"x\": \"{}\"}}", "y".repeat(MAX_ATTRIBUTES_BYTES));
-        let (_, doc) = event_document(&task, "algo", &frame, &event(Some(1), "A", big));
-        assert!(!doc.contains("yyyy"), "oversized attributes are left out");
-        let (_, doc) = event_document(
-            &task,
-            "algo",
-            &frame,
-            &event(
-                Some(1),
-                "A",
-                r#"{"trackId": 4, "direction": "LEFT_TO_RIGHT"}"#.into(),
-            ),
-        );
-        let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
-        assert_eq!(doc["direction"], "LEFT_TO_RIGHT");
-        assert_eq!(doc["attributes"]["trackId"], 4);
     }
 }

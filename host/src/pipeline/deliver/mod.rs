@@ -26,6 +26,9 @@ use crate::store::Store;
 
 /// Events queued per task before the oldest are dropped.
 pub const MAX_QUEUED_PER_TASK: u64 = 10_000;
+/// Bytes of events queued per task before the oldest are dropped: events with
+/// images are large, and `[video] max-running-tasks` of these bound the disk.
+pub const MAX_QUEUED_BYTES_PER_TASK: u64 = 64 * 1024 * 1024;
 /// Events read from the queue at a time.
 const BATCH: usize = 64;
 /// Consecutive events for one Kafka topic go in one request up to this many bytes
@@ -62,6 +65,8 @@ pub struct Delivery {
     pub dropped: AtomicU64,
     /// Refused for good by the destination (too large), and so dropped.
     pub refused: AtomicU64,
+    /// Bytes of the events queued (their documents).
+    pub queued_bytes: AtomicU64,
     /// Why the last attempt failed, while deliveries fail.
     pub last_error: Mutex<Option<String>>,
 }
@@ -102,6 +107,19 @@ impl Outbox {
         }
         let wake = Arc::new(tokio::sync::Notify::new());
         let delivery = Arc::new(Delivery::default());
+        let queued_bytes = self.store.with(|conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(octet_length(body)), 0) FROM event_queue WHERE task_id = ?1",
+                [task],
+                |row| row.get::<_, i64>(0),
+            )
+        });
+        match queued_bytes {
+            Ok(bytes) => delivery
+                .queued_bytes
+                .store(bytes.max(0) as u64, Ordering::Relaxed),
+            Err(e) => tracing::error!(%task, "cannot size the event queue: {e:#}"),
+        }
         let handle = self.runtime.spawn(deliver(
             self.clone(),
             task.to_string(),
@@ -140,7 +158,7 @@ impl Outbox {
     }
 
     /// Queues `events` (JSON documents) for `destination`, durably; drops the
-    /// oldest of the task past the bound. Blocking (one SQLite transaction).
+    /// oldest of the task past the bounds. Blocking (one SQLite transaction).
     pub fn enqueue(&self, task: &str, destination: &Destination, events: &[String]) {
         let destination = match serde_json::to_string(destination) {
             Ok(d) => d,
@@ -149,6 +167,16 @@ impl Outbox {
                 return;
             }
         };
+        // Not held across the transaction: reads of other tasks' counters go on.
+        let (delivery, wake) = crate::sync::lock(&self.loops)
+            .get(task)
+            .map(|l| (l.delivery.clone(), l.wake.clone()))
+            .unzip();
+        let added: u64 = events.iter().map(|e| e.len() as u64).sum();
+        let bytes = delivery
+            .as_ref()
+            .map_or(0, |d| d.queued_bytes.load(Ordering::Relaxed))
+            + added;
         let dropped = self.store.with(|conn| {
             let tx = conn.transaction()?;
             {
@@ -164,31 +192,51 @@ impl Outbox {
                 [task],
                 |row| row.get(0),
             )?;
-            let over = (queued - MAX_QUEUED_PER_TASK as i64).max(0);
-            if over > 0 {
-                tx.execute(
-                    "DELETE FROM event_queue WHERE seq IN \
-                     (SELECT seq FROM event_queue WHERE task_id = ?1 ORDER BY seq LIMIT ?2)",
-                    (task, over),
-                )?;
+            let mut over_count = (queued - MAX_QUEUED_PER_TASK as i64).max(0) as u64;
+            let mut over_bytes = bytes.saturating_sub(MAX_QUEUED_BYTES_PER_TASK);
+            let (mut count, mut freed) = (0u64, 0u64);
+            if over_count > 0 || over_bytes > 0 {
+                let oldest: Vec<(i64, i64)> = tx
+                    .prepare(
+                        "SELECT seq, octet_length(body) FROM event_queue WHERE task_id = ?1 \
+                         ORDER BY seq",
+                    )?
+                    .query_map([task], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut delete = tx.prepare_cached("DELETE FROM event_queue WHERE seq = ?1")?;
+                for (seq, size) in oldest {
+                    if over_count == 0 && over_bytes == 0 {
+                        break;
+                    }
+                    delete.execute([seq])?;
+                    let size = size.max(0) as u64;
+                    over_count = over_count.saturating_sub(1);
+                    over_bytes = over_bytes.saturating_sub(size);
+                    count += 1;
+                    freed += size;
+                }
             }
             tx.commit()?;
-            Ok(over as u64)
+            Ok((count, freed))
         });
-        let loops = crate::sync::lock(&self.loops);
-        let delivery = loops.get(task);
         match dropped {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::warn!(%task, dropped = n, bound = MAX_QUEUED_PER_TASK, "event queue full: the oldest events were dropped");
-                if let Some(l) = delivery {
-                    l.delivery.dropped.fetch_add(n, Ordering::Relaxed);
+            Ok((count, freed)) => {
+                if let Some(d) = &delivery {
+                    let _ =
+                        d.queued_bytes
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                                Some((b + added).saturating_sub(freed))
+                            });
+                    d.dropped.fetch_add(count, Ordering::Relaxed);
+                }
+                if count > 0 {
+                    tracing::warn!(%task, dropped = count, bound = MAX_QUEUED_PER_TASK, bound_bytes = MAX_QUEUED_BYTES_PER_TASK, "event queue full: the oldest events were dropped");
                 }
             }
             Err(e) => tracing::error!(%task, "cannot queue events (they are lost): {e:#}"),
         }
-        if let Some(l) = delivery {
-            l.wake.notify_one();
+        if let Some(wake) = wake {
+            wake.notify_one();
         }
     }
 
@@ -230,16 +278,22 @@ impl Outbox {
         })
     }
 
-    fn delivered(&self, seqs: &[i64]) -> anyhow::Result<()> {
+    /// Deletes `events` from the queue; returns the bytes that left it (an event
+    /// the bound dropped meanwhile is not counted twice).
+    fn delivered(&self, events: &[(i64, usize)]) -> anyhow::Result<u64> {
         self.store.with(|conn| {
             let tx = conn.transaction()?;
+            let mut freed = 0;
             {
                 let mut delete = tx.prepare_cached("DELETE FROM event_queue WHERE seq = ?1")?;
-                for seq in seqs {
-                    delete.execute([seq])?;
+                for (seq, size) in events {
+                    if delete.execute([seq])? > 0 {
+                        freed += *size as u64;
+                    }
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(freed)
         })
     }
 
@@ -321,7 +375,13 @@ async fn deliver(
                 Err(e) => {
                     tracing::error!(%task, seq = first.seq, "queued event with an unreadable destination dropped: {e}");
                     delivery.refused.fetch_add(1, Ordering::Relaxed);
-                    forget(&outbox, &task, vec![first.seq]).await;
+                    forget(
+                        &outbox,
+                        &task,
+                        &delivery,
+                        vec![(first.seq, first.body.len())],
+                    )
+                    .await;
                     next += 1;
                     continue;
                 }
@@ -359,18 +419,29 @@ async fn deliver(
                     *crate::sync::lock(&delivery.last_error) = Some(why);
                 }
             }
-            forget(&outbox, &task, run.iter().map(|q| q.seq).collect()).await;
+            let sent = run.iter().map(|q| (q.seq, q.body.len())).collect();
+            forget(&outbox, &task, &delivery, sent).await;
             next += run.len();
         }
     }
 }
 
-/// Deletes events that left (or were refused) from the queue.
-async fn forget(outbox: &Arc<Outbox>, task: &str, seqs: Vec<i64>) {
+/// Deletes events that left (or were refused) from the queue: (seq, bytes).
+async fn forget(outbox: &Arc<Outbox>, task: &str, delivery: &Delivery, events: Vec<(i64, usize)>) {
     let outbox = outbox.clone();
-    let deleted = tokio::task::spawn_blocking(move || outbox.delivered(&seqs)).await;
-    if let Ok(Err(e)) = deleted {
-        tracing::error!(%task, "delivered events stay queued (they will be sent again): {e:#}");
+    let deleted = tokio::task::spawn_blocking(move || outbox.delivered(&events)).await;
+    match deleted {
+        Ok(Ok(freed)) => {
+            let _ = delivery
+                .queued_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some(b.saturating_sub(freed))
+                });
+        }
+        Ok(Err(e)) => {
+            tracing::error!(%task, "delivered events stay queued (they will be sent again): {e:#}")
+        }
+        Err(_) => {}
     }
 }
 
@@ -409,5 +480,40 @@ mod tests {
         assert_eq!(oldest[0].body, "5", "the five oldest went");
         outbox.forget("t");
         assert_eq!(outbox.queued("t"), 0);
+    }
+
+    /// Events with images are large: past the byte bound the oldest go too, and
+    /// the queue's size is known again after a restart.
+    #[test]
+    fn the_queue_keeps_the_newest_up_to_its_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
+        let delivery = runtime.block_on(async { outbox.open("t") });
+        let nowhere = Destination::Http {
+            url: "http://127.0.0.1:9/events".into(),
+        };
+        let mib = 1024 * 1024;
+        let limit = (MAX_QUEUED_BYTES_PER_TASK / mib) as usize;
+        for i in 0..limit + 6 {
+            let event = format!("{i:08}{}", " ".repeat(mib as usize - 8));
+            outbox.enqueue("t", &nowhere, &[event]);
+        }
+        assert_eq!(outbox.queued("t"), limit as u64);
+        assert_eq!(delivery.dropped.load(Ordering::Relaxed), 6);
+        assert_eq!(
+            delivery.queued_bytes.load(Ordering::Relaxed),
+            MAX_QUEUED_BYTES_PER_TASK
+        );
+        assert_eq!(&outbox.oldest("t").unwrap()[0].body[..8], "00000006");
+        outbox.close_all();
+        let again = runtime.block_on(async { Outbox::new(store).unwrap() });
+        let delivery = runtime.block_on(async { again.open("t") });
+        assert_eq!(
+            delivery.queued_bytes.load(Ordering::Relaxed),
+            MAX_QUEUED_BYTES_PER_TASK
+        );
+        again.forget("t");
     }
 }
