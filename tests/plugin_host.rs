@@ -928,3 +928,83 @@ fn the_sandbox_has_no_network_no_environment_no_arguments() {
     listener.set_nonblocking(true).unwrap();
     assert!(listener.accept().is_err(), "a connection reached the host");
 }
+
+/// Runs of one batchable model from several streams at once (batched when they
+/// queue behind each other: how often depends on timing, which the unit tests of
+/// `batching` pin down) each get the outputs of their own frame: the same as
+/// unbatched.
+#[test]
+fn runs_from_several_streams_are_batched_and_each_gets_its_own_outputs() {
+    use xpud::runtime::batching::Batching;
+    use xpud::runtime::bindings::wit_frames::PixelFormat;
+    use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
+    use xpud::runtime::frames::Frame;
+
+    assert!(
+        onnxruntime().is_some(),
+        "XPUD_ONNXRUNTIME is not set: scripts/test sets it"
+    );
+    let inference = runtime().inference().clone();
+    // Three convolutions: a run long enough that the others queue behind it.
+    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
+        .expect("scripts/test builds the models");
+    let load = |max| {
+        inference
+            .load_native("conv_grid.onnx", bytes.clone(), Batching { max })
+            .unwrap()
+    };
+    let (alone, batched) = (load(1), load(8));
+    let pre = Preprocess {
+        crop: None,
+        width: 512,
+        height: 288,
+        layout: Layout::Nchw,
+        channel_order: ChannelOrder::Rgb,
+        mean: (0.0, 0.0, 0.0),
+        std: (1.0, 1.0, 1.0),
+    };
+    let frame = |stream: usize| {
+        let pixels: Vec<u8> = (0..512 * 288 * 3)
+            .map(|i| ((i / 3 * (stream + 1)) % 251) as u8)
+            .collect();
+        Frame::new(512, 288, 0, PixelFormat::Rgb8, pixels.into()).unwrap()
+    };
+    let soon = || Instant::now() + Duration::from_secs(30);
+    let expected: Vec<Vec<f32>> = (0..4)
+        .map(|stream| {
+            alone.run(&frame(stream), &pre, soon()).unwrap()[0]
+                .data
+                .clone()
+        })
+        .collect();
+    // The streams ask at the same instants: while one run holds the session, the
+    // others queue behind it.
+    let together = Arc::new(std::sync::Barrier::new(4));
+    let streams: Vec<_> = expected
+        .into_iter()
+        .enumerate()
+        .map(|(stream, expected)| {
+            let (model, pre, together) = (batched.clone(), pre, together.clone());
+            let frame = frame(stream);
+            std::thread::spawn(move || {
+                for _ in 0..8 {
+                    together.wait();
+                    let outputs = model.run(&frame, &pre, soon()).unwrap();
+                    assert_eq!(outputs[0].shape, [1, 1, 36, 64]);
+                    let same = outputs[0]
+                        .data
+                        .iter()
+                        .zip(&expected)
+                        .all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0));
+                    assert!(same, "stream {stream} did not get its own outputs");
+                }
+            })
+        })
+        .collect();
+    for stream in streams {
+        stream.join().unwrap();
+    }
+    let (runs, requests) = batched.runs();
+    assert_eq!(requests, 32);
+    assert!(runs <= 32);
+}

@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         inference: InferenceOptions {
             library: None,
             providers: vec![],
+            batching: Default::default(),
         },
         limits: Default::default(),
     })?;

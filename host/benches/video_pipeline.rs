@@ -334,7 +334,11 @@ fn main() {
     let inference = registry.runtime().inference().clone();
     let detector = Arc::new(
         inference
-            .load_native("detector.onnx", std::fs::read(&model).unwrap())
+            .load_native(
+                "detector.onnx",
+                std::fs::read(&model).unwrap(),
+                Default::default(),
+            )
             .expect("ONNX Runtime (XPUD_ONNXRUNTIME)"),
     );
     let worker = || {

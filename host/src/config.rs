@@ -37,6 +37,8 @@
 //! [inference]
 //! onnxruntime = "/opt/onnxruntime/libonnxruntime.so.1.31.1"   # or XPUD_ONNXRUNTIME
 //! providers = ["cuda", "cpu"]      # tried in order; each failure is logged
+//! max-batch = 8                    # runs of one model queued at once from several
+//!                                  # instances go as one batch (1: never)
 //!
 //! [video]
 //! ffmpeg = "ffmpeg"                # the decoder binary (a bare name: looked up on PATH)
@@ -82,6 +84,7 @@ use serde::Deserialize;
 use crate::auth::AuthConfig;
 use crate::platform::PlatformConfig;
 use crate::plugins::supervisor::RestartPolicy;
+use crate::runtime::batching::Batching;
 use crate::runtime::inference::Provider;
 use crate::runtime::PluginLimits;
 use crate::tls::TlsConfig;
@@ -116,13 +119,25 @@ pub struct InferenceConfig {
     pub onnxruntime: Option<PathBuf>,
     /// Execution providers to try, in order.
     pub providers: Vec<Provider>,
+    /// Most runs of one model (from different instances) batched together; 1: none.
+    pub max_batch: usize,
 }
 
 impl Default for InferenceConfig {
     fn default() -> Self {
+        let batching = Batching::default();
         InferenceConfig {
             onnxruntime: None,
             providers: vec![Provider::Cuda, Provider::Cpu],
+            max_batch: batching.max,
+        }
+    }
+}
+
+impl InferenceConfig {
+    pub fn batching(&self) -> Batching {
+        Batching {
+            max: self.max_batch,
         }
     }
 }
@@ -228,6 +243,9 @@ impl ServeConfig {
         }
         if self.inference.providers.is_empty() {
             anyhow::bail!("inference.providers must name at least one provider");
+        }
+        if !(1..=64).contains(&self.inference.max_batch) {
+            anyhow::bail!("inference.max-batch must be within 1-64 (1: no batching)");
         }
         if self.runtime.max_memory_mib == 0 {
             anyhow::bail!("runtime.max-memory-mib must be positive");

@@ -413,6 +413,7 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
         inference: InferenceOptions {
             library: None,
             providers: vec![],
+            batching: Default::default(),
         },
         limits: PluginLimits::default(),
     })?;

@@ -51,6 +51,7 @@ impl Server {
             inference: InferenceOptions {
                 library: config.inference.onnxruntime.clone(),
                 providers: config.inference.providers.clone(),
+                batching: config.inference.batching(),
             },
             limits: config.plugin_limits.clone(),
         })?;

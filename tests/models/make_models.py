@@ -8,10 +8,13 @@ python3 tests/models/make_models.py OUT_DIR
   2^62 iterations: a model that never returns, which the host must stop at the
   call's deadline.
 - bright_grid.onnx: the area-intrusion plugin's "grid" detector head. Input
-  "image" [1, 3, 144, 256] float (pixels / 255) -> output "heatmap" [1, 1, 36, 64],
+  "image" [N, 3, 144, 256] float (pixels / 255) -> output "heatmap" [N, 1, 36, 64]
+  (N: a dynamic batch),
   the brightness of each 4x4 cell (mean over channels, then AveragePool): it finds
   bright objects on a dark background, with a confidence of 1.0 for cells a white
   object covers.
+- conv_grid.onnx: input [N, 3, 288, 512] -> "heatmap" [N, 1, 36, 64] through three
+  strided convolutions with fixed weights: the batching benchmark's model.
 - yolo_known.onnx: a YOLOv8-shaped detect head with known outputs. Input "images"
   [1, 3, 64, 64] -> output "output0" [1, 6, 4] (cx, cy, w, h in input pixels, then
   two class scores, for 4 candidates), the same whatever the input: two overlapping
@@ -74,14 +77,47 @@ def endless(path):
 
 
 def bright_grid(path):
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 144, 256])
-    heatmap = helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, [1, 1, 36, 64])
+    # A dynamic batch, as detectors exported for serving have: runs from several
+    # streams can go as one.
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 144, 256])
+    heatmap = helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["batch", 1, 36, 64])
     axes = helper.make_tensor("channel_axis", TensorProto.INT64, [1], [1])
     nodes = [
         helper.make_node("ReduceMean", ["image", "channel_axis"], ["gray"], keepdims=1),
         helper.make_node("AveragePool", ["gray"], ["heatmap"], kernel_shape=[4, 4], strides=[4, 4]),
     ]
     graph = helper.make_graph(nodes, "bright_grid", [image], [heatmap], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def conv_grid(path):
+    """bright_grid's input and output with the compute of a small convolutional
+    detector (three strided 3x3 convolutions, fixed pseudo-random weights): what the
+    batching benchmark runs, where the work per run is not negligible."""
+    import random
+
+    rng = random.Random(7)
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 288, 512])
+    heatmap = helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["batch", 1, 36, 64])
+    channels = [3, 16, 32, 1]
+    weights, nodes, last = [], [], "image"
+    for i in range(3):
+        cin, cout = channels[i], channels[i + 1]
+        w = helper.make_tensor(
+            f"w{i}", TensorProto.FLOAT, [cout, cin, 3, 3],
+            [rng.uniform(-0.2, 0.2) for _ in range(cout * cin * 9)],
+        )
+        weights.append(w)
+        out = "heatmap" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [last, f"w{i}"], [f"{out}_pre" if i < 2 else out],
+                                      kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [f"{out}_pre"], [out]))
+        last = out
+    graph = helper.make_graph(nodes, "conv_grid", [image], [heatmap], initializer=weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -126,4 +162,5 @@ if __name__ == "__main__":
     channel_mean(os.path.join(out, "channel_mean.onnx"))
     endless(os.path.join(out, "endless.onnx"))
     bright_grid(os.path.join(out, "bright_grid.onnx"))
+    conv_grid(os.path.join(out, "conv_grid.onnx"))
     yolo_known(os.path.join(out, "yolo_known.onnx"))

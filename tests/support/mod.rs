@@ -121,6 +121,7 @@ pub fn runtime_with(limits: PluginLimits) -> Arc<Runtime> {
         inference: InferenceOptions {
             library: onnxruntime(),
             providers: vec![Provider::Cuda, Provider::Cpu],
+            batching: Default::default(),
         },
         limits,
     })

@@ -14,6 +14,7 @@
 //! own memory cap.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,10 +22,11 @@ use ort::session::{RunOptions, Session};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Resource;
 
+use super::batching::{split, stack, Batching};
 use super::bindings::wit_inference::{Host, HostModel, InferenceError, Layout, Preprocess, Tensor};
 use super::frames::Frame;
 use super::models::{Build, ModelCache, SharedModel, Watchdog};
-use super::preprocess::input_tensor;
+use super::preprocess::{input_tensor, InputTensor};
 use super::PluginState;
 use crate::files::{read_open_file, FileError};
 
@@ -54,12 +56,15 @@ pub struct InferenceOptions {
     pub library: Option<PathBuf>,
     /// Execution providers to try, in order.
     pub providers: Vec<Provider>,
+    /// How runs of one model from several instances are batched.
+    pub batching: Batching,
 }
 
 /// The process's inference backend.
 pub struct Inference {
     backend: Result<ort::environment::Environment, String>,
     providers: Vec<Provider>,
+    batching: Batching,
     models: Arc<ModelCache>,
 }
 
@@ -108,6 +113,7 @@ impl Inference {
                 Arc::new(Inference {
                     backend,
                     providers: options.providers.clone(),
+                    batching: options.batching,
                     models: Arc::default(),
                 })
             })
@@ -137,34 +143,48 @@ impl Inference {
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?
             .clone();
         let key = hex::encode(Sha256::digest(&bytes));
-        let providers = self.providers.clone();
-        let build = move || -> Build {
-            Box::new(move || {
-                let (session, provider) = session(&env, &providers, &bytes)?;
-                let input = session
-                    .inputs()
-                    .first()
-                    .ok_or_else(|| InferenceError::InvalidModel("the model has no input".into()))?;
-                let input_shape = match input.dtype() {
-                    ort::value::ValueType::Tensor { shape, .. } => shape.to_vec(),
-                    other => {
-                        return Err(InferenceError::InvalidModel(format!(
-                            "input {}: {other:?}, not a tensor",
-                            input.name()
-                        )))
-                    }
-                };
-                Ok(SharedModel {
-                    provider,
-                    input: input.name().to_string(),
-                    input_shape,
-                    session: std::sync::Mutex::new(session),
-                })
-            })
-        };
+        let (providers, batching) = (self.providers.clone(), self.batching);
+        let build =
+            move || -> Build { Box::new(move || build_model(&env, &providers, &bytes, batching)) };
         self.models
             .get_or_build(&key, build, wait_until, build_timeout)
     }
+}
+
+/// A session for `bytes`, with what runs need to know of its input and outputs.
+fn build_model(
+    env: &ort::environment::Environment,
+    providers: &[Provider],
+    bytes: &[u8],
+    batching: Batching,
+) -> Result<SharedModel, InferenceError> {
+    let (session, provider) = session(env, providers, bytes)?;
+    let shape_of = |outlet: &ort::value::Outlet| match outlet.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } => Ok(shape.to_vec()),
+        other => Err(InferenceError::InvalidModel(format!(
+            "{}: {other:?}, not a tensor",
+            outlet.name()
+        ))),
+    };
+    let input = session
+        .inputs()
+        .first()
+        .ok_or_else(|| InferenceError::InvalidModel("the model has no input".into()))?;
+    let input_shape = shape_of(input)?;
+    let dynamic_first = |shape: &[i64]| shape.first().is_some_and(|d| *d < 0);
+    let mut batchable = dynamic_first(&input_shape);
+    for output in session.outputs() {
+        batchable &= shape_of(output).is_ok_and(|shape| dynamic_first(&shape));
+    }
+    let input = input.name().to_string();
+    Ok(SharedModel::new(
+        provider,
+        input,
+        input_shape,
+        session,
+        batchable,
+        batching,
+    ))
 }
 
 /// One pool of intra-op threads for every session, as many as the machine has
@@ -222,6 +242,12 @@ pub struct Model {
     shared: Arc<SharedModel>,
 }
 
+impl Model {
+    fn new(path: String, shared: Arc<SharedModel>) -> Model {
+        Model { path, shared }
+    }
+}
+
 impl Host for PluginState {}
 
 impl PluginState {
@@ -267,7 +293,7 @@ impl HostModel for PluginState {
         tracing::info!(plugin = &*self.plugin, model = %path, provider = shared.provider.name(), "model loaded");
         crate::sync::lock(&self.providers).insert(shared.provider.name());
         self.models_loaded += 1;
-        Ok(Ok(self.table().push(Model { path, shared })?))
+        Ok(Ok(self.table().push(Model::new(path, shared))?))
     }
 
     fn provider(&mut self, model: Resource<Model>) -> wasmtime::Result<String> {
@@ -300,21 +326,42 @@ impl HostModel for PluginState {
 pub struct NativeModel(Model);
 
 impl Inference {
-    /// Loads `bytes` (named `name` in errors) as a plugin's `model.load` would.
-    pub fn load_native(&self, name: &str, bytes: Vec<u8>) -> Result<NativeModel, InferenceError> {
-        let shared = self.model(
-            bytes,
-            Instant::now() + Duration::from_secs(60),
-            Duration::from_secs(60),
-        )?;
-        Ok(NativeModel(Model {
-            path: name.to_string(),
-            shared,
-        }))
+    /// Loads `bytes` (named `name` in errors) for the host's own use: a session of
+    /// its own (not the plugins' shared one), batched as `batching` says.
+    pub fn load_native(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        batching: Batching,
+    ) -> Result<NativeModel, InferenceError> {
+        let env = self
+            .backend
+            .as_ref()
+            .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
+        let shared = build_model(env, &self.providers, &bytes, batching)?;
+        Ok(NativeModel(Model::new(name.to_string(), Arc::new(shared))))
+    }
+}
+
+/// A handle on a native model, for another thread (another stream): runs through
+/// any handle may be batched together.
+impl Clone for NativeModel {
+    fn clone(&self) -> NativeModel {
+        NativeModel(Model::new(self.0.path.clone(), self.0.shared.clone()))
     }
 }
 
 impl NativeModel {
+    /// Session runs so far, and the requests they served (more requests than runs:
+    /// batches).
+    pub fn runs(&self) -> (u64, u64) {
+        let shared = &self.0.shared;
+        (
+            shared.runs.load(Ordering::Relaxed),
+            shared.requests.load(Ordering::Relaxed),
+        )
+    }
+
     /// Which execution provider runs it.
     pub fn provider(&self) -> &'static str {
         self.0.shared.provider.name()
@@ -375,8 +422,9 @@ fn check_input_size(
     Ok(())
 }
 
-/// Runs a model on a frame, stopped at `deadline`. `budget` bounds the bytes handed
-/// back to the guest, which must fit them in its own memory.
+/// Runs a model on a frame, stopped at `deadline`: in a batch with other
+/// instances' runs where the model batches. `budget` bounds the bytes handed back
+/// to the guest, which must fit them in its own memory.
 fn run(
     model: &Model,
     frame: &Frame,
@@ -387,57 +435,113 @@ fn run(
     let shared = &model.shared;
     check_input_size(&shared.input_shape, pre, frame)?;
     let input = input_tensor(frame, pre).map_err(InferenceError::InvalidInput)?;
-    let runtime = |e: ort::Error| InferenceError::Runtime(format!("{}: {e}", model.path));
-    let tensor = ort::value::TensorRef::from_array_view((input.shape, input.data.as_slice()))
-        .map_err(runtime)?;
-    let options = Arc::new(RunOptions::new().map_err(runtime)?);
     if Instant::now() >= deadline {
         return Err(InferenceError::Runtime(format!(
             "{}: the call's deadline passed before the run could start",
             model.path
         )));
     }
-    // Another instance's run of the same session ends at its own deadline at most.
-    let mut session = crate::sync::lock(&shared.session);
-    // Stopped a tenth before the call's deadline, so that the plugin gets the error
-    // back with time to spare, instead of trapping at its epoch deadline.
-    let now = Instant::now();
-    let stop_at = now + deadline.saturating_duration_since(now).mul_f32(0.9);
-    let _armed = Watchdog::arm(stop_at, options.clone());
-    let outputs = session
-        .run_with_options(ort::inputs![shared.input.as_str() => tensor], &*options)
-        .map_err(|e| {
-            if Instant::now() >= stop_at {
-                InferenceError::Runtime(format!(
-                    "{}: stopped at the call's deadline ({e})",
-                    model.path
-                ))
-            } else {
-                runtime(e)
-            }
-        })?;
-    let mut tensors = Vec::new();
-    let mut bytes = 0usize;
-    for (name, value) in outputs.iter() {
-        let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
-            InferenceError::InvalidModel(format!(
-                "output {name}: {e} (only f32 outputs are supported)"
-            ))
-        })?;
-        bytes += data.len() * 4;
-        if bytes > budget / 2 {
-            return Err(InferenceError::Runtime(format!(
-                "outputs exceed {} bytes, half the plugin's memory limit",
-                budget / 2
-            )));
+    let outputs = match &shared.combiner {
+        Some(combiner) => combiner.run(
+            &shared.session,
+            shared.batching.max,
+            &|session, inputs, deadline| shared.execute(session, inputs, deadline),
+            input,
+            deadline,
+        ),
+        None => {
+            let mut session = crate::sync::lock(&shared.session);
+            shared
+                .execute(&mut session, &[&input], deadline)
+                .map(|mut per_input| per_input.swap_remove(0))
         }
-        tensors.push(Tensor {
-            name: name.to_string(),
-            shape: shape.iter().map(|&d| d.max(0) as u32).collect(),
-            data: data.to_vec(),
-        });
     }
-    Ok(tensors)
+    .map_err(|e| prefixed(&model.path, e))?;
+    let bytes: usize = outputs.iter().map(|t| t.data.len() * 4).sum();
+    if bytes > budget / 2 {
+        return Err(InferenceError::Runtime(format!(
+            "{}: outputs exceed {} bytes, half the plugin's memory limit",
+            model.path,
+            budget / 2
+        )));
+    }
+    Ok(outputs)
+}
+
+/// Largest output a run may produce, all outputs together: bounds what one run
+/// makes the host allocate, whatever the model (the guest's own limit is checked
+/// on its share afterwards).
+const MAX_OUTPUT_BYTES: usize = 256 << 20;
+
+impl SharedModel {
+    /// Runs `session` (this model's, locked by the caller: another run of it ends
+    /// at its own deadline at most) once on `inputs` stacked along the first dimension,
+    /// stopped a tenth before `deadline` (so that callers get the error back with
+    /// time to spare instead of trapping at their epoch deadline); each input's
+    /// outputs.
+    pub(super) fn execute(
+        &self,
+        session: &mut Session,
+        inputs: &[&InputTensor],
+        deadline: Instant,
+    ) -> Result<Vec<Vec<Tensor>>, InferenceError> {
+        let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
+        let stacked;
+        let (shape, data) = match inputs {
+            [one] => (one.shape, one.data.as_slice()),
+            _ => {
+                stacked = stack(inputs);
+                (stacked.0, stacked.1.as_slice())
+            }
+        };
+        let tensor = ort::value::TensorRef::from_array_view((shape, data)).map_err(runtime)?;
+        let options = Arc::new(RunOptions::new().map_err(runtime)?);
+        let now = Instant::now();
+        let stop_at = now + deadline.saturating_duration_since(now).mul_f32(0.9);
+        let _armed = Watchdog::arm(stop_at, options.clone());
+        let outputs = session
+            .run_with_options(ort::inputs![self.input.as_str() => tensor], &*options)
+            .map_err(|e| {
+                if Instant::now() >= stop_at {
+                    InferenceError::Runtime(format!("stopped at the call's deadline ({e})"))
+                } else {
+                    runtime(e)
+                }
+            })?;
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let mut per_input: Vec<Vec<Tensor>> = inputs.iter().map(|_| Vec::new()).collect();
+        let mut bytes = 0usize;
+        for (name, value) in outputs.iter() {
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
+                InferenceError::InvalidModel(format!(
+                    "output {name}: {e} (only f32 outputs are supported)"
+                ))
+            })?;
+            bytes += data.len() * 4;
+            if bytes > MAX_OUTPUT_BYTES {
+                return Err(InferenceError::Runtime(format!(
+                    "outputs exceed {MAX_OUTPUT_BYTES} bytes"
+                )));
+            }
+            if let [only] = per_input.as_mut_slice() {
+                only.push(Tensor {
+                    name: name.to_string(),
+                    shape: shape.iter().map(|&d| d.max(0) as u32).collect(),
+                    data: data.to_vec(),
+                });
+            } else {
+                for (part, outputs) in split(name, shape, data, inputs.len())?
+                    .into_iter()
+                    .zip(per_input.iter_mut())
+                {
+                    outputs.push(part);
+                }
+            }
+        }
+        Ok(per_input)
+    }
 }
 
 #[cfg(test)]
@@ -449,6 +553,7 @@ mod tests {
         let inference = Inference {
             backend: Err("no ONNX Runtime library configured".into()),
             providers: vec![Provider::Cuda, Provider::Cpu],
+            batching: Batching::default(),
             models: Arc::default(),
         };
         assert!(!inference.available());

@@ -6,6 +6,7 @@
 //! `inference`), and `sandbox` builds the per-instance store that enforces grants
 //! and limits.
 
+pub mod batching;
 pub mod bindings;
 pub mod cache;
 pub mod clocks;

@@ -12,11 +12,13 @@
 //! deadline, so a model that would run for a minute gives its worker back.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ort::session::{RunOptions, Session};
 
+use super::batching::{Batching, Combiner};
 use super::bindings::wit_inference::InferenceError;
 use super::inference::Provider;
 use crate::sync::lock;
@@ -40,6 +42,35 @@ pub struct SharedModel {
     /// The input's declared shape (-1 where dynamic).
     pub input_shape: Vec<i64>,
     pub session: Mutex<Session>,
+    pub batching: Batching,
+    /// Runs waiting to be batched, when the model batches (its input and every
+    /// output have a dynamic first dimension, and batching is on).
+    pub combiner: Option<Combiner>,
+    /// Session runs, and the requests they served (more requests than runs: batches).
+    pub runs: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+impl SharedModel {
+    pub fn new(
+        provider: Provider,
+        input: String,
+        input_shape: Vec<i64>,
+        session: Session,
+        batchable: bool,
+        batching: Batching,
+    ) -> SharedModel {
+        SharedModel {
+            provider,
+            input,
+            input_shape,
+            session: Mutex::new(session),
+            batching,
+            combiner: (batchable && batching.max > 1).then(Combiner::default),
+            runs: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
 }
 
 enum Slot {
