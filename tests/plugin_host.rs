@@ -950,7 +950,12 @@ fn runs_from_several_streams_are_batched_and_each_gets_its_own_outputs() {
         .expect("scripts/test builds the models");
     let load = |max| {
         inference
-            .load_native("conv_grid.onnx", bytes.clone(), Batching { max })
+            .load_native(
+                "conv_grid.onnx",
+                bytes.clone(),
+                // Batched on the CPU too: this machine may have no accelerator.
+                Batching { max, on_cpu: true },
+            )
             .unwrap()
     };
     let (alone, batched) = (load(1), load(8));

@@ -115,8 +115,15 @@ fn main() {
                 .load_native(name, bytes.clone(), batching)
                 .expect("the model loads")
         };
-        let unbatched = load(Batching { max: 1 });
-        let batched = load(Batching::default());
+        let unbatched = load(Batching {
+            max: 1,
+            on_cpu: true,
+        });
+        // What an accelerator gets by default, forced on the CPU too here.
+        let batched = load(Batching {
+            on_cpu: true,
+            ..Batching::default()
+        });
         println!(
             "\n{name} ({}x{} input, provider {}):",
             input.0,

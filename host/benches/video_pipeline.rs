@@ -8,10 +8,12 @@
 //! - (d) the same algorithm compiled natively into the host (the plugin's own
 //!   analysis files, `#[path]`-included), with the same detector run.
 //!
-//! Each row is frames analysed per second of wall time (median of `RUNS`), the CPU
-//! it cost (this process and its ffmpeg children) per analysed frame, and from
-//! that the streams one core carries at 5 fps. Then the resident memory one more
-//! (c) stream costs, xpud and ffmpeg apart, from 4 at once.
+//! Each row is frames analysed per second of wall time (median of `RUNS`, the rows
+//! run in interleaved rounds), the CPU it cost (this process and its ffmpeg
+//! children) per analysed frame, and from that the streams one core carries at
+//! 5 fps. Then the memory one more (c) stream
+//! costs, from 4 at once: xpud's resident growth, and ffmpeg's proportional set
+//! size (its shared libraries counted once across the streams).
 //!
 //! `cargo bench --bench video_pipeline` (after scripts/test, which builds the plugins
 //! and the test models, and with ffmpeg installed). BENCHMARKS.md records a run.
@@ -51,7 +53,7 @@ use xpud::runtime::frames::Frame;
 use xpud::runtime::inference::NativeModel;
 use xpud::runtime::Launch;
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const SECONDS: u32 = 30;
 const FPS: f64 = 5.0;
 const INPUT: (u32, u32) = (256, 144);
@@ -235,7 +237,21 @@ fn rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident memory of this process, and of its ffmpeg children together (KiB).
+/// Proportional set size (KiB): resident memory with shared pages (ffmpeg's
+/// libraries, shared by every ffmpeg) divided among the processes sharing them.
+fn pss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of this process, and the proportional memory of its ffmpeg
+/// children together (KiB).
 fn memory() -> (u64, u64) {
     let me = std::process::id().to_string();
     let children: u64 = std::fs::read_dir("/proc/self/task")
@@ -243,7 +259,7 @@ fn memory() -> (u64, u64) {
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
         .flat_map(|c| c.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-        .map(|pid| rss_kib(&pid))
+        .map(|pid| pss_kib(&pid))
         .sum();
     (rss_kib(&me), children)
 }
@@ -282,21 +298,38 @@ fn pass(spec: Spec, analyse: Arc<dyn Analyse>) -> (u64, f64, f64) {
     (frames, wall.elapsed().as_secs_f64(), cpu_seconds() - cpu)
 }
 
-fn row(name: &str, spec: impl Fn() -> Spec, analyse: impl Fn() -> Arc<dyn Analyse>) -> f64 {
-    let mut runs: Vec<(f64, f64)> = (0..RUNS)
-        .map(|_| {
-            let (frames, wall, cpu) = pass(spec(), analyse());
-            (frames as f64 / wall, cpu / frames as f64)
+/// One row of the table: how it decodes, what analyses.
+struct Row<'a> {
+    name: &'static str,
+    spec: Box<dyn Fn() -> Spec + 'a>,
+    analyse: Box<dyn Fn() -> Arc<dyn Analyse> + 'a>,
+}
+
+/// Runs every row `RUNS` times, interleaved (a round is one pass of each row, so
+/// that drift of the machine touches every row alike), and prints each row's
+/// median; returns each row's frames/s.
+fn table(rows: &[Row]) -> Vec<f64> {
+    let mut passes: Vec<Vec<(f64, f64)>> = rows.iter().map(|_| Vec::new()).collect();
+    for _ in 0..RUNS {
+        for (row, passes) in rows.iter().zip(passes.iter_mut()) {
+            let (frames, wall, cpu) = pass((row.spec)(), (row.analyse)());
+            passes.push((frames as f64 / wall, cpu / frames as f64));
+        }
+    }
+    rows.iter()
+        .zip(passes)
+        .map(|(row, mut passes)| {
+            passes.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (fps, cpu_per_frame) = passes[RUNS / 2];
+            println!(
+                "{:<46} {fps:>8.1} {:>12.2} {:>12.1}",
+                row.name,
+                cpu_per_frame * 1000.0,
+                1.0 / (cpu_per_frame * FPS)
+            );
+            fps
         })
-        .collect();
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let (fps, cpu_per_frame) = runs[RUNS / 2];
-    println!(
-        "{name:<46} {fps:>8.1} {:>12.2} {:>12.1}",
-        cpu_per_frame * 1000.0,
-        1.0 / (cpu_per_frame * FPS)
-    );
-    fps
+        .collect()
 }
 
 fn main() {
@@ -372,33 +405,47 @@ fn main() {
         spec
     };
     let sampled = || spec(&video);
-    row(
-        "(a0) decode alone, every frame decoded",
-        every_frame,
-        || Arc::new(Nothing),
-    );
-    row(
-        "(a) decode alone, unreferenced frames skipped",
-        sampled,
-        || Arc::new(Nothing),
-    );
-    let b = row("(b) decode + preprocess + ORT, no plugin", sampled, || {
-        Arc::new(Detector(detector.clone()))
-    });
-    let c = row("(c) full pipeline, area-intrusion as WASM", sampled, || {
-        let (worker, session) = worker();
-        Arc::new(Plugin(worker, session))
-    });
-    let d = row("(d) the same algorithm compiled natively", sampled, || {
-        Arc::new(NativeAlgorithm(
-            detector.clone(),
-            Mutex::new(analysis::Analysis::new(
-                native_rules(),
-                detect::Head::Grid,
-                INPUT,
-            )),
-        ))
-    });
+    let rows = [
+        Row {
+            name: "(a0) decode alone, every frame decoded",
+            spec: Box::new(every_frame),
+            analyse: Box::new(|| Arc::new(Nothing)),
+        },
+        Row {
+            name: "(a) decode alone, unreferenced frames skipped",
+            spec: Box::new(sampled),
+            analyse: Box::new(|| Arc::new(Nothing)),
+        },
+        Row {
+            name: "(b) decode + preprocess + ORT, no plugin",
+            spec: Box::new(sampled),
+            analyse: Box::new(|| Arc::new(Detector(detector.clone()))),
+        },
+        Row {
+            name: "(c) full pipeline, area-intrusion as WASM",
+            spec: Box::new(sampled),
+            analyse: Box::new(|| {
+                let (worker, session) = worker();
+                Arc::new(Plugin(worker, session))
+            }),
+        },
+        Row {
+            name: "(d) the same algorithm compiled natively",
+            spec: Box::new(sampled),
+            analyse: Box::new(|| {
+                Arc::new(NativeAlgorithm(
+                    detector.clone(),
+                    Mutex::new(analysis::Analysis::new(
+                        native_rules(),
+                        detect::Head::Grid,
+                        INPUT,
+                    )),
+                ))
+            }),
+        },
+    ];
+    let fps = table(&rows);
+    let (b, c, d) = (fps[2], fps[3], fps[4]);
     println!(
         "(c) / (d): {:.1} % (target >= 95 %); (c) / (b): {:.1} % (target >= 90 %)",
         c / d * 100.0,
@@ -424,7 +471,7 @@ fn main() {
     let (xpud_now, ffmpeg) = memory();
     drop(streams);
     println!(
-        "resident memory per (c) stream, 4 running: xpud +{:.1} MiB, ffmpeg {:.1} MiB",
+        "memory per (c) stream, 4 running: xpud +{:.1} MiB resident, ffmpeg {:.1} MiB proportional",
         (xpud_now.saturating_sub(xpud_before)) as f64 / 4.0 / 1024.0,
         ffmpeg as f64 / 4.0 / 1024.0
     );

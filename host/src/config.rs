@@ -138,6 +138,7 @@ impl InferenceConfig {
     pub fn batching(&self) -> Batching {
         Batching {
             max: self.max_batch,
+            ..Batching::default()
         }
     }
 }

@@ -44,7 +44,8 @@ pub struct SharedModel {
     pub session: Mutex<Session>,
     pub batching: Batching,
     /// Runs waiting to be batched, when the model batches (its input and every
-    /// output have a dynamic first dimension, and batching is on).
+    /// output have a dynamic first dimension, it runs on an accelerator, and
+    /// batching is on).
     pub combiner: Option<Combiner>,
     /// Session runs, and the requests they served (more requests than runs: batches).
     pub runs: AtomicU64,
@@ -66,7 +67,10 @@ impl SharedModel {
             input_shape,
             session: Mutex::new(session),
             batching,
-            combiner: (batchable && batching.max > 1).then(Combiner::default),
+            combiner: (batchable
+                && batching.max > 1
+                && (provider != Provider::Cpu || batching.on_cpu))
+                .then(Combiner::default),
             runs: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
