@@ -384,6 +384,7 @@ fn main() {
                 ),
             ],
             args: Vec::new(),
+            device: Default::default(),
         });
         let session = worker.open_session(rules()).unwrap();
         (worker, session)

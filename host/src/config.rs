@@ -36,7 +36,8 @@
 //!
 //! [inference]
 //! onnxruntime = "/opt/onnxruntime/libonnxruntime.so.1.31.1"   # or XPUD_ONNXRUNTIME
-//! providers = ["cuda", "cpu"]      # tried in order; each failure is logged
+//! providers = ["cuda", "cpu"]      # tried in order (also "tensorrt"); each failure
+//!                                  # is logged
 //! max-batch = 8                    # runs of one model queued at once from several
 //!                                  # instances go as one batch (1: never)
 //!

@@ -17,6 +17,7 @@ use crate::package::Runtime;
 use crate::packages::Packages;
 use crate::plugins::algorithm::AlgorithmWorker;
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
+use crate::runtime::inference::Device;
 use crate::runtime::Launch;
 use crate::scheduler::{Placement, Scheduler};
 use crate::store::{Store, Table};
@@ -405,12 +406,19 @@ impl Services {
                 }
                 other => other,
             })?;
-        let launch = Launch {
-            env: self.environment(record)?,
-            args: Vec::new(),
-        };
-        let workers: Vec<Arc<AlgorithmWorker>> = (0..record.replicas)
-            .map(|_| algorithm.spawn_worker_with(launch.clone()))
+        let env = self.environment(record)?;
+        // Each replica's models run on its own card (or the CPU).
+        let workers: Vec<Arc<AlgorithmWorker>> = record
+            .placements
+            .iter()
+            .map(|placement| {
+                let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+                algorithm.spawn_worker_with(Launch {
+                    env: env.clone(),
+                    args: Vec::new(),
+                    device: Device::for_card(card, &record.gpu_type),
+                })
+            })
             .collect();
         let failures: Vec<String> = workers
             .iter()

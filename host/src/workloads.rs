@@ -21,6 +21,7 @@ use crate::machine::XpuSample;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
+use crate::runtime::inference::Device;
 use crate::runtime::Launch;
 use crate::scheduler::Scheduler;
 use crate::store::{Store, Table};
@@ -365,15 +366,20 @@ impl Workloads {
             key(&spec.cluster_code, &spec.namespace, &spec.name)
         );
         // The placements live in the scheduler's ledger under `owner`.
-        self.scheduler
+        let placements = self
+            .scheduler
             .reserve(&owner, count, spec.xpu, &spec.xpu_type, xpus)?;
-        let launch = Launch {
-            env: Vec::new(),
-            args: arguments(spec)?,
-        };
-        Ok((0..count)
-            .map(|_| {
-                let worker = algorithm.spawn_worker_with(launch.clone());
+        let args = arguments(spec)?;
+        Ok(placements
+            .iter()
+            .map(|placement| {
+                // The pod's models run on its own card (or the CPU).
+                let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+                let worker = algorithm.spawn_worker_with(Launch {
+                    env: Vec::new(),
+                    args: args.clone(),
+                    device: Device::for_card(card, &spec.xpu_type),
+                });
                 if let Err(e) = worker.start() {
                     tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
                 }

@@ -37,6 +37,8 @@ const MIN_DYNAMIC_PIXELS: u64 = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
+    /// NVIDIA TensorRT (engines built per model and card: slow first load).
+    Tensorrt,
     Cuda,
     Cpu,
 }
@@ -44,8 +46,49 @@ pub enum Provider {
 impl Provider {
     pub fn name(self) -> &'static str {
         match self {
+            Provider::Tensorrt => "tensorrt",
             Provider::Cuda => "cuda",
             Provider::Cpu => "cpu",
+        }
+    }
+}
+
+/// Where an instance's models run: its replica's card, or the CPU. One session per
+/// (model, device): instances on different cards never share one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU only (a replica placed without a card, or on a card no execution
+    /// provider drives).
+    Cpu,
+    /// The configured providers, the accelerator ones on this device (the CUDA
+    /// ordinal of an NVIDIA card), the CPU where the configuration falls back to it.
+    Card(u32),
+}
+
+/// The first card: where an instance placed by no scheduler runs (a process with
+/// one accelerator).
+impl Default for Device {
+    fn default() -> Device {
+        Device::Card(0)
+    }
+}
+
+impl Device {
+    /// The device a replica on `card` (driver, index) of `xpu_type` runs models
+    /// on: NVIDIA cards are the only ones an execution provider here drives.
+    pub fn for_card(card: Option<(&str, u32)>, xpu_type: &str) -> Device {
+        match card {
+            Some((_, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
+                Device::Card(index)
+            }
+            _ => Device::Cpu,
+        }
+    }
+
+    fn ordinal(self) -> i32 {
+        match self {
+            Device::Card(index) => index as i32,
+            Device::Cpu => 0,
         }
     }
 }
@@ -134,6 +177,7 @@ impl Inference {
     fn model(
         &self,
         bytes: Vec<u8>,
+        device: Device,
         wait_until: Instant,
         build_timeout: Duration,
     ) -> Result<Arc<SharedModel>, InferenceError> {
@@ -142,10 +186,12 @@ impl Inference {
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?
             .clone();
-        let key = hex::encode(Sha256::digest(&bytes));
+        // One session per (model, device): instances on other cards have their own.
+        let key = format!("{}@{device:?}", hex::encode(Sha256::digest(&bytes)));
         let (providers, batching) = (self.providers.clone(), self.batching);
-        let build =
-            move || -> Build { Box::new(move || build_model(&env, &providers, &bytes, batching)) };
+        let build = move || -> Build {
+            Box::new(move || build_model(&env, &providers, device, &bytes, batching))
+        };
         self.models
             .get_or_build(&key, build, wait_until, build_timeout)
     }
@@ -155,10 +201,11 @@ impl Inference {
 fn build_model(
     env: &ort::environment::Environment,
     providers: &[Provider],
+    device: Device,
     bytes: &[u8],
     batching: Batching,
 ) -> Result<SharedModel, InferenceError> {
-    let (session, provider) = session(env, providers, bytes)?;
+    let (session, provider) = session(env, providers, device, bytes)?;
     let shape_of = |outlet: &ort::value::Outlet| match outlet.dtype() {
         ort::value::ValueType::Tensor { shape, .. } => Ok(shape.to_vec()),
         other => Err(InferenceError::InvalidModel(format!(
@@ -197,20 +244,34 @@ fn global_thread_pool() -> ort::Result<ort::environment::GlobalThreadPoolOptions
         .with_spin_control(false)
 }
 
-/// A session for `bytes` on the first provider that accepts it.
+/// A session for `bytes` on `device`, by the first provider that accepts it.
 fn session(
     env: &ort::environment::Environment,
     providers: &[Provider],
+    device: Device,
     bytes: &[u8],
 ) -> Result<(Session, Provider), InferenceError> {
     let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
     let mut refusals = Vec::new();
+    let ordinal = device.ordinal();
     for &provider in providers {
+        if device == Device::Cpu && provider != Provider::Cpu {
+            continue;
+        }
         let builder = Session::builder(env).map_err(runtime)?;
         let builder = match provider {
             Provider::Cpu => Ok(builder),
             Provider::Cuda => builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .with_execution_providers([ort::ep::CUDA::default()
+                    .with_device_id(ordinal)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| e.to_string()),
+            Provider::Tensorrt => builder
+                .with_execution_providers([ort::ep::TensorRT::default()
+                    .with_device_id(ordinal)
+                    .build()
+                    .error_on_failure()])
                 .map_err(|e| e.to_string()),
         };
         let mut builder = match builder {
@@ -286,7 +347,10 @@ impl HostModel for PluginState {
             Err(e) => return Ok(Err(InferenceError::ModelNotFound(e.to_string()))),
         };
         let build_timeout = Duration::from_millis(self.limits.model_load_timeout_ms);
-        let shared = match self.inference.model(bytes, self.deadline(), build_timeout) {
+        let shared = match self
+            .inference
+            .model(bytes, self.device, self.deadline(), build_timeout)
+        {
             Ok(shared) => shared,
             Err(e) => return Ok(Err(prefixed(&path, e))),
         };
@@ -338,7 +402,7 @@ impl Inference {
             .backend
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
-        let shared = build_model(env, &self.providers, &bytes, batching)?;
+        let shared = build_model(env, &self.providers, Device::default(), &bytes, batching)?;
         Ok(NativeModel(Model::new(name.to_string(), Arc::new(shared))))
     }
 }
@@ -549,6 +613,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn models_run_on_the_replicas_nvidia_card_and_on_the_cpu_otherwise() {
+        assert_eq!(
+            Device::for_card(Some(("nvidia", 3)), "NVIDIA_T4"),
+            Device::Card(3)
+        );
+        assert_eq!(Device::for_card(None, "CPU"), Device::Cpu);
+        // No execution provider here drives another vendor's card.
+        assert_eq!(
+            Device::for_card(Some(("sim-xpu", 0)), "SIM_X1"),
+            Device::Cpu
+        );
+    }
+
+    #[test]
     fn without_a_library_models_are_unavailable_and_say_why() {
         let inference = Inference {
             backend: Err("no ONNX Runtime library configured".into()),
@@ -558,7 +636,12 @@ mod tests {
         };
         assert!(!inference.available());
         let soon = Instant::now() + Duration::from_secs(1);
-        match inference.model(b"whatever".to_vec(), soon, Duration::from_secs(1)) {
+        match inference.model(
+            b"whatever".to_vec(),
+            Device::Cpu,
+            soon,
+            Duration::from_secs(1),
+        ) {
             Err(InferenceError::Unavailable(reason)) => assert!(reason.contains("no ONNX Runtime")),
             other => panic!("{:?}", other.map(|m| m.provider)),
         }

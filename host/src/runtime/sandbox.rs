@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::clocks::SandboxClock;
-use super::inference::Inference;
+use super::inference::{Device, Inference};
 use super::limits::PluginLimits;
 use super::log::LogBudget;
 use super::stderr::StderrTail;
@@ -55,11 +55,13 @@ pub struct Sandbox {
 }
 
 /// What one instance is started with beyond its plugin's grants: exactly these
-/// environment variables and arguments, nothing of the host's.
+/// environment variables and arguments, nothing of the host's, and the device
+/// its models run on (its replica's card).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Launch {
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
+    pub device: Device,
 }
 
 /// The data of a plugin's `Store`.
@@ -74,6 +76,8 @@ pub struct PluginState {
     pub(crate) limits: Arc<PluginLimits>,
     pub(crate) log: Arc<LogBudget>,
     pub(crate) providers: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
+    /// Where this instance's models run.
+    pub(crate) device: Device,
     /// Models this instance holds loaded (bounded by the limits).
     pub(crate) models_loaded: u32,
     pub(crate) clock: SandboxClock,
@@ -186,6 +190,7 @@ impl Sandbox {
             limits: self.limits.clone(),
             log: self.log.clone(),
             providers: self.providers.clone(),
+            device: self.launch.device,
             models_loaded: 0,
             clock,
             call_deadline: None,
