@@ -13,6 +13,7 @@ mod auth;
 mod cli;
 mod hostile;
 mod interop;
+mod metrics;
 mod openapi;
 mod platform;
 mod plugin_host;

@@ -16,6 +16,7 @@ pub mod files;
 pub mod http;
 pub mod machine;
 pub mod machine_packages;
+pub mod metrics;
 pub mod package;
 pub mod packages;
 pub mod pipeline;

@@ -81,6 +81,21 @@ impl Scheduler {
             .map(|(_, d)| d)
     }
 
+    /// Who holds each driver partition: ((driver, partition), owner).
+    pub fn partition_owners(&self) -> HashMap<(String, String), String> {
+        let mut owners = HashMap::new();
+        for (owner, held) in self.ledger().iter() {
+            for placement in held {
+                if let (Some((driver, _)), Some(partition)) =
+                    (&placement.card, &placement.partition)
+                {
+                    owners.insert((driver.clone(), partition.clone()), owner.clone());
+                }
+            }
+        }
+        owners
+    }
+
     /// What `owner` holds.
     pub fn held_by(&self, owner: &str) -> Vec<Placement> {
         self.ledger().get(owner).cloned().unwrap_or_default()

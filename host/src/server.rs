@@ -185,6 +185,13 @@ impl Server {
             )?))
         };
         let token_hint = token_hint(addr, tls.as_deref(), admin_secret.as_deref());
+        let metrics = Arc::new(crate::metrics::Metrics::new(crate::metrics::Sources {
+            registry: registry.clone(),
+            samples: samples.clone(),
+            machine: machine.clone(),
+            scheduler: scheduler.clone(),
+            tasks: tasks.clone(),
+        }));
         let app = App(Arc::new(AppState {
             auth: auth.clone(),
             tls: tls.clone(),
@@ -201,6 +208,7 @@ impl Server {
             machine_code,
             machine_packages,
             package_url: config.platform.package_url.clone(),
+            metrics,
         }));
         let advertised = app.external_ip();
         if !addr.ip().is_unspecified() && addr.ip() != advertised {

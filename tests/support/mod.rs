@@ -414,6 +414,21 @@ impl ApiClient {
         (status, json)
     }
 
+    /// GETs `path` (with the token unless `anonymous`): the status, the content
+    /// type and the body as text.
+    pub fn get_text(&self, path: &str, anonymous: bool) -> (u16, String, String) {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if !anonymous {
+            request = request.bearer_auth(&self.token);
+        }
+        self.runtime.block_on(async {
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let content_type = header(&response, "content-type");
+            (status, content_type, response.text().await.expect("body"))
+        })
+    }
+
     /// The status, the `WWW-Authenticate` header (or "") and the JSON body.
     /// Sends `method path` with the token; returns the status and the `Allow` header.
     pub fn allow(&self, method: reqwest::Method, path: &str) -> (u16, String) {
@@ -440,9 +455,15 @@ impl ApiClient {
             let url = response.url().to_string();
             let status = response.status().as_u16();
             let challenge = header(&response, "www-authenticate");
+            let json_body = header(&response, "content-type").starts_with("application/json");
             let text = response.text().await?;
-            let json = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"));
+            // Bodies of other types (the metrics' text) come back as a string.
+            let json = if json_body || !(200..300).contains(&status) {
+                serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("{url}: not JSON ({e}): {text}"))
+            } else {
+                serde_json::Value::String(text)
+            };
             Ok((status, challenge, json))
         })
     }
@@ -1068,4 +1089,34 @@ impl Drop for KafkaBroker {
             let _ = child.wait();
         }
     }
+}
+
+/// `text` parsed by prometheus-client's strict OpenMetrics parser (Python, from
+/// target/pydeps): each family's name and type, and its samples' names, labels
+/// and values. Panics with the parser's complaint when the text is not valid.
+pub fn openmetrics(text: &str) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, text).unwrap();
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+families = []
+for f in text_string_to_metric_families(open(sys.argv[1]).read()):
+    families.append({"name": f.name, "type": f.type, "samples": [
+        {"name": s.name, "labels": s.labels, "value": s.value} for s in f.samples]})
+print(json.dumps(families))
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&file)
+        .env("PYTHONPATH", repo().join("target/pydeps"))
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "not valid OpenMetrics (scripts/test installs prometheus-client into target/pydeps): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }

@@ -78,6 +78,8 @@ pub struct AppState {
     pub machine_packages: MachinePackages,
     /// Where the platform serves file packages in CAD mode (I.2), `{id}` in it.
     pub package_url: Option<String>,
+    /// `GET /metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Clone)]
@@ -233,6 +235,7 @@ pub fn api() -> (Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(healthz))
         .routes(routes!(oauth::token))
         .routes(routes!(plugins))
+        .routes(routes!(metrics))
         .merge(named("clusters", clusters::routes()))
         .merge(named("workloads", workloads::routes()))
         .merge(named("monitors", monitors::routes()))
@@ -452,6 +455,31 @@ async fn wrong_method(
     uri: axum::http::Uri,
 ) -> axum::response::Response {
     family_of(uri.path())(405, &format!("{} does not take {method}", uri.path()))
+}
+
+/// Everything xpud observes, for Prometheus: cards (DCGM exporter's names and
+/// labels) and their instances, the host, the plugins, each task's pipeline and
+/// delivery, the model sessions. Read from what the API reads; never calls a
+/// plugin.
+#[utoipa::path(get, path = "/metrics", tag = "xpud", responses((status = 200, description = "The OpenMetrics text exposition", content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String)))]
+async fn metrics(State(state): State<App>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let metrics = state.metrics.clone();
+    // The event queues are counted in the store: off the async threads.
+    match tokio::task::spawn_blocking(move || metrics.render()).await {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        _ => {
+            tracing::error!("cannot render the metrics");
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 /// Liveness: answers while the server runs.

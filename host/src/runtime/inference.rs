@@ -103,6 +103,15 @@ pub struct InferenceOptions {
     pub batching: Batching,
 }
 
+/// What one model session has done.
+pub struct SessionFigures {
+    pub model: String,
+    pub device: String,
+    pub provider: &'static str,
+    pub runs: u64,
+    pub requests: u64,
+}
+
 /// The process's inference backend.
 pub struct Inference {
     backend: Result<ort::environment::Environment, String>,
@@ -170,6 +179,25 @@ impl Inference {
     /// Model sessions alive in the process.
     pub fn sessions(&self) -> usize {
         self.models.sessions()
+    }
+
+    /// Each session's model (its hash's first 12 digits), device, provider, runs
+    /// and the requests they served.
+    pub fn session_figures(&self) -> Vec<SessionFigures> {
+        self.models
+            .ready()
+            .into_iter()
+            .map(|(key, model)| {
+                let (hash, device) = key.split_once('@').unwrap_or((&key, ""));
+                SessionFigures {
+                    model: hash.chars().take(12).collect(),
+                    device: device.to_string(),
+                    provider: model.provider.name(),
+                    runs: model.runs.load(Ordering::Relaxed),
+                    requests: model.requests.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
     }
 
     /// The shared session of the model in `bytes`: built (off the caller's thread)

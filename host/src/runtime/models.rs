@@ -226,6 +226,18 @@ impl ModelCache {
         });
     }
 
+    /// The sessions built, by key (model hash @ device).
+    pub fn ready(&self) -> Vec<(String, Arc<SharedModel>)> {
+        lock(&self.state)
+            .slots
+            .iter()
+            .filter_map(|(key, slot)| match slot {
+                Slot::Ready { model, .. } => Some((key.clone(), model.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sessions alive in the cache (for tests and diagnostics).
     pub fn sessions(&self) -> usize {
         lock(&self.state)

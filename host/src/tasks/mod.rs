@@ -528,6 +528,14 @@ impl Tasks {
 
     /// The counters of a task's pipeline and delivery, for its detail.
     pub fn progress(&self, id: &str) -> Progress {
+        Progress {
+            events_queued: self.outbox.queued(id),
+            ..self.progress_without_queue(id)
+        }
+    }
+
+    /// `progress` but `events_queued` (a query of the store).
+    fn progress_without_queue(&self, id: &str) -> Progress {
         let pipelines = crate::sync::lock(&self.pipelines);
         let stats = pipelines.get(id).map(|p| p.stats.clone());
         drop(pipelines);
@@ -555,7 +563,7 @@ impl Tasks {
             last_analysis_error: stats
                 .as_ref()
                 .and_then(|s| crate::sync::lock(&s.last_analysis_error).clone()),
-            events_queued: self.outbox.queued(id),
+            events_queued: 0,
             events_queued_bytes: delivery
                 .as_ref()
                 .map_or(0, |d| d.queued_bytes.load(Ordering::Relaxed)),
@@ -582,6 +590,21 @@ impl Tasks {
             .collect();
         drop(pipelines);
         self.outbox.close_all();
+    }
+
+    /// Every task with its counters, as the metrics show them: one read of the
+    /// state, one query of the event queue.
+    pub fn all_progress(&self) -> Vec<(Arc<TaskRecord>, Progress)> {
+        let records: Vec<Arc<TaskRecord>> = self.read().iter().map(|s| s.record.clone()).collect();
+        let mut queued = self.outbox.queued_by_task();
+        records
+            .into_iter()
+            .map(|record| {
+                let mut progress = self.progress_without_queue(&record.id);
+                progress.events_queued = queued.remove(&record.id).unwrap_or(0);
+                (record, progress)
+            })
+            .collect()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Stored>> {

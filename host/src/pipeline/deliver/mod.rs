@@ -157,6 +157,25 @@ impl Outbox {
             .map_or(0, |n| n.max(0) as u64)
     }
 
+    /// Events waiting, by task (one query for every task).
+    pub fn queued_by_task(&self) -> HashMap<String, u64> {
+        let counted = self.store.with(|conn| {
+            let mut select =
+                conn.prepare_cached("SELECT task_id, COUNT(*) FROM event_queue GROUP BY task_id")?;
+            let rows = select.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?.max(0) as u64,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<HashMap<_, _>>>()
+        });
+        counted.unwrap_or_else(|e| {
+            tracing::warn!("cannot count the queued events: {e:#}");
+            HashMap::new()
+        })
+    }
+
     /// Queues `events` (JSON documents) for `destination`, durably; drops the
     /// oldest of the task past the bounds. Blocking (one SQLite transaction).
     pub fn enqueue(&self, task: &str, destination: &Destination, events: &[String]) {

@@ -1,0 +1,91 @@
+//! `GET /metrics`: valid OpenMetrics, token-protected, with the drivers' cards
+//! under DCGM exporter's names and labels, the host, the plugins and the tasks.
+
+use crate::support::*;
+
+fn family<'a>(families: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    families
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no family {name}"))
+}
+
+#[test]
+fn metrics_are_openmetrics_with_the_cards_the_host_and_the_plugins() {
+    let server = TestServer::start(&["sim-xpu"]);
+    let (status, _, _) = server.client.get_text("/metrics", true);
+    assert_eq!(status, 401, "like every other endpoint, a token is needed");
+    let (status, content_type, text) = server.client.get_text("/metrics", false);
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let families = openmetrics(&text);
+
+    // The simulator's two cards, as DCGM exporter labels them.
+    let util = family(&families, "DCGM_FI_DEV_GPU_UTIL");
+    assert_eq!(util["type"], "gauge");
+    let samples = util["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2, "{util}");
+    for sample in samples {
+        let labels = &sample["labels"];
+        assert_eq!(labels["modelName"], "SIMULATED_XPU16");
+        assert_eq!(labels["driver"], "sim-xpu");
+        assert!(labels["UUID"].as_str().is_some_and(|u| !u.is_empty()));
+        assert!(labels["Hostname"].as_str().is_some_and(|h| !h.is_empty()));
+        let value = sample["value"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&value), "{value}");
+    }
+    let gpus: Vec<&str> = samples
+        .iter()
+        .map(|s| s["labels"]["gpu"].as_str().unwrap())
+        .collect();
+    assert_eq!(gpus, ["0", "1"]);
+    let info = family(&families, "xpud_device_info");
+    assert_eq!(info["samples"][0]["labels"]["simulated"], "true");
+    // Health is a state set: one state of four is current per card.
+    let health = family(&families, "xpud_device_health")["samples"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(health.len(), 8);
+    assert_eq!(
+        health.iter().filter(|s| s["value"] == 1.0).count(),
+        2,
+        "{health:?}"
+    );
+    for name in [
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_FB_TOTAL",
+        "DCGM_FI_DEV_DEC_UTIL",
+    ] {
+        assert_eq!(
+            family(&families, name)["samples"].as_array().unwrap().len(),
+            2,
+            "{name}"
+        );
+    }
+
+    // The host, and the plugins' state.
+    let cpu = &family(&families, "xpud_host_cpu_utilization_ratio")["samples"][0];
+    assert!((0.0..=1.0).contains(&cpu["value"].as_f64().unwrap()));
+    let memory = &family(&families, "xpud_host_memory_total_bytes")["samples"][0];
+    assert!(memory["value"].as_f64().unwrap() > 0.0);
+    let loaded = family(&families, "xpud_plugin_state")["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| {
+            s["labels"]["plugin"] == "sim-xpu"
+                && s["labels"]["state"] == "loaded"
+                && s["value"] == 1.0
+        });
+    assert!(loaded);
+    let stale = &family(&families, "xpud_driver_sample_stale")["samples"][0];
+    assert_eq!(stale["value"], 0.0);
+    // Counters carry OpenMetrics' _total.
+    let restarts = family(&families, "xpud_plugin_restarts");
+    assert_eq!(restarts["type"], "counter");
+    assert_eq!(restarts["samples"][0]["name"], "xpud_plugin_restarts_total");
+}
