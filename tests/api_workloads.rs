@@ -432,3 +432,47 @@ fn pods_that_do_not_come_back_after_a_restart_are_not_running() {
     );
     assert_eq!(body["data"]["replicas"], 2);
 }
+
+/// Card <-> instance: each pod's partition is in /metrics with the quota and
+/// device the driver reported for it, and the workload that holds it.
+#[test]
+fn each_pods_partition_is_in_the_metrics_with_its_owner() {
+    let (_platform, server, cluster) = setup();
+    let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
+    assert_eq!(status, 200, "{body}");
+    let (_, driver) = server
+        .app
+        .registry
+        .drivers()
+        .into_iter()
+        .find(|(name, _)| name == "sim-xpu")
+        .unwrap();
+    let reported = driver.partitions().unwrap();
+    assert_eq!(reported.len(), 2);
+    let owner = format!("workload:{cluster}/default/human-detect");
+    let instances = || {
+        let (_, _, text) = server.client.get_text("/metrics", false);
+        openmetrics(&text)
+            .into_iter()
+            .find(|f| f["name"] == "xpud_instance_memory_quota_mib")
+            .map(|f| f["samples"].as_array().unwrap().clone())
+            .unwrap_or_default()
+    };
+    assert!(wait_for(Duration::from_secs(10), || instances().len() == 2));
+    let samples = instances();
+    for partition in &reported {
+        let sample = samples
+            .iter()
+            .find(|s| s["labels"]["partition"] == partition.id.as_str())
+            .unwrap_or_else(|| panic!("{} not in {samples:?}", partition.id));
+        assert_eq!(sample["labels"]["owner"], owner.as_str());
+        assert_eq!(
+            sample["labels"]["gpu"],
+            partition.spec.device_index.to_string().as_str()
+        );
+        assert_eq!(
+            sample["value"].as_f64().unwrap(),
+            partition.spec.memory_quota_mib as f64
+        );
+    }
+}

@@ -89,3 +89,32 @@ fn metrics_are_openmetrics_with_the_cards_the_host_and_the_plugins() {
     assert_eq!(restarts["type"], "counter");
     assert_eq!(restarts["samples"][0]["name"], "xpud_plugin_restarts_total");
 }
+
+/// The example Grafana dashboard reads only metrics xpud serves.
+#[test]
+fn the_example_dashboard_reads_metrics_that_exist() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let served = std::fs::read_to_string(repo().join("host/src/metrics.rs")).unwrap();
+    let mut read = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("xpud_") || w.starts_with("DCGM_"));
+            for name in names {
+                let family = name.strip_suffix("_total").unwrap_or(name);
+                assert!(
+                    served.contains(&format!("\"{family}\"")),
+                    "{}: {name} is not served",
+                    panel["title"]
+                );
+                read += 1;
+            }
+        }
+    }
+    assert!(read >= 12, "{read}");
+}
