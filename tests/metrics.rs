@@ -118,3 +118,40 @@ fn the_example_dashboard_reads_metrics_that_exist() {
     }
     assert!(read >= 12, "{read}");
 }
+
+/// A driver whose sample hangs (until its 20 s call deadline) delays neither
+/// /CAP/Status nor /metrics: both read the sampler's cache, never the plugin.
+#[test]
+fn a_hanging_driver_delays_neither_the_status_nor_the_metrics() {
+    use std::time::{Duration, Instant};
+    let server = TestServer::start(&["sim-xpu"]);
+    server.plugins.install_as("chaos", "chaos", |m| {
+        let m = set(m, "config", "mode", "sleep".into());
+        set(m, "limits", "call-timeout-ms", 20_000.into())
+    });
+    assert!(wait_for(Duration::from_secs(10), || {
+        server.get("/plugins").1["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "chaos" && p["state"] == "loaded")
+    }));
+    // Its first sample is in flight now, for 20 s.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, _, text) = server.client.get_text("/metrics", false);
+        assert_eq!(status, 200);
+        assert!(
+            text.contains("DCGM_FI_DEV_GPU_UTIL"),
+            "sim-xpu's cards still there"
+        );
+        let (status, _) = server.get("/CAP/Status");
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "held up for {:?} by a hanging driver",
+            started.elapsed()
+        );
+    }
+}
