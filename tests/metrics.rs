@@ -84,6 +84,28 @@ fn metrics_are_openmetrics_with_the_cards_the_host_and_the_plugins() {
     assert!(loaded);
     let stale = &family(&families, "xpud_driver_sample_stale")["samples"][0];
     assert_eq!(stale["value"], 0.0);
+    // Each plugin function's calls, with a latency histogram.
+    let samples = family(&families, "xpud_plugin_calls")["samples"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let sampled = samples
+        .iter()
+        .find(|s| s["labels"]["plugin"] == "sim-xpu" && s["labels"]["function"] == "sample")
+        .expect("sim-xpu's sample calls");
+    assert!(sampled["value"].as_f64().unwrap() >= 1.0);
+    let durations = family(&families, "xpud_plugin_call_duration_seconds");
+    assert_eq!(durations["type"], "histogram");
+    let count = durations["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["name"] == "xpud_plugin_call_duration_seconds_count"
+                && s["labels"]["function"] == "sample"
+        })
+        .expect("a count per function");
+    assert!(count["value"].as_f64().unwrap() >= 1.0);
     // Counters carry OpenMetrics' _total.
     let restarts = family(&families, "xpud_plugin_restarts");
     assert_eq!(restarts["type"], "counter");

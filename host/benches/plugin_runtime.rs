@@ -162,6 +162,7 @@ fn main() -> anyhow::Result<()> {
         log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(
             runtime.options.limits.log_lines_per_s,
         )),
+        calls: Default::default(),
         launch: Default::default(),
         providers: Default::default(),
     };

@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry as Exposition;
 
 use crate::machine::Machine;
+use crate::plugins::calls::{Latency, BUCKETS};
 use crate::plugins::supervisor::Health;
 use crate::plugins::{Kind, Registry};
 use crate::runtime::bindings::driver_types::Health as DeviceHealth;
@@ -111,6 +112,36 @@ fn counters(
     )?;
     for (labels, value) in samples {
         ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// A histogram family over `BUCKETS`.
+fn histograms(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, Latency)],
+) -> std::fmt::Result {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?;
+    for (labels, latency) in samples {
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(latency.buckets)
+            .collect();
+        family
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(latency.seconds, latency.count, &buckets, None)?;
     }
     Ok(())
 }
@@ -368,6 +399,50 @@ impl Sources {
             "xpud_driver_sample_stale",
             "1 while a driver's figures are withdrawn (no good answer within 3 sampling intervals).",
             &stale,
+        )?;
+        self.calls(encoder)
+    }
+
+    /// Every loaded plugin's calls, per exported function, over all its instances.
+    fn calls(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut f = CallFamilies::default();
+        for plugin in self.registry.loaded() {
+            for (function, figures) in plugin.calls.snapshot() {
+                let labels: Labels = vec![
+                    ("plugin", plugin.manifest.name.clone()),
+                    ("function", function.to_string()),
+                ];
+                f.calls.push((labels.clone(), figures.calls));
+                for (reason, count) in [
+                    ("trap", figures.traps),
+                    ("timeout", figures.timeouts),
+                    ("out_of_memory", figures.out_of_memory),
+                    ("refused", figures.refused),
+                ] {
+                    let mut labels = labels.clone();
+                    labels.push(("reason", reason.to_string()));
+                    f.failures.push((labels, count));
+                }
+                f.durations.push((labels, figures.latency));
+            }
+        }
+        counters(
+            encoder,
+            "xpud_plugin_calls",
+            "Calls of each plugin function.",
+            &f.calls,
+        )?;
+        counters(
+            encoder,
+            "xpud_plugin_call_failures",
+            "Calls that failed: trapped, past their deadline, out of memory, or refused (restarting, unhealthy, busy, cannot start).",
+            &f.failures,
+        )?;
+        histograms(
+            encoder,
+            "xpud_plugin_call_duration_seconds",
+            "How long each plugin function's calls took, queueing for the instance included.",
+            &f.durations,
         )
     }
 
@@ -414,7 +489,7 @@ impl Sources {
 
     /// The model sessions.
     fn inference(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
-        let (mut runs, mut requests) = (Vec::new(), Vec::new());
+        let (mut runs, mut requests, mut latency) = (Vec::new(), Vec::new(), Vec::new());
         for session in self.registry.runtime().inference().session_figures() {
             let labels: Labels = vec![
                 ("model", session.model),
@@ -422,8 +497,15 @@ impl Sources {
                 ("provider", session.provider.to_string()),
             ];
             runs.push((labels.clone(), session.runs));
-            requests.push((labels, session.requests));
+            requests.push((labels.clone(), session.requests));
+            latency.push((labels, session.latency));
         }
+        histograms(
+            encoder,
+            "xpud_inference_run_duration_seconds",
+            "How long each session run took in ONNX Runtime (a batch is one run).",
+            &latency,
+        )?;
         counters(
             encoder,
             "xpud_inference_runs",
@@ -517,6 +599,13 @@ impl CardFamilies {
             &self.instance_quota,
         )
     }
+}
+
+#[derive(Default)]
+struct CallFamilies {
+    calls: Vec<(Labels, u64)>,
+    failures: Vec<(Labels, u64)>,
+    durations: Vec<(Labels, Latency)>,
 }
 
 #[derive(Default)]

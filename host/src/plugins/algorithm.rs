@@ -116,7 +116,13 @@ impl AlgorithmPlugin {
         };
         Arc::new(AlgorithmWorker {
             providers,
-            supervised: Supervised::new(&self.name, self.policy.clone(), self.timeout, start),
+            supervised: Supervised::new(
+                &self.name,
+                self.sandbox.calls.clone(),
+                self.policy.clone(),
+                self.timeout,
+                start,
+            ),
             rules: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         })
@@ -146,7 +152,7 @@ impl AlgorithmWorker {
 
     /// Starts the worker's instance now (it would start on first use anyway).
     pub fn start(&self) -> Result<(), AlgorithmFailure> {
-        self.supervised.call(|_| Ok(()))?;
+        self.supervised.call("start", |_| Ok(()))?;
         Ok(())
     }
 
@@ -175,7 +181,7 @@ impl AlgorithmWorker {
     pub fn open_session(&self, rules: Vec<Rule>) -> Result<SessionId, AlgorithmFailure> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         self.supervised
-            .call(|inc| open_in(inc, id, &rules))?
+            .call("session.open", |inc| open_in(inc, id, &rules))?
             .map_err(AlgorithmFailure::Analyzer)?;
         lock(&self.rules).insert(id, rules);
         Ok(id)
@@ -193,7 +199,7 @@ impl AlgorithmWorker {
             .cloned()
             .ok_or(AlgorithmFailure::NoSession(session))?;
         self.supervised
-            .call(|inc| {
+            .call("session.process", |inc| {
                 if !inc.sessions.contains_key(&session) {
                     // First frame after a restart: reopen with the session's rules.
                     if let Err(e) = open_in(inc, session, &rules)? {
@@ -221,7 +227,7 @@ impl AlgorithmWorker {
         }
         match self
             .supervised
-            .call(|inc| match inc.sessions.remove(&session) {
+            .call("session.close", |inc| match inc.sessions.remove(&session) {
                 Some(resource) => resource.resource_drop(&mut inc.store),
                 None => Ok(()),
             }) {

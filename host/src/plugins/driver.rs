@@ -141,6 +141,7 @@ impl Driver {
     ) -> Arc<Driver> {
         let plugin = name.to_string();
         let limits = sandbox.limits.clone();
+        let calls = sandbox.calls.clone();
         Arc::new_cyclic(|weak: &std::sync::Weak<Driver>| {
             let weak = weak.clone();
             let start = move || -> Result<DriverIncarnation, CallError> {
@@ -168,7 +169,7 @@ impl Driver {
                 Ok(DriverIncarnation { store, bindings })
             };
             Driver {
-                supervised: Supervised::new(name, policy, timeout, start),
+                supervised: Supervised::new(name, calls, policy, timeout, start),
                 info: std::sync::Mutex::new(None),
                 ledger: std::sync::Mutex::new(Vec::new()),
                 limits,
@@ -241,24 +242,25 @@ impl Driver {
 
     /// Starts the driver now (it would start on first use anyway).
     pub fn start(&self) -> Result<DriverInfo, DriverFailure> {
-        self.supervised.call(|_| Ok(()))?;
+        self.supervised.call("start", |_| Ok(()))?;
         Ok(self.info().expect("set by a successful start"))
     }
 
     fn call<R>(
         &self,
+        function: &'static str,
         f: impl FnOnce(
             &mut Store<PluginState>,
             &DriverBindings,
         ) -> wasmtime::Result<Result<R, DriverError>>,
     ) -> Result<R, DriverFailure> {
         self.supervised
-            .call(|inc| f(&mut inc.store, &inc.bindings))?
+            .call(function, |inc| f(&mut inc.store, &inc.bindings))?
             .map_err(DriverFailure::Driver)
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
-        let devices = self.call(|s, b| b.xpu_plugin_driver().call_devices(s))?;
+        let devices = self.call("devices", |s, b| b.xpu_plugin_driver().call_devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
         *lock(&self.devices) = Some(Arc::from(devices.as_slice()));
         Ok(devices)
@@ -272,7 +274,7 @@ impl Driver {
             Some(devices) => devices,
             None => Arc::from(self.devices()?),
         };
-        let metrics = self.call(|s, b| b.xpu_plugin_driver().call_sample(s))?;
+        let metrics = self.call("sample", |s, b| b.xpu_plugin_driver().call_sample(s))?;
         let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;
         for instance in &mut metrics.instances {
             instance.partition_id = self.stable_id(&instance.partition_id);
@@ -281,13 +283,17 @@ impl Driver {
     }
 
     pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
-        let partition = self.call(|s, b| b.xpu_plugin_driver().call_create_partition(s, spec))?;
+        let partition = self.call("create-partition", |s, b| {
+            b.xpu_plugin_driver().call_create_partition(s, spec)
+        })?;
         let known = lock(&self.devices).clone();
         let checked = contract::created(&spec, &partition, known.as_deref(), &self.limits);
         if let Err(violation) = checked {
             // Whatever the driver made is not what was asked for: undo it.
             let id = partition.id.clone();
-            if let Err(e) = self.call(|s, b| b.xpu_plugin_driver().call_destroy_partition(s, &id)) {
+            if let Err(e) = self.call("destroy-partition", |s, b| {
+                b.xpu_plugin_driver().call_destroy_partition(s, &id)
+            }) {
                 tracing::warn!(plugin = %self.supervised.plugin(), partition = %id, "cannot destroy a partition that broke the contract: {e}");
             }
             return Err(self.refuse(violation));
@@ -313,13 +319,17 @@ impl Driver {
             .iter()
             .find(|e| e.id == id)
             .map_or_else(|| id.to_string(), |e| e.driver_id.clone());
-        self.call(|s, b| b.xpu_plugin_driver().call_destroy_partition(s, &driver_id))?;
+        self.call("destroy-partition", |s, b| {
+            b.xpu_plugin_driver().call_destroy_partition(s, &driver_id)
+        })?;
         lock(&self.ledger).retain(|e| e.id != id);
         Ok(())
     }
 
     pub fn partitions(&self) -> Result<Vec<Partition>, DriverFailure> {
-        let partitions = self.call(|s, b| b.xpu_plugin_driver().call_partitions(s))?;
+        let partitions = self.call("partitions", |s, b| {
+            b.xpu_plugin_driver().call_partitions(s)
+        })?;
         let mut partitions = self.vet(partitions, |p| contract::partitions(p, &self.limits))?;
         for partition in &mut partitions {
             partition.id = self.stable_id(&partition.id);
@@ -328,7 +338,7 @@ impl Driver {
     }
 
     pub fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
-        let labels = self.call(|s, b| b.xpu_plugin_driver().call_labels(s))?;
+        let labels = self.call("labels", |s, b| b.xpu_plugin_driver().call_labels(s))?;
         self.vet(labels, |l| contract::labels(l, &self.limits))
     }
 }

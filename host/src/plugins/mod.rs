@@ -7,6 +7,7 @@
 //! backoff and marks it unhealthy past its restart budget.
 
 pub mod algorithm;
+pub mod calls;
 pub mod contract;
 pub mod driver;
 pub mod inspect;

@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 
 use super::algorithm::AlgorithmPlugin;
+use super::calls::CallStats;
 use super::driver::Driver;
 use super::inspect::{inspect, Inspection};
 use super::manifest::MAX_MANIFEST_BYTES;
@@ -80,6 +81,8 @@ pub struct Plugin {
     pub handle: Handle,
     /// The plugin's log rate (lines dropped past it).
     pub log: Arc<LogBudget>,
+    /// What its calls did, over all its instances.
+    pub calls: Arc<CallStats>,
 }
 
 impl Plugin {
@@ -434,6 +437,7 @@ impl Registry {
             );
         }
         let log = Arc::new(LogBudget::new(limits.log_lines_per_s));
+        let calls = Arc::new(CallStats::default());
         let sandbox = Sandbox {
             plugin: Arc::from(name),
             preopens,
@@ -442,6 +446,7 @@ impl Registry {
             inference: self.runtime.inference().clone(),
             limits: Arc::new(limits.clone()),
             log: log.clone(),
+            calls: calls.clone(),
             launch: Default::default(),
             providers: Default::default(),
         };
@@ -499,6 +504,7 @@ impl Registry {
             mounted,
             handle,
             log,
+            calls,
         })
     }
 

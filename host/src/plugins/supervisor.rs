@@ -8,11 +8,12 @@
 //! its own incarnation: the host, and every other plugin, carry on.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::Store;
 
+use super::calls::CallStats;
 use crate::runtime::PluginState;
 
 /// Restart budget and backoff.
@@ -253,6 +254,8 @@ type StartFn<I> = Box<dyn Fn() -> Result<I, CallError> + Send + Sync>;
 
 pub struct Supervised<I: Incarnation> {
     plugin: String,
+    /// The plugin's call figures, shared by all its instances.
+    calls: Arc<CallStats>,
     policy: RestartPolicy,
     timeout: Duration,
     start: StartFn<I>,
@@ -268,12 +271,14 @@ impl<I: Incarnation> Supervised<I> {
     /// `start` builds a new incarnation (instantiate, then any init the kind needs).
     pub fn new(
         plugin: &str,
+        calls: Arc<CallStats>,
         policy: RestartPolicy,
         timeout: Duration,
         start: impl Fn() -> Result<I, CallError> + Send + Sync + 'static,
     ) -> Self {
         Supervised {
             plugin: plugin.to_string(),
+            calls,
             policy,
             timeout,
             start: Box::new(start),
@@ -340,7 +345,7 @@ impl<I: Incarnation> Supervised<I> {
             return;
         }
         // Errors are recorded in the status by the call itself.
-        let _ = self.call(|_| Ok(()));
+        let _ = self.call("start", |_| Ok(()));
         self.reviving
             .store(false, std::sync::atomic::Ordering::Release);
     }
@@ -357,7 +362,23 @@ impl<I: Incarnation> Supervised<I> {
     /// The incarnation is taken out of `inner` for the call, so that a call stuck in
     /// a host function holds only its own instance: past `abandon_after`, the next
     /// caller counts it as a crash and starts a fresh one.
-    pub fn call<R>(&self, f: impl FnOnce(&mut I) -> wasmtime::Result<R>) -> Result<R, CallError> {
+    /// Calls `function` (its name, for the call figures) through `f`.
+    pub fn call<R>(
+        &self,
+        function: &'static str,
+        f: impl FnOnce(&mut I) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let started = Instant::now();
+        let result = self.call_unrecorded(f);
+        self.calls
+            .record(function, started.elapsed(), result.as_ref().map(|_| ()));
+        result
+    }
+
+    fn call_unrecorded<R>(
+        &self,
+        f: impl FnOnce(&mut I) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
         let turn = self
             .gate
             .enter(self.timeout, self.abandon_after())

@@ -110,6 +110,7 @@ pub struct SessionFigures {
     pub provider: &'static str,
     pub runs: u64,
     pub requests: u64,
+    pub latency: crate::plugins::calls::Latency,
 }
 
 /// The process's inference backend.
@@ -195,6 +196,7 @@ impl Inference {
                     provider: model.provider.name(),
                     runs: model.runs.load(Ordering::Relaxed),
                     requests: model.requests.load(Ordering::Relaxed),
+                    latency: crate::sync::lock(&model.latency).clone(),
                 }
             })
             .collect()
@@ -591,6 +593,7 @@ impl SharedModel {
         let now = Instant::now();
         let stop_at = now + deadline.saturating_duration_since(now).mul_f32(0.9);
         let _armed = Watchdog::arm(stop_at, options.clone());
+        let started = Instant::now();
         let outputs = session
             .run_with_options(ort::inputs![self.input.as_str() => tensor], &*options)
             .map_err(|e| {
@@ -600,6 +603,7 @@ impl SharedModel {
                     runtime(e)
                 }
             })?;
+        crate::sync::lock(&self.latency).observe(started.elapsed());
         self.runs.fetch_add(1, Ordering::Relaxed);
         self.requests
             .fetch_add(inputs.len() as u64, Ordering::Relaxed);

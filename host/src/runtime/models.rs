@@ -21,6 +21,7 @@ use ort::session::{RunOptions, Session};
 use super::batching::{Batching, Combiner};
 use super::bindings::wit_inference::InferenceError;
 use super::inference::Provider;
+use crate::plugins::calls::Latency;
 use crate::sync::lock;
 
 /// Loader threads alive at once, process-wide, abandoned ones included: each is busy
@@ -50,6 +51,8 @@ pub struct SharedModel {
     /// Session runs, and the requests they served (more requests than runs: batches).
     pub runs: AtomicU64,
     pub requests: AtomicU64,
+    /// How long its runs took.
+    pub latency: Mutex<Latency>,
 }
 
 impl SharedModel {
@@ -73,6 +76,7 @@ impl SharedModel {
                 .then(Combiner::default),
             runs: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            latency: Mutex::new(Latency::default()),
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct Sandbox {
     pub limits: Arc<PluginLimits>,
     /// The plugin's log rate, shared by all its instances.
     pub log: Arc<LogBudget>,
+    /// The plugin's call figures, shared by all its instances.
+    pub calls: Arc<crate::plugins::calls::CallStats>,
     /// The environment and arguments instances start with.
     pub launch: Launch,
     /// The execution providers the models of these instances run on (what the
