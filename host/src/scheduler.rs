@@ -285,9 +285,10 @@ fn choose(
         for _ in 0..cards_each {
             cards.sort_by(|a, b| a.free.total_cmp(&b.free));
             let Some(card) = cards.iter_mut().find(|c| c.free + 1e-9 >= per_card) else {
-                let free: f64 = cards.iter().map(|c| c.free.max(0.0)).sum();
                 return Err(Error::Conflict(format!(
-                    "not enough {xpu_type} capacity: {count} replica(s) x {quota} asked, {free:.2} free in all"
+                    "not enough {xpu_type} capacity for {count} replica(s) x {quota}: \
+                     each needs {per_card:.2} of a card; considered {}",
+                    considered(xpus, xpu_type, &held)
                 )));
             };
             card.free -= per_card;
@@ -302,6 +303,36 @@ fn choose(
         }
     }
     Ok(chosen)
+}
+
+/// Every card of the machine and what it had, or lacked, for a request of
+/// `xpu_type`: what a refusal says so that the operator sees why each was passed
+/// over.
+fn considered(xpus: &[XpuSample], xpu_type: &str, held: &HashMap<(String, u32), f64>) -> String {
+    if xpus.is_empty() {
+        return "no card at all".into();
+    }
+    xpus.iter()
+        .map(|x| {
+            let what = if !same_type(&x.xpu_type, xpu_type) {
+                format!("is {}", x.xpu_type)
+            } else if x.health == DeviceHealth::Unhealthy {
+                "is unhealthy".to_string()
+            } else {
+                let used = x
+                    .key
+                    .rsplit_once('/')
+                    .and_then(|(driver, index)| {
+                        held.get(&(driver.to_string(), index.parse().ok()?))
+                    })
+                    .copied()
+                    .unwrap_or(0.0);
+                format!("has {:.2} free", (1.0 - used).max(0.0))
+            };
+            format!("{} {what}", x.key)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -357,6 +388,31 @@ mod tests {
         assert!(choose(&ledger, 2, 1.0, "SIM_X", &xpus).is_err());
         let error = choose(&ledger, 1, 0.5, "SIM_X", &[sick]).unwrap_err();
         assert!(error.to_string().contains("unhealthy (sim/0)"), "{error}");
+    }
+
+    /// A refusal for capacity names every card and what it lacked.
+    #[test]
+    fn a_refusal_says_what_each_card_lacked() {
+        let mut sick = card("sim/2");
+        sick.health = DeviceHealth::Unhealthy;
+        let mut other = card("npu/0");
+        other.xpu_type = "NPU_Y".into();
+        let xpus = [card("sim/0"), card("sim/1"), sick, other];
+        let mut ledger = HashMap::new();
+        let held = choose(&ledger, 2, 0.75, "SIM_X", &xpus).unwrap();
+        ledger.insert(
+            "a".to_string(),
+            held.into_iter().map(|(p, _)| p).collect::<Vec<_>>(),
+        );
+        let error = choose(&ledger, 1, 0.5, "SIM_X", &xpus)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "considered sim/0 has 0.25 free, sim/1 has 0.25 free, sim/2 is unhealthy, npu/0 is NPU_Y"
+            ),
+            "{error}"
+        );
     }
 
     #[test]
