@@ -476,3 +476,42 @@ fn each_pods_partition_is_in_the_metrics_with_its_owner() {
         );
     }
 }
+
+/// The node carries its drivers' labels (A.9, C.3), and `labelSelector` keys
+/// under `xpu.` choose cards by them: a selector no card satisfies is refused
+/// naming what each card lacked.
+#[test]
+fn labels_published_by_drivers_are_shown_and_select_cards() {
+    let (_platform, server, cluster) = setup();
+    let (_, nodes) = server.get(&format!("/CCP/cluster/nodes?clusterCode={cluster}"));
+    let labels = &nodes["data"][0]["xpuLabels"];
+    let sim = labels
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["driver"] == "sim-xpu")
+        .unwrap_or_else(|| panic!("{nodes}"));
+    assert_eq!(sim["labels"]["xpu.model"], "SIMULATED_XPU16");
+    assert_eq!(sim["labels"]["xpu.count"], "2");
+    assert_eq!(sim["labels"]["xpu.simulated"], "true");
+    let node = nodes["data"][0]["nodeId"].as_str().unwrap();
+    let (_, monitors) = server.get(&format!("/CCP/node/monitors/{node}?clusterCode={cluster}"));
+    assert_eq!(monitors["data"]["xpuLabels"], *labels, "{monitors}");
+
+    let mut elsewhere = example_workload(&cluster);
+    elsewhere["labelSelector"] = json!({ "app": "test", "xpu.model": "NVIDIA_T4" });
+    let (status, body) = server.post("/CCP/algoService/workloads", elsewhere);
+    assert_eq!(status, 409, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("sim-xpu/0 lacks xpu.model=NVIDIA_T4 (has SIMULATED_XPU16)"),
+        "{message}"
+    );
+    assert_eq!(partitions(&server, "sim-xpu"), 0, "nothing was placed");
+
+    let mut here = example_workload(&cluster);
+    here["labelSelector"] = json!({ "app": "test", "xpu.model": "SIMULATED_XPU16" });
+    let (status, body) = server.post("/CCP/algoService/workloads", here);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(partitions(&server, "sim-xpu"), 2);
+}

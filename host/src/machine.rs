@@ -52,6 +52,8 @@ pub struct XpuSample {
     pub health: DeviceHealth,
     /// No hardware behind it (a simulator the operator asked for).
     pub simulated: bool,
+    /// Its driver's scheduling labels (shared by the driver's cards and samples).
+    pub labels: Arc<[(String, String)]>,
 }
 
 #[derive(Clone, Debug)]
@@ -285,6 +287,7 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
                     .map(|p| f64::from(p) / 100.0),
                 health: device.health,
                 simulated: snapshot.simulated,
+                labels: snapshot.labels.clone(),
             });
         }
     }
@@ -382,6 +385,7 @@ mod tests {
             decode_utilization: None,
             health: DeviceHealth::Healthy,
             simulated: false,
+            labels: Arc::from([]),
         }
     }
 

@@ -98,6 +98,7 @@ impl MachinePackages {
                 1,
                 quota,
                 xpu_type,
+                &Default::default(),
                 xpus,
             )?;
         }

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub simulated: bool,
     pub devices: Vec<Device>,
     pub metrics: Metrics,
+    /// The scheduling labels the driver publishes (`xpu.model`, `xpu.count`, ...).
+    pub labels: Arc<[(String, String)]>,
     pub at: SystemTime,
 }
 
@@ -148,13 +150,20 @@ impl SampleCache {
     }
 }
 
-fn sample_one(driver: &Driver) -> Result<Snapshot, DriverFailure> {
+fn sample_one(name: &str, driver: &Driver) -> Result<Snapshot, DriverFailure> {
     let devices = driver.devices()?;
     let metrics = driver.sample()?;
+    // Labels are not figures: a driver that publishes none (or fails to) still has
+    // its cards counted, and selectors find nothing on them.
+    let labels = driver.labels().unwrap_or_else(|e| {
+        tracing::debug!(plugin = %name, "no scheduling labels: {e}");
+        Vec::new()
+    });
     Ok(Snapshot {
         simulated: driver.info().is_some_and(|i| i.simulated),
         devices,
         metrics,
+        labels: labels.into_iter().map(|l| (l.key, l.value)).collect(),
         at: SystemTime::now(),
     })
 }
@@ -163,7 +172,7 @@ fn sample_one(driver: &Driver) -> Result<Snapshot, DriverFailure> {
 /// needs before the periodic sampler has run.
 pub fn sample_all_now(registry: &Registry, cache: &SampleCache) {
     for (name, driver) in registry.drivers() {
-        match sample_one(&driver) {
+        match sample_one(&name, &driver) {
             Ok(snapshot) => cache.put(&name, snapshot),
             Err(e) => {
                 tracing::warn!(plugin = %name, "no sample at start: {e}");
@@ -195,7 +204,7 @@ pub fn spawn(
                 }
                 let cache = cache.clone();
                 tokio::task::spawn_blocking(move || {
-                    match sample_one(&driver) {
+                    match sample_one(&name, &driver) {
                         Ok(snapshot) => cache.put(&name, snapshot),
                         // The supervisor or the contract check has logged the cause;
                         // the transition to "no figures" is logged by the cache.
@@ -224,6 +233,7 @@ mod tests {
                 cards: Vec::new(),
                 instances: Vec::new(),
             },
+            labels: Arc::from([]),
             at: SystemTime::now() - age,
         }
     }

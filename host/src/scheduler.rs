@@ -8,7 +8,7 @@
 //! share as compute share and memory); where it cannot, this ledger's accounting
 //! still holds.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -101,14 +101,16 @@ impl Scheduler {
         self.ledger().get(owner).cloned().unwrap_or_default()
     }
 
-    /// Places `count` more replicas of `quota` on cards of `xpu_type` for `owner`,
-    /// with partitions where drivers can. All of them, or none (and nothing kept).
+    /// Places `count` more replicas of `quota` on cards of `xpu_type` whose
+    /// drivers' labels hold every pair of `selector`, for `owner`, with partitions
+    /// where drivers can. All of them, or none (and nothing kept).
     pub fn reserve(
         &self,
         owner: &str,
         count: u32,
         quota: f64,
         xpu_type: &str,
+        selector: &BTreeMap<String, String>,
         xpus: &[XpuSample],
     ) -> Result<Vec<Placement>> {
         if !(quota == 0.0 || (quota > 0.0 && quota <= 1.0) || quota.fract() == 0.0) {
@@ -132,7 +134,7 @@ impl Scheduler {
                 })
                 .collect()
         } else {
-            choose(&ledger, count, quota, xpu_type, xpus)?
+            choose(&ledger, count, quota, xpu_type, selector, xpus)?
         };
         let mut made: Vec<Placement> = Vec::new();
         for (placement, memory_mib) in chosen {
@@ -224,6 +226,7 @@ fn choose(
     count: u32,
     quota: f64,
     xpu_type: &str,
+    selector: &BTreeMap<String, String>,
     xpus: &[XpuSample],
 ) -> Result<Vec<(Placement, Option<u64>)>> {
     let mut held: HashMap<(String, u32), f64> = HashMap::new();
@@ -238,7 +241,7 @@ fn choose(
         .collect();
     let mut cards: Vec<Card<'_>> = of_type
         .iter()
-        .filter(|x| x.health != DeviceHealth::Unhealthy)
+        .filter(|x| x.health != DeviceHealth::Unhealthy && lacks(x, selector).is_none())
         .filter_map(|x| {
             let (driver, index) = x.key.rsplit_once('/')?;
             let index: u32 = index.parse().ok()?;
@@ -254,6 +257,12 @@ fn choose(
             })
         })
         .collect();
+    if cards.is_empty() && of_type.iter().any(|x| x.health != DeviceHealth::Unhealthy) {
+        return Err(Error::Conflict(format!(
+            "no {xpu_type} accelerator has the labels asked for: considered {}",
+            considered(xpus, xpu_type, selector, &held)
+        )));
+    }
     if cards.is_empty() && !of_type.is_empty() {
         return Err(Error::Conflict(format!(
             "every {xpu_type} accelerator on this machine is unhealthy ({})",
@@ -288,7 +297,7 @@ fn choose(
                 return Err(Error::Conflict(format!(
                     "not enough {xpu_type} capacity for {count} replica(s) x {quota}: \
                      each needs {per_card:.2} of a card; considered {}",
-                    considered(xpus, xpu_type, &held)
+                    considered(xpus, xpu_type, selector, &held)
                 )));
             };
             card.free -= per_card;
@@ -305,10 +314,25 @@ fn choose(
     Ok(chosen)
 }
 
+/// The first pair of `selector` the card's driver's labels do not hold.
+fn lacks<'s>(
+    card: &XpuSample,
+    selector: &'s BTreeMap<String, String>,
+) -> Option<(&'s String, &'s String)> {
+    selector
+        .iter()
+        .find(|(key, value)| !card.labels.iter().any(|(k, v)| k == *key && v == *value))
+}
+
 /// Every card of the machine and what it had, or lacked, for a request of
 /// `xpu_type`: what a refusal says so that the operator sees why each was passed
 /// over.
-fn considered(xpus: &[XpuSample], xpu_type: &str, held: &HashMap<(String, u32), f64>) -> String {
+fn considered(
+    xpus: &[XpuSample],
+    xpu_type: &str,
+    selector: &BTreeMap<String, String>,
+    held: &HashMap<(String, u32), f64>,
+) -> String {
     if xpus.is_empty() {
         return "no card at all".into();
     }
@@ -318,6 +342,12 @@ fn considered(xpus: &[XpuSample], xpu_type: &str, held: &HashMap<(String, u32), 
                 format!("is {}", x.xpu_type)
             } else if x.health == DeviceHealth::Unhealthy {
                 "is unhealthy".to_string()
+            } else if let Some((key, value)) = lacks(x, selector) {
+                let has = x.labels.iter().find(|(k, _)| k == key);
+                match has {
+                    Some((_, other)) => format!("lacks {key}={value} (has {other})"),
+                    None => format!("lacks {key}={value}"),
+                }
             } else {
                 let used = x
                     .key
@@ -339,6 +369,10 @@ fn considered(xpus: &[XpuSample], xpu_type: &str, held: &HashMap<(String, u32), 
 mod tests {
     use super::*;
 
+    fn none() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
     fn card(key: &str) -> XpuSample {
         XpuSample {
             key: key.into(),
@@ -349,6 +383,7 @@ mod tests {
             decode_utilization: None,
             health: DeviceHealth::Healthy,
             simulated: false,
+            labels: Arc::from([("xpu.model".to_string(), "SIM_X".to_string())]),
         }
     }
 
@@ -356,22 +391,27 @@ mod tests {
     fn fills_used_cards_first_and_refuses_over_commit() {
         let xpus = [card("sim/0"), card("sim/1")];
         let mut ledger = HashMap::new();
-        let first = choose(&ledger, 1, 0.5, "sim x", &xpus).unwrap();
+        let first = choose(&ledger, 1, 0.5, "sim x", &none(), &xpus).unwrap();
         ledger.insert(
             "a".to_string(),
             first.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
         );
         // The half-used card takes the next half.
-        let second = choose(&ledger, 1, 0.5, "SIM_X", &xpus).unwrap();
+        let second = choose(&ledger, 1, 0.5, "SIM_X", &none(), &xpus).unwrap();
         assert_eq!(second[0].0.card, first[0].0.card);
         ledger.insert(
             "b".to_string(),
             second.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
         );
         // One card left: two whole cards do not fit.
-        assert!(choose(&ledger, 1, 2.0, "SIM_X", &xpus).is_err());
-        assert_eq!(choose(&ledger, 1, 1.0, "SIM_X", &xpus).unwrap().len(), 1);
-        assert!(choose(&ledger, 1, 0.5, "OTHER", &xpus)
+        assert!(choose(&ledger, 1, 2.0, "SIM_X", &none(), &xpus).is_err());
+        assert_eq!(
+            choose(&ledger, 1, 1.0, "SIM_X", &none(), &xpus)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(choose(&ledger, 1, 0.5, "OTHER", &none(), &xpus)
             .unwrap_err()
             .to_string()
             .contains("present: SIM_X"));
@@ -383,10 +423,10 @@ mod tests {
         sick.health = DeviceHealth::Unhealthy;
         let xpus = [sick.clone(), card("sim/1")];
         let ledger = HashMap::new();
-        let chosen = choose(&ledger, 1, 1.0, "SIM_X", &xpus).unwrap();
+        let chosen = choose(&ledger, 1, 1.0, "SIM_X", &none(), &xpus).unwrap();
         assert_eq!(chosen[0].0.card, Some(("sim".to_string(), 1)));
-        assert!(choose(&ledger, 2, 1.0, "SIM_X", &xpus).is_err());
-        let error = choose(&ledger, 1, 0.5, "SIM_X", &[sick]).unwrap_err();
+        assert!(choose(&ledger, 2, 1.0, "SIM_X", &none(), &xpus).is_err());
+        let error = choose(&ledger, 1, 0.5, "SIM_X", &none(), &[sick]).unwrap_err();
         assert!(error.to_string().contains("unhealthy (sim/0)"), "{error}");
     }
 
@@ -399,18 +439,38 @@ mod tests {
         other.xpu_type = "NPU_Y".into();
         let xpus = [card("sim/0"), card("sim/1"), sick, other];
         let mut ledger = HashMap::new();
-        let held = choose(&ledger, 2, 0.75, "SIM_X", &xpus).unwrap();
+        let held = choose(&ledger, 2, 0.75, "SIM_X", &none(), &xpus).unwrap();
         ledger.insert(
             "a".to_string(),
             held.into_iter().map(|(p, _)| p).collect::<Vec<_>>(),
         );
-        let error = choose(&ledger, 1, 0.5, "SIM_X", &xpus)
+        let error = choose(&ledger, 1, 0.5, "SIM_X", &none(), &xpus)
             .unwrap_err()
             .to_string();
         assert!(
             error.contains(
                 "considered sim/0 has 0.25 free, sim/1 has 0.25 free, sim/2 is unhealthy, npu/0 is NPU_Y"
             ),
+            "{error}"
+        );
+    }
+
+    /// Cards are chosen by their drivers' labels, and a refusal says which label
+    /// each card lacked.
+    #[test]
+    fn labels_select_cards() {
+        let mut other = card("gen2/0");
+        other.labels = Arc::from([("xpu.model".to_string(), "SIM_X2".to_string())]);
+        let xpus = [card("sim/0"), other];
+        let ledger = HashMap::new();
+        let wants = |value: &str| BTreeMap::from([("xpu.model".to_string(), value.to_string())]);
+        let chosen = choose(&ledger, 1, 0.5, "SIM_X", &wants("SIM_X2"), &xpus).unwrap();
+        assert_eq!(chosen[0].0.card, Some(("gen2".to_string(), 0)));
+        let error = choose(&ledger, 1, 0.5, "SIM_X", &wants("SIM_X3"), &xpus)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("sim/0 lacks xpu.model=SIM_X3 (has SIM_X), gen2/0 lacks xpu.model=SIM_X3 (has SIM_X2)"),
             "{error}"
         );
     }

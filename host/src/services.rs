@@ -398,6 +398,7 @@ impl Services {
                 record.replicas,
                 record.gpu_quota,
                 &record.gpu_type,
+                &Default::default(),
                 xpus,
             )
             .map_err(|e| match e {

@@ -132,6 +132,23 @@ impl WorkloadRecord {
     }
 }
 
+impl WorkloadSpec {
+    /// The `labelSelector` pairs that select cards (keys under `xpu.`).
+    pub fn card_selector(&self) -> BTreeMap<String, String> {
+        self.label_selector
+            .iter()
+            .filter(|(k, _)| is_card_label(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// A label key drivers publish (`xpu.model`, `xpu.count`, ...): in a
+/// `labelSelector`, it selects the cards pods go on rather than the pods.
+fn is_card_label(key: &str) -> bool {
+    key.starts_with("xpu.")
+}
+
 fn key(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{cluster}/{namespace}/{name}")
 }
@@ -257,10 +274,12 @@ fn validate(spec: &WorkloadSpec) -> Result<()> {
     if let Some((k, v)) = spec
         .label_selector
         .iter()
+        .filter(|(k, _)| !is_card_label(k))
         .find(|(k, v)| spec.labels.get(*k) != Some(*v))
     {
         return Err(Error::Invalid(format!(
-            "labelSelector {k}={v} does not select the pod labels"
+            "labelSelector {k}={v} does not select the pod labels (keys under xpu. \
+             select cards by their drivers' labels instead)"
         )));
     }
     Ok(())
@@ -366,9 +385,14 @@ impl Workloads {
             key(&spec.cluster_code, &spec.namespace, &spec.name)
         );
         // The placements live in the scheduler's ledger under `owner`.
-        let placements = self
-            .scheduler
-            .reserve(&owner, count, spec.xpu, &spec.xpu_type, xpus)?;
+        let placements = self.scheduler.reserve(
+            &owner,
+            count,
+            spec.xpu,
+            &spec.xpu_type,
+            &spec.card_selector(),
+            xpus,
+        )?;
         let args = arguments(spec)?;
         Ok(placements
             .iter()

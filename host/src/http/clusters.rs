@@ -197,6 +197,9 @@ struct NodeView {
     /// Null when the data directory's disk is not found.
     disk: Option<u32>,
     xpu_resources: Vec<XpuResource>,
+    /// The scheduling labels its accelerators' drivers publish (not in the text):
+    /// `labelSelector` keys under `xpu.` select cards by them.
+    xpu_labels: Vec<super::DriverLabels>,
 }
 
 pub fn routes() -> OpenApiRouter<App> {
@@ -347,6 +350,7 @@ async fn list_nodes(
     let facts = app.machine.facts();
     let ip = facts.ip.to_string();
     let xpus = app.xpu_inventory();
+    let labels = app.xpu_labels();
     Ok(Reply::data(
         nodes
             .iter()
@@ -363,6 +367,7 @@ async fn list_nodes(
                     memoy: memory,
                     disk: facts.disk_total_gb.map(|gb| gb as u32),
                     xpu_resources: xpus.clone(),
+                    xpu_labels: labels.clone(),
                 }
             })
             .collect(),

@@ -92,6 +92,13 @@ impl Deref for App {
     }
 }
 
+/// One driver's scheduling labels on this node (A.9, C.3; not in the text).
+#[derive(Clone, Debug, serde::Serialize, ToSchema)]
+pub struct DriverLabels {
+    pub driver: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// How a client reaches this xpud (A.6).
 pub struct Access {
     pub external_address: String,
@@ -141,6 +148,23 @@ impl App {
         self.machine_packages
             .user_of_file(id)
             .or_else(|| self.workloads.user_of_package(id))
+    }
+
+    /// The scheduling labels each driver publishes for this node (what
+    /// `labelSelector` keys under `xpu.` select cards by).
+    pub fn xpu_labels(&self) -> Vec<DriverLabels> {
+        let mut out: Vec<DriverLabels> = Vec::new();
+        for xpu in self.xpus() {
+            let driver = xpu.key.rsplit_once('/').map_or(&*xpu.key, |(d, _)| d);
+            if out.iter().any(|l| l.driver == driver) {
+                continue;
+            }
+            out.push(DriverLabels {
+                driver: driver.to_string(),
+                labels: xpu.labels.iter().cloned().collect(),
+            });
+        }
+        out
     }
 
     /// This machine's accelerators by type.

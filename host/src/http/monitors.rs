@@ -95,6 +95,8 @@ struct NodeMonitorInfo {
     ip: String,
     #[serde(flatten)]
     usage: Usage,
+    /// The scheduling labels its accelerators' drivers publish (not in the text).
+    xpu_labels: Vec<super::DriverLabels>,
 }
 
 /// Table C.8 (the node id also comes in the path).
@@ -227,5 +229,6 @@ async fn node_monitor(
         id: 1,
         ip: app.external_ip().to_string(),
         usage: usage(&app, 1),
+        xpu_labels: app.xpu_labels(),
     }))
 }
