@@ -515,3 +515,31 @@ fn labels_published_by_drivers_are_shown_and_select_cards() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(partitions(&server, "sim-xpu"), 2);
 }
+
+/// A share of a card whose driver cannot partition it cannot be enforced: it is
+/// refused with the reason; the whole card is not.
+#[test]
+fn a_share_of_a_card_that_cannot_be_shared_is_refused() {
+    let (_platform, server, cluster) = setup();
+    server.plugins.install_as("chaos", "chaos", |m| {
+        set(m, "config", "mode", "unshared".into())
+    });
+    assert!(wait_for(Duration::from_secs(10), || server
+        .app
+        .xpus()
+        .iter()
+        .any(|x| &*x.xpu_type == "CHAOS_TEST")));
+    let mut workload = example_workload(&cluster);
+    workload["xpuType"] = json!("CHAOS_TEST");
+    workload["replicas"] = json!(1);
+    let (status, body) = server.post("/CCP/algoService/workloads", workload.clone());
+    assert_eq!(status, 409, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("driver chaos cannot share card 0"),
+        "{message}"
+    );
+    workload["xpu"] = json!(1);
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 200, "{body}");
+}

@@ -194,8 +194,17 @@ impl Scheduler {
         };
         match driver.create_partition(spec) {
             Ok(partition) => placement.partition = Some(partition.id),
+            // A whole card needs no partition; a share the driver cannot enforce
+            // is not offered as one.
+            Err(DriverFailure::Driver(DriverError::Unsupported(why))) if placement.quota >= 1.0 => {
+                tracing::debug!(%owner, driver = %driver_name, "no partition ({why}); the whole card is held");
+            }
             Err(DriverFailure::Driver(DriverError::Unsupported(why))) => {
-                tracing::debug!(%owner, driver = %driver_name, "no partition ({why}); host accounting only");
+                return Err(Error::Conflict(format!(
+                    "driver {driver_name} cannot share card {index} ({why}): a share of {:.1} \
+                     cannot be enforced; ask for whole cards",
+                    placement.quota
+                )))
             }
             Err(e) => {
                 return Err(Error::Conflict(format!(

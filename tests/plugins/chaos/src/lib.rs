@@ -26,7 +26,9 @@
 //! - `unlisted`: `partitions` always fails, and the second `sample` of each
 //!   incarnation traps (a driver whose partitions cannot be listed after a crash);
 //! - `die-at`: healthy until the wall clock passes config `at-ms` (Unix ms), then
-//!   every `devices` call traps, in every incarnation: a driver that died.
+//!   every `devices` call traps, in every incarnation: a driver that died;
+//! - `unshared`: healthy, but `create-partition` is unsupported (a driver that
+//!   cannot share its cards).
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -178,6 +180,11 @@ impl Driver for Chaos {
     }
 
     fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
+        if self.mode == "unshared" {
+            return Err(DriverError::Unsupported(
+                "chaos cannot partition its card".into(),
+            ));
+        }
         let spec = if self.mode == "bogus-partition" {
             PartitionSpec {
                 device_index: 99,
