@@ -330,3 +330,59 @@ fn simulated_cards_load_only_on_request_and_say_so() {
     let (_, monitors) = server.get(&format!("/CCP/cluster/monitors/{code}"));
     assert_eq!(monitors["data"]["xpuMonitors"][0]["simulated"], true);
 }
+
+/// Device health transitions are logged and kept: `/plugins` lists each
+/// driver's changes and every device's current health.
+#[test]
+fn device_health_changes_are_kept_and_shown() {
+    let server = TestServer::start(&[]);
+    server.plugins.install_as("chaos", "chaos", |m| {
+        set(m, "config", "mode", "health-cycle".into())
+    });
+    let changes = || -> Vec<(String, String)> {
+        server.get("/plugins").1["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "chaos")
+            .and_then(|p| p["health_changes"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                assert_eq!(c["device"], "chaos:0");
+                assert!(c["at"].as_u64().unwrap() > 0);
+                (
+                    c["from"].as_str().unwrap().to_string(),
+                    c["to"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let cycle = [
+        ("healthy", "degraded"),
+        ("degraded", "unhealthy"),
+        ("unhealthy", "healthy"),
+    ];
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let seen = changes();
+            cycle
+                .iter()
+                .all(|(from, to)| seen.iter().any(|(f, t)| f == from && t == to))
+        }),
+        "{:?}",
+        changes()
+    );
+    let (_, plugins) = server.get("/plugins");
+    let chaos = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "chaos")
+        .unwrap();
+    let health = chaos["devices"][0]["health"].as_str().unwrap();
+    assert!(
+        ["healthy", "degraded", "unhealthy"].contains(&health),
+        "{chaos}"
+    );
+}

@@ -24,7 +24,6 @@ use crate::machine::Machine;
 use crate::plugins::calls::{Latency, BUCKETS};
 use crate::plugins::supervisor::Health;
 use crate::plugins::{Kind, Registry};
-use crate::runtime::bindings::driver_types::Health as DeviceHealth;
 use crate::sampler::SampleCache;
 use crate::scheduler::Scheduler;
 use crate::tasks::{TaskStatus, Tasks};
@@ -155,15 +154,6 @@ fn states(labels: &Labels, all: &[&'static str], current: &str, into: &mut Vec<(
     }
 }
 
-fn device_health(health: DeviceHealth) -> &'static str {
-    match health {
-        DeviceHealth::Healthy => "healthy",
-        DeviceHealth::Degraded => "degraded",
-        DeviceHealth::Unhealthy => "unhealthy",
-        DeviceHealth::Unknown => "unknown",
-    }
-}
-
 impl Collector for Sources {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let host = self.machine.facts().host_name.clone();
@@ -209,7 +199,7 @@ impl Sources {
                 states(
                     &labels,
                     &["healthy", "degraded", "unhealthy", "unknown"],
-                    device_health(device.health),
+                    crate::sampler::health_name(device.health),
                     &mut f.health,
                 );
                 if let Some(card) = metrics.get(&device.index) {

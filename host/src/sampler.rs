@@ -47,8 +47,43 @@ pub struct Sampling {
     pub last_error: Option<String>,
 }
 
+/// A device whose health its driver reported changed.
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthChange {
+    #[schema(value_type = u64)]
+    #[serde(serialize_with = "unix_ms")]
+    pub at: SystemTime,
+    pub device: String,
+    pub index: u32,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+fn unix_ms<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+/// Health changes kept per driver (the newest).
+const HEALTH_CHANGES_KEPT: usize = 32;
+
+pub fn health_name(health: crate::runtime::bindings::driver_types::Health) -> &'static str {
+    use crate::runtime::bindings::driver_types::Health;
+    match health {
+        Health::Healthy => "healthy",
+        Health::Degraded => "degraded",
+        Health::Unhealthy => "unhealthy",
+        Health::Unknown => "unknown",
+    }
+}
+
 pub struct SampleCache {
     snapshots: RwLock<HashMap<String, Snapshot>>,
+    /// Each driver's latest device health changes, oldest first.
+    health_changes: Mutex<HashMap<String, std::collections::VecDeque<HealthChange>>>,
     in_flight: Mutex<HashSet<String>>,
     /// Why each driver's last attempt failed, and whether its figures are withdrawn.
     failures: Mutex<HashMap<String, Failure>>,
@@ -66,6 +101,7 @@ impl SampleCache {
     pub fn new(interval: Duration) -> SampleCache {
         SampleCache {
             snapshots: RwLock::default(),
+            health_changes: Mutex::default(),
             in_flight: Mutex::default(),
             failures: Mutex::default(),
             max_age: (interval * MISSED_INTERVALS).max(MIN_MAX_AGE),
@@ -100,12 +136,54 @@ impl SampleCache {
     }
 
     fn put(&self, driver: &str, snapshot: Snapshot) {
-        crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot);
+        let previous =
+            crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot.clone());
+        if let Some(previous) = previous {
+            self.note_health(driver, &previous, &snapshot);
+        }
         if let Some(failure) = crate::sync::lock(&self.failures).remove(driver) {
             if failure.withdrawn {
                 tracing::warn!(plugin = %driver, "driver answers again: its cards are back");
             }
         }
+    }
+
+    /// Logs and keeps the devices whose health changed between two samples.
+    fn note_health(&self, driver: &str, before: &Snapshot, now: &Snapshot) {
+        for device in &now.devices {
+            let Some(was) = before.devices.iter().find(|d| d.id == device.id) else {
+                continue;
+            };
+            if was.health == device.health {
+                continue;
+            }
+            let (from, to) = (health_name(was.health), health_name(device.health));
+            if to == "healthy" {
+                tracing::info!(plugin = %driver, device = %device.id, from, to, "device health changed");
+            } else {
+                tracing::warn!(plugin = %driver, device = %device.id, from, to, "device health changed");
+            }
+            let mut changes = crate::sync::lock(&self.health_changes);
+            let kept = changes.entry(driver.to_string()).or_default();
+            if kept.len() == HEALTH_CHANGES_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back(HealthChange {
+                at: now.at,
+                device: device.id.clone(),
+                index: device.index,
+                from,
+                to,
+            });
+        }
+    }
+
+    /// The driver's latest device health changes, oldest first.
+    pub fn health_changes(&self, driver: &str) -> Vec<HealthChange> {
+        crate::sync::lock(&self.health_changes)
+            .get(driver)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Records a failed attempt. A broken answer withdraws the figures at once; any
@@ -146,6 +224,7 @@ impl SampleCache {
     /// Drops drivers that are no longer loaded.
     fn retain(&self, names: &HashSet<String>) {
         crate::sync::write(&self.snapshots).retain(|name, _| names.contains(name));
+        crate::sync::lock(&self.health_changes).retain(|name, _| names.contains(name));
         crate::sync::lock(&self.failures).retain(|name, _| names.contains(name));
     }
 }

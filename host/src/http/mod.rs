@@ -536,6 +536,9 @@ struct PluginRow {
     /// Drivers: why the last sampling attempt failed, while it keeps failing.
     #[serde(skip_serializing_if = "Option::is_none")]
     sample_error: Option<String>,
+    /// Drivers: their devices' latest health changes (up to 32), oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    health_changes: Vec<crate::sampler::HealthChange>,
 }
 
 #[derive(serde::Serialize, ToSchema)]
@@ -543,6 +546,9 @@ struct DeviceRow {
     id: String,
     index: u32,
     accelerator_type: String,
+    /// As the driver reports it: healthy, degraded, unhealthy, unknown (an
+    /// unhealthy card is not placed on).
+    health: &'static str,
     memory_total_mib: Option<u64>,
     pci_bus_id: Option<String>,
 }
@@ -566,6 +572,7 @@ async fn plugins(State(state): State<App>) -> Json<PluginList> {
                             id: d.id.clone(),
                             index: d.index,
                             accelerator_type: d.accelerator_type.clone(),
+                            health: crate::sampler::health_name(d.health),
                             memory_total_mib: d.memory_total_mib,
                             pci_bus_id: d.pci_bus_id.clone(),
                         })
@@ -578,6 +585,7 @@ async fn plugins(State(state): State<App>) -> Json<PluginList> {
                 }),
                 stale: sampling.stale,
                 sample_error: sampling.last_error,
+                health_changes: state.samples.health_changes(&plugin.name),
                 plugin,
             }
         })

@@ -28,7 +28,9 @@
 //! - `die-at`: healthy until the wall clock passes config `at-ms` (Unix ms), then
 //!   every `devices` call traps, in every incarnation: a driver that died;
 //! - `unshared`: healthy, but `create-partition` is unsupported (a driver that
-//!   cannot share its cards).
+//!   cannot share its cards);
+//! - `health-cycle`: its card goes healthy, degraded, unhealthy, healthy, ... one
+//!   step every 4 `devices` calls.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -39,6 +41,7 @@ struct Chaos {
     mode: String,
     path: String,
     samples: u32,
+    devices_calls: u32,
     partitions: Vec<Partition>,
     next_partition: u32,
 }
@@ -53,6 +56,7 @@ impl Driver for Chaos {
                 .unwrap_or("")
                 .to_string(),
             samples: 0,
+            devices_calls: 0,
             partitions: Vec::new(),
             next_partition: 0,
         };
@@ -114,6 +118,13 @@ impl Driver for Chaos {
             }
             _ => {}
         }
+        self.devices_calls += 1;
+        let health = if self.mode == "health-cycle" {
+            [Health::Healthy, Health::Degraded, Health::Unhealthy]
+                [(self.devices_calls / 4 % 3) as usize]
+        } else {
+            Health::Healthy
+        };
         Ok(vec![Device {
             id: "chaos:0".into(),
             uuid: None,
@@ -123,7 +134,7 @@ impl Driver for Chaos {
             decoder_units: None,
             encoder_units: None,
             pci_bus_id: None,
-            health: Health::Healthy,
+            health,
         }])
     }
 
