@@ -86,6 +86,32 @@ fn services_place_replicas_and_tasks_bind_to_them() {
     assert_eq!(data["replicasDetail"].as_array().unwrap().len(), 2);
     // Two half-card partitions in the driver.
     assert_eq!(partitions(&server, "sim-xpu"), 2);
+    // Each replica shows its partition's figures as the driver reports them.
+    let (_, driver) = server
+        .app
+        .registry
+        .drivers()
+        .into_iter()
+        .find(|(name, _)| name == "sim-xpu")
+        .unwrap();
+    let reported = driver.partitions().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || {
+        let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
+        body["data"]["replicasDetail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r.get("aiUtilizationPct").is_some())
+    }));
+    let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
+    for replica in body["data"]["replicasDetail"].as_array().unwrap() {
+        let partition = reported
+            .iter()
+            .find(|p| replica["partition"] == p.id.as_str())
+            .unwrap_or_else(|| panic!("{replica}"));
+        assert_eq!(replica["memoryQuotaMib"], partition.spec.memory_quota_mib);
+        assert!(replica["memoryUsedMib"].as_u64().is_some(), "{replica}");
+    }
 
     // Over-commit: 3 x 0.5 more would need 1.5 cards; 1 is left. Refused, nothing taken.
     let (status, body) = server.post(

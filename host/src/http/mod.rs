@@ -150,6 +150,21 @@ impl App {
             .or_else(|| self.workloads.user_of_package(id))
     }
 
+    /// What `driver` reports now of its partition `partition` (none when its
+    /// figures are stale or it reports none).
+    pub fn instance_figures(
+        &self,
+        driver: &str,
+        partition: &str,
+    ) -> Option<crate::runtime::bindings::driver_types::InstanceMetrics> {
+        self.samples
+            .get(driver)?
+            .metrics
+            .instances
+            .into_iter()
+            .find(|i| i.partition_id == partition)
+    }
+
     /// The scheduling labels each driver publishes for this node (what
     /// `labelSelector` keys under `xpu.` select cards by).
     pub fn xpu_labels(&self) -> Vec<DriverLabels> {
