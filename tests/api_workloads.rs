@@ -475,6 +475,30 @@ fn each_pods_partition_is_in_the_metrics_with_its_owner() {
             partition.spec.memory_quota_mib as f64
         );
     }
+    // B.7: each pod names its card and partition, with the same figures.
+    let (_, body) = server.call(
+        Method::GET,
+        "/CCP/algoService/pods",
+        Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
+    );
+    let pods = body["data"]["pods"].as_array().unwrap();
+    let mut named: Vec<&str> = pods
+        .iter()
+        .map(|pod| {
+            let partition = reported
+                .iter()
+                .find(|p| pod["partition"] == p.id.as_str())
+                .unwrap_or_else(|| panic!("{pod}"));
+            assert_eq!(pod["memoryQuotaMib"], partition.spec.memory_quota_mib);
+            assert_eq!(
+                pod["card"],
+                format!("sim-xpu/{}", partition.spec.device_index).as_str()
+            );
+            partition.id.as_str()
+        })
+        .collect();
+    named.dedup();
+    assert_eq!(named.len(), 2, "one partition per pod");
 }
 
 /// The node carries its drivers' labels (A.9, C.3), and `labelSelector` keys

@@ -159,6 +159,8 @@ pub struct PodState {
     pub pod: PodRecord,
     pub workload: WorkloadSpec,
     pub worker: WorkerStatus,
+    /// Its card and partition (none on CPU).
+    pub placement: Option<crate::scheduler::Placement>,
 }
 
 impl PodState {
@@ -530,15 +532,22 @@ impl Workloads {
     pub fn pods(&self, cluster: &str, namespace: &str, name: &str) -> Result<Vec<PodState>> {
         let state = self.read();
         let live = Self::find(&state, cluster, namespace, name)?;
+        // Pods and their placements are in the same order: scaling up appends to
+        // both, scaling down takes the last of both.
+        let placements = self
+            .scheduler
+            .held_by(&format!("workload:{}", live.record.key()));
         Ok(live
             .record
             .pods
             .iter()
             .zip(&live.workers)
-            .map(|(pod, worker)| PodState {
+            .enumerate()
+            .map(|(i, (pod, worker))| PodState {
                 pod: pod.clone(),
                 workload: live.record.spec.clone(),
                 worker: worker.status(),
+                placement: placements.get(i).cloned(),
             })
             .collect())
     }
