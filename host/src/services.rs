@@ -323,29 +323,26 @@ impl Services {
             .map(|r| format!("algorithm service {}", r.record.id))
     }
 
-    /// GPU quota held, by algorithm (D.5 `gpuUsedetail`).
-    pub fn quota_by_algorithm(&self) -> Vec<(String, f64)> {
-        let mut totals: Vec<(String, f64)> = Vec::new();
+    /// The card placements held, by algorithm (D.5 `gpuUsedetail`).
+    pub fn placements_by_algorithm(&self) -> Vec<(String, Vec<Placement>)> {
+        let mut held: Vec<(String, Vec<Placement>)> = Vec::new();
         for running in self.read().iter() {
-            let held: f64 = running
+            let on_cards = running
                 .record
                 .placements
                 .iter()
                 .filter(|p| p.card.is_some())
-                .map(|p| p.quota)
-                .sum();
-            if held == 0.0 {
-                continue;
-            }
-            match totals
+                .cloned();
+            match held
                 .iter_mut()
                 .find(|(algo, _)| *algo == running.record.algo_id)
             {
-                Some((_, total)) => *total += held,
-                None => totals.push((running.record.algo_id.clone(), held)),
+                Some((_, placements)) => placements.extend(on_cards),
+                None => held.push((running.record.algo_id.clone(), on_cards.collect())),
             }
         }
-        totals
+        held.retain(|(_, placements)| !placements.is_empty());
+        held
     }
 
     /// The environment of a service's instances: the package's `env`, then F.2

@@ -36,6 +36,14 @@ struct BasicInfo {
 pub struct GpuUseDetail {
     pub algo_id: String,
     pub gpu_quota: f64,
+    /// Its partitions' AI utilisation as their drivers report it, mean of those
+    /// that report one, % (not in the table; absent when none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ai_utilization_pct: Option<f64>,
+    /// Memory its partitions use, summed over those that report it, MiB (not in
+    /// the table; absent when none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used_mib: Option<u64>,
 }
 
 /// Table D.12, `opsInfos[]`.
@@ -101,9 +109,29 @@ async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
             .and_then(|s| percent(s.disk_used_gb?, s.disk_total_gb?)),
         gpu_usedetail: app
             .services
-            .quota_by_algorithm()
+            .placements_by_algorithm()
             .into_iter()
-            .map(|(algo_id, gpu_quota)| GpuUseDetail { algo_id, gpu_quota })
+            .map(|(algo_id, placements)| {
+                let figures: Vec<_> = placements
+                    .iter()
+                    .filter_map(|p| {
+                        let (driver, _) = p.card.as_ref()?;
+                        app.instance_figures(driver, p.partition.as_ref()?)
+                    })
+                    .collect();
+                let utilization: Vec<f64> = figures
+                    .iter()
+                    .filter_map(|f| f.ai_utilization_pct.map(f64::from))
+                    .collect();
+                let memory: Vec<u64> = figures.iter().filter_map(|f| f.memory_used_mib).collect();
+                GpuUseDetail {
+                    algo_id,
+                    gpu_quota: placements.iter().map(|p| p.quota).sum(),
+                    ai_utilization_pct: (!utilization.is_empty())
+                        .then(|| utilization.iter().sum::<f64>() / utilization.len() as f64),
+                    memory_used_mib: (!memory.is_empty()).then(|| memory.iter().sum()),
+                }
+            })
             .collect(),
     };
     let basic = BasicInfo {
