@@ -137,6 +137,19 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     let pods = pods["data"]["pods"].as_array().unwrap().clone();
     assert_eq!(pods.len(), 2);
     assert!(pods.iter().all(|p| p["ready"] == true), "{pods:?}");
+    // The ledger came back whole: the service's and the workload's halves fill
+    // both cards again, so one more half is refused, every card named.
+    let (status, refused) = api.call(
+        reqwest::Method::POST,
+        "/CAP/AlgoServices",
+        Some(json!({ "envs": "", "replicas": 1, "gpuType": "SIMULATED_XPU16", "algoId": "algo" })),
+    );
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["msg"].as_str().unwrap();
+    assert!(
+        message.contains("sim-xpu/0 has 0.00 free") && message.contains("sim-xpu/1 has 0.00 free"),
+        "{message}"
+    );
     // Live again: the task resumes on its re-placed service.
     assert_eq!(
         api.post(&format!("/CAP/AlgoTasks/{task}:resume"), json!({}))["data"],
