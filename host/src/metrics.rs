@@ -15,9 +15,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as Exposition;
 
 use crate::machine::Machine;
@@ -71,78 +72,72 @@ impl Metrics {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A gauge family from its samples; none at all when there are none.
+/// A family of `metric_type` from its samples, each written by `sample`; none at
+/// all when there are no samples.
+fn family<T>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: &[(Labels, T)],
+    sample: impl Fn(&T, MetricEncoder) -> std::fmt::Result,
+) -> std::fmt::Result {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in samples {
+        sample(value, family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn gauges(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: &[(Labels, f64)],
 ) -> std::fmt::Result {
-    if samples.is_empty() {
-        return Ok(());
-    }
-    let mut family = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Gauge,
-    )?;
-    for (labels, value) in samples {
-        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, name, help, MetricType::Gauge, samples, |v, e| {
+        ConstGauge::new(*v).encode(e)
+    })
 }
 
-/// A counter family (`name` without `_total`, which the encoding adds).
+/// Counters (`name` without `_total`, which the encoding adds).
 fn counters(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: &[(Labels, u64)],
 ) -> std::fmt::Result {
-    if samples.is_empty() {
-        return Ok(());
-    }
-    let mut family = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Counter,
-    )?;
-    for (labels, value) in samples {
-        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, name, help, MetricType::Counter, samples, |v, e| {
+        ConstCounter::new(*v).encode(e)
+    })
 }
 
-/// A histogram family over `BUCKETS`.
+/// Histograms over `BUCKETS`.
 fn histograms(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     samples: &[(Labels, Latency)],
 ) -> std::fmt::Result {
-    if samples.is_empty() {
-        return Ok(());
-    }
-    let mut family = encoder.encode_descriptor(
+    family(
+        encoder,
         name,
         help,
-        None,
-        prometheus_client::metrics::MetricType::Histogram,
-    )?;
-    for (labels, latency) in samples {
-        let buckets: Vec<(f64, u64)> = BUCKETS
-            .iter()
-            .copied()
-            .chain([f64::INFINITY])
-            .zip(latency.buckets)
-            .collect();
-        family
-            .encode_family(labels)?
-            .encode_histogram::<NoLabelSet>(latency.seconds, latency.count, &buckets, None)?;
-    }
-    Ok(())
+        MetricType::Histogram,
+        samples,
+        |latency, mut e| {
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .copied()
+                .chain([f64::INFINITY])
+                .zip(latency.buckets)
+                .collect();
+            e.encode_histogram::<NoLabelSet>(latency.seconds, latency.count, &buckets, None)
+        },
+    )
 }
 
 /// A state set: one sample per state, 1 for the current one.
