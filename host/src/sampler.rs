@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::plugins::driver::{Driver, DriverFailure};
 use crate::plugins::Registry;
-use crate::runtime::bindings::driver_types::{Device, Metrics};
+use crate::runtime::bindings::driver_types::{Device, InstanceMetrics, Metrics};
 
 /// Sampling intervals a driver may miss before its figures are withdrawn.
 const MISSED_INTERVALS: u32 = 3;
@@ -120,6 +120,19 @@ impl SampleCache {
         crate::sync::read(&self.snapshots)
             .get(driver)
             .filter(|s| self.fresh(s))
+            .cloned()
+    }
+
+    /// What `driver` reports now of its partition `partition`: none while its
+    /// figures are stale or when it reports none. Read in place.
+    pub fn instance(&self, driver: &str, partition: &str) -> Option<InstanceMetrics> {
+        crate::sync::read(&self.snapshots)
+            .get(driver)
+            .filter(|s| self.fresh(s))?
+            .metrics
+            .instances
+            .iter()
+            .find(|i| i.partition_id == partition)
             .cloned()
     }
 

@@ -116,7 +116,7 @@ async fn status(State(app): State<App>) -> Answer<CodeIntMessage, CapStatus> {
                     .iter()
                     .filter_map(|p| {
                         let (driver, _) = p.card.as_ref()?;
-                        app.instance_figures(driver, p.partition.as_ref()?)
+                        app.samples.instance(driver, p.partition.as_ref()?)
                     })
                     .collect();
                 let utilization: Vec<f64> = figures

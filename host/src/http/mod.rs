@@ -92,6 +92,26 @@ impl Deref for App {
     }
 }
 
+/// Where a replica (F.5) or pod (B.7) runs, and what its partition uses as the
+/// driver reports it (§10.1 d; not in the tables, clients ignore them). A figure
+/// the driver does not report is absent.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placed {
+    /// `driver/index` of its card; absent on CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    card: Option<String>,
+    /// The driver's partition, where it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ai_utilization_pct: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_used_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_quota_mib: Option<u64>,
+}
+
 /// One driver's scheduling labels on this node (A.9, C.3; not in the text).
 #[derive(Clone, Debug, serde::Serialize, ToSchema)]
 pub struct DriverLabels {
@@ -150,19 +170,20 @@ impl App {
             .or_else(|| self.workloads.user_of_package(id))
     }
 
-    /// What `driver` reports now of its partition `partition` (none when its
-    /// figures are stale or it reports none).
-    pub fn instance_figures(
-        &self,
-        driver: &str,
-        partition: &str,
-    ) -> Option<crate::runtime::bindings::driver_types::InstanceMetrics> {
-        self.samples
-            .get(driver)?
-            .metrics
-            .instances
-            .into_iter()
-            .find(|i| i.partition_id == partition)
+    /// Where a replica or pod runs, with its partition's current figures.
+    pub fn placed(&self, placement: Option<&crate::scheduler::Placement>) -> Placed {
+        let card = placement.and_then(|p| p.card.as_ref());
+        let partition = placement.and_then(|p| p.partition.clone());
+        let figures = card
+            .zip(partition.as_ref())
+            .and_then(|((driver, _), partition)| self.samples.instance(driver, partition));
+        Placed {
+            card: card.map(|(driver, index)| format!("{driver}/{index}")),
+            partition,
+            ai_utilization_pct: figures.as_ref().and_then(|f| f.ai_utilization_pct),
+            memory_used_mib: figures.as_ref().and_then(|f| f.memory_used_mib),
+            memory_quota_mib: figures.as_ref().map(|f| f.memory_quota_mib),
+        }
     }
 
     /// The scheduling labels each driver publishes for this node (what

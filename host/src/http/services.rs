@@ -80,22 +80,10 @@ struct ReplicaDetail {
     node_ipv4: String,
     status: ServiceStatus,
     status_desc: String,
-    /// `driver/index` of its card; absent on CPU.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    card: Option<String>,
-    /// The driver's partition, where it made one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    partition: Option<String>,
+    #[serde(flatten)]
+    placed: super::Placed,
     /// The execution providers its models run on (`cpu`, `cuda`).
     inference: Vec<&'static str>,
-    /// Its partition's figures as the driver reports them (§10.1 d); absent when
-    /// the driver reports none.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ai_utilization_pct: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory_used_mib: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory_quota_mib: Option<u64>,
 }
 
 /// Table F.13.
@@ -182,31 +170,17 @@ async fn detail(
         replicas_detail: live
             .replicas
             .into_iter()
-            .map(|replica| {
-                let figures = replica.placement.as_ref().and_then(|p| {
-                    let (driver, _) = p.card.as_ref()?;
-                    app.instance_figures(driver, p.partition.as_ref()?)
-                });
-                ReplicaDetail {
-                    node_host: facts.host_name.clone(),
-                    node_ipv4: app.external_ip().to_string(),
-                    status: match replica.worker.phase() {
-                        Phase::Running => ServiceStatus::Running,
-                        Phase::Starting | Phase::Restarting => ServiceStatus::Starting,
-                        Phase::Failed => ServiceStatus::Error,
-                    },
-                    status_desc: replica.worker.describe(),
-                    card: replica
-                        .placement
-                        .as_ref()
-                        .and_then(|p| p.card.as_ref())
-                        .map(|(driver, index)| format!("{driver}/{index}")),
-                    partition: replica.placement.and_then(|p| p.partition),
-                    inference: replica.inference,
-                    ai_utilization_pct: figures.as_ref().and_then(|f| f.ai_utilization_pct),
-                    memory_used_mib: figures.as_ref().and_then(|f| f.memory_used_mib),
-                    memory_quota_mib: figures.as_ref().map(|f| f.memory_quota_mib),
-                }
+            .map(|replica| ReplicaDetail {
+                node_host: facts.host_name.clone(),
+                node_ipv4: app.external_ip().to_string(),
+                status: match replica.worker.phase() {
+                    Phase::Running => ServiceStatus::Running,
+                    Phase::Starting | Phase::Restarting => ServiceStatus::Starting,
+                    Phase::Failed => ServiceStatus::Error,
+                },
+                status_desc: replica.worker.describe(),
+                placed: app.placed(replica.placement.as_ref()),
+                inference: replica.inference,
             })
             .collect(),
         status: live.status,

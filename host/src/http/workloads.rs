@@ -221,20 +221,8 @@ struct PodVo {
     ready: bool,
     deployment_name: String,
     labels: Vec<Label>,
-    /// `driver/index` of its card; absent on CPU (not in the text).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    card: Option<String>,
-    /// The driver's partition, where it made one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    partition: Option<String>,
-    /// Its partition's figures as the driver reports them (§10.1 d); absent when
-    /// the driver reports none.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ai_utilization_pct: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory_used_mib: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory_quota_mib: Option<u64>,
+    #[serde(flatten)]
+    placed: super::Placed,
 }
 
 /// Table B.26.
@@ -299,12 +287,6 @@ fn info(app: &App, record: &WorkloadRecord) -> crate::error::Result<WorkloadInfo
 
 fn pod_vo(app: &App, pod: &PodState) -> PodVo {
     let ip = app.external_ip().to_string();
-    let card = pod.placement.as_ref().and_then(|p| p.card.clone());
-    let partition = pod.placement.as_ref().and_then(|p| p.partition.clone());
-    let figures = card
-        .as_ref()
-        .zip(partition.as_ref())
-        .and_then(|((driver, _), partition)| app.instance_figures(driver, partition));
     PodVo {
         name: pod.pod.name.clone(),
         node_name: app.machine.facts().host_name.clone(),
@@ -332,11 +314,7 @@ fn pod_vo(app: &App, pod: &PodState) -> PodVo {
                 value: value.clone(),
             })
             .collect(),
-        card: card.map(|(driver, index)| format!("{driver}/{index}")),
-        partition,
-        ai_utilization_pct: figures.as_ref().and_then(|f| f.ai_utilization_pct),
-        memory_used_mib: figures.as_ref().and_then(|f| f.memory_used_mib),
-        memory_quota_mib: figures.as_ref().map(|f| f.memory_quota_mib),
+        placed: app.placed(pod.placement.as_ref()),
     }
 }
 
