@@ -214,16 +214,24 @@ impl Outbox {
             let mut over_count = (queued - MAX_QUEUED_PER_TASK as i64).max(0) as u64;
             let mut over_bytes = bytes.saturating_sub(MAX_QUEUED_BYTES_PER_TASK);
             let (mut count, mut freed) = (0u64, 0u64);
-            if over_count > 0 || over_bytes > 0 {
-                let oldest: Vec<(i64, i64)> = tx
-                    .prepare(
-                        "SELECT seq, octet_length(body) FROM event_queue WHERE task_id = ?1 \
-                         ORDER BY seq",
-                    )?
-                    .query_map([task], |row| Ok((row.get(0)?, row.get(1)?)))?
+            // The oldest go, read a few at a time: a queue held at its bound (a
+            // receiver down for long) drops a handful per frame, not a scan of
+            // the whole queue.
+            let mut oldest = tx.prepare_cached(
+                "SELECT seq, octet_length(body) FROM event_queue WHERE task_id = ?1 \
+                 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut delete = tx.prepare_cached("DELETE FROM event_queue WHERE seq = ?1")?;
+            while over_count > 0 || over_bytes > 0 {
+                let chunk: Vec<(i64, i64)> = oldest
+                    .query_map((task, over_count.clamp(1, 64) as i64), |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut delete = tx.prepare_cached("DELETE FROM event_queue WHERE seq = ?1")?;
-                for (seq, size) in oldest {
+                if chunk.is_empty() {
+                    break;
+                }
+                for (seq, size) in chunk {
                     if over_count == 0 && over_bytes == 0 {
                         break;
                     }
@@ -235,6 +243,7 @@ impl Outbox {
                     freed += size;
                 }
             }
+            drop((oldest, delete));
             tx.commit()?;
             Ok((count, freed))
         });
