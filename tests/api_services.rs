@@ -87,14 +87,7 @@ fn services_place_replicas_and_tasks_bind_to_them() {
     // Two half-card partitions in the driver.
     assert_eq!(partitions(&server, "sim-xpu"), 2);
     // Each replica shows its partition's figures as the driver reports them.
-    let (_, driver) = server
-        .app
-        .registry
-        .drivers()
-        .into_iter()
-        .find(|(name, _)| name == "sim-xpu")
-        .unwrap();
-    let reported = driver.partitions().unwrap();
+    let reported = reported_partitions(&server, "sim-xpu");
     assert!(wait_for(Duration::from_secs(10), || {
         let (_, body) = server.get(&format!("/CAP/AlgoServices/{service}"));
         body["data"]["replicasDetail"]

@@ -440,14 +440,7 @@ fn each_pods_partition_is_in_the_metrics_with_its_owner() {
     let (_platform, server, cluster) = setup();
     let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
     assert_eq!(status, 200, "{body}");
-    let (_, driver) = server
-        .app
-        .registry
-        .drivers()
-        .into_iter()
-        .find(|(name, _)| name == "sim-xpu")
-        .unwrap();
-    let reported = driver.partitions().unwrap();
+    let reported = reported_partitions(&server, "sim-xpu");
     assert_eq!(reported.len(), 2);
     let owner = format!("workload:{cluster}/default/human-detect");
     let instances = || {

@@ -53,6 +53,15 @@ fn detail(server: &TestServer, id: &str) -> serde_json::Value {
     server.get(&format!("/CAP/AlgoTasks/{id}")).1["data"].clone()
 }
 
+/// Waits up to `secs` for task `id` to read `wanted`; fails with its detail.
+fn reaches(server: &TestServer, id: &str, wanted: &str, secs: u64) {
+    assert!(
+        wait_for(Duration::from_secs(secs), || status(server, id) == wanted),
+        "{}",
+        detail(server, id)
+    );
+}
+
 fn status(server: &TestServer, id: &str) -> String {
     detail(server, id)["taskInfo"]["status"]
         .as_str()
@@ -76,12 +85,7 @@ fn a_file_task_analyses_every_sampled_frame_and_delivers_its_events() {
             "NEVER",
         ),
     );
-    assert!(
-        wait_for(Duration::from_secs(30), || status(&server, &id)
-            == "FINISHED"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "FINISHED", 30);
     assert!(wait_for(Duration::from_secs(10), || receiver
         .events()
         .len()
@@ -123,12 +127,7 @@ fn an_http_source_is_read_like_a_file() {
     let video = test_video(server.data.path(), "served.mp4", 2, "320x240");
     let (url, _) = platform.publish("served.mp4", &std::fs::read(video).unwrap());
     let id = create(&server, task(&service, &url, &receiver.url, "NEVER"));
-    assert!(
-        wait_for(Duration::from_secs(30), || status(&server, &id)
-            == "FINISHED"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "FINISHED", 30);
     assert!(wait_for(Duration::from_secs(10), || receiver
         .events()
         .len()
@@ -291,12 +290,7 @@ fn a_running_task_and_its_queue_survive_a_restart() {
     first.shutdown();
     let data = first.data.path().to_path_buf();
     let second = TestServer::start_with(&[], |config| config.data_dir = data);
-    assert!(
-        wait_for(Duration::from_secs(30), || status(&second, &id)
-            == "RUNNING"),
-        "{}",
-        detail(&second, &id)
-    );
+    reaches(&second, &id, "RUNNING", 30);
     receiver
         .down
         .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -367,12 +361,7 @@ fn area_intrusion_finds_the_crossing_and_the_stay_and_nothing_in_the_mask() {
         }
     });
     let id = create(&server, task);
-    assert!(
-        wait_for(Duration::from_secs(60), || status(&server, &id)
-            == "FINISHED"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "FINISHED", 60);
     assert!(wait_for(Duration::from_secs(10), || {
         detail(&server, &id)["taskInfo"]["progress"]["eventsQueued"] == 0
     }));
@@ -451,12 +440,7 @@ fn a_yolov8_head_is_decoded_end_to_end() {
         }
     });
     let id = create(&server, task);
-    assert!(
-        wait_for(Duration::from_secs(30), || status(&server, &id)
-            == "FINISHED"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "FINISHED", 30);
     assert!(wait_for(Duration::from_secs(10), || receiver
         .events()
         .len()
@@ -486,12 +470,7 @@ fn an_rtsp_source_is_read_and_reconnected_when_it_comes_back() {
         &server,
         task(&service, &camera.url, &receiver.url, "ALWAYS"),
     );
-    assert!(
-        wait_for(Duration::from_secs(30), || status(&server, &id)
-            == "RUNNING"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "RUNNING", 30);
     assert!(wait_for(Duration::from_secs(20), || receiver
         .events()
         .len()
@@ -509,12 +488,7 @@ fn an_rtsp_source_is_read_and_reconnected_when_it_comes_back() {
     );
     assert_eq!(status(&server, &id), "PENDING");
     camera.start_again();
-    assert!(
-        wait_for(Duration::from_secs(60), || status(&server, &id)
-            == "RUNNING"),
-        "{}",
-        detail(&server, &id)
-    );
+    reaches(&server, &id, "RUNNING", 60);
     let before = receiver.events().len();
     assert!(wait_for(Duration::from_secs(20), || receiver
         .events()

@@ -60,10 +60,8 @@ fn main() {
         server
             .app
             .registry
-            .drivers()
-            .into_iter()
-            .find(|(name, _)| name == "sim-xpu")
-            .map(|(_, d)| d)
+            .get("sim-xpu")
+            .and_then(|p| p.driver().cloned())
     };
     assert!(wait_for(Duration::from_secs(20), || driver()
         .is_some_and(|d| d.devices().is_ok_and(|d| d.len() == 8))));

@@ -226,25 +226,15 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
-fn rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// A `/proc/PID/FILE` line's figure in KiB (`VmRSS:` of `status`, `Pss:` of
+/// `smaps_rollup`: resident memory with shared pages, ffmpeg's libraries shared by
+/// every ffmpeg, divided among the processes sharing them); 0 when absent.
+fn proc_kib(pid: &str, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Proportional set size (KiB): resident memory with shared pages (ffmpeg's
-/// libraries, shared by every ffmpeg) divided among the processes sharing them.
-fn pss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Pss:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
@@ -259,9 +249,9 @@ fn memory() -> (u64, u64) {
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
         .flat_map(|c| c.split_whitespace().map(str::to_string).collect::<Vec<_>>())
-        .map(|pid| pss_kib(&pid))
+        .map(|pid| proc_kib(&pid, "smaps_rollup", "Pss:"))
         .sum();
-    (rss_kib(&me), children)
+    (proc_kib(&me, "status", "VmRSS:"), children)
 }
 
 fn spec(video: &std::path::Path) -> Spec {

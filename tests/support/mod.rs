@@ -621,16 +621,24 @@ pub fn passthrough_package_with(
     std::fs::read(out).unwrap()
 }
 
-/// How many partitions driver `driver` of `server` holds.
-pub fn partitions(server: &TestServer, driver: &str) -> usize {
-    let (_, driver) = server
+/// The partitions driver `driver` of `server` reports.
+pub fn reported_partitions(
+    server: &TestServer,
+    driver: &str,
+) -> Vec<xpud::runtime::bindings::driver_types::Partition> {
+    server
         .app
         .registry
-        .drivers()
-        .into_iter()
-        .find(|(name, _)| name == driver)
-        .unwrap_or_else(|| panic!("no driver {driver}"));
-    driver.partitions().unwrap().len()
+        .get(driver)
+        .and_then(|p| p.driver().cloned())
+        .unwrap_or_else(|| panic!("no driver {driver}"))
+        .partitions()
+        .unwrap()
+}
+
+/// How many partitions driver `driver` of `server` holds.
+pub fn partitions(server: &TestServer, driver: &str) -> usize {
+    reported_partitions(server, driver).len()
 }
 
 /// `xpud serve --config CONFIG` as a process, stderr to `log`; returns it with the
