@@ -424,4 +424,38 @@ mod tests {
         assert!(without.get("image").is_none());
         assert!(without["objects"][0].get("image").is_none());
     }
+
+    /// One frame's documents carry at most `MAX_CROPS_PER_FRAME` crops and
+    /// `MAX_IMAGE_BYTES_PER_FRAME` of images, however many events ask.
+    #[test]
+    fn a_frames_images_are_bounded() {
+        // Noise: a JPEG that does not compress (a few MB for 1080p).
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let pixels: Vec<u8> = (0..1920 * 1080 * 3)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let frame = Frame::new(1920, 1080, 0, PixelFormat::Rgb8, pixels.into()).unwrap();
+        let mut snapshots = Snapshots::new("t", &frame);
+        let crops = (0..MAX_CROPS_PER_FRAME + 8)
+            .filter_map(|_| snapshots.crop(0.0, 0.0, 0.01, 0.01))
+            .count();
+        assert_eq!(crops, MAX_CROPS_PER_FRAME);
+        let mut carried = 0;
+        let mut copies = 0;
+        while let Some(image) = snapshots.full() {
+            carried += image.len();
+            copies += 1;
+            assert!(copies < 256, "the budget never ran out");
+        }
+        assert!(
+            copies >= 1 && carried <= MAX_IMAGE_BYTES_PER_FRAME,
+            "{copies} copies, {carried} bytes"
+        );
+        assert!(snapshots.full().is_none(), "spent stays spent");
+    }
 }
