@@ -36,11 +36,11 @@ fn plugin_check_describes_a_good_plugin_and_refuses_bad_ones() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains("world:    Driver (xpu:plugin@0.1.0)"),
+        stdout.contains("world:    Driver (xpu:plugin@0.2.0)"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("export:   xpu:plugin/driver@0.1.0"),
+        stdout.contains("export:   xpu:plugin/driver@0.2.0"),
         "{stdout}"
     );
     assert!(stdout.contains("links:    ok"), "{stdout}");
@@ -59,7 +59,7 @@ fn plugin_check_describes_a_good_plugin_and_refuses_bad_ones() {
     std::fs::copy(&wasm, &copy).unwrap();
     std::fs::write(
         dir.path().join("sim-xpu.toml"),
-        "name = \"sim-xpu\"\nversion = \"0.1.0\"\nkind = \"driver\"\napi = \"0.1.0\"\n\
+        "name = \"sim-xpu\"\nversion = \"0.1.0\"\nkind = \"driver\"\napi = \"0.2.0\"\n\
          sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n",
     )
     .unwrap();

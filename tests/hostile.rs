@@ -140,7 +140,7 @@ fn a_partition_that_is_not_the_one_asked_for_is_undone_and_refused() {
         compute_share_pct: 25,
     };
     let reason = refusal(chaos.create_partition(asked));
-    assert!(reason.contains("does not match"), "{reason}");
+    assert!(reason.contains("does not cover"), "{reason}");
     // What the driver made was destroyed, and the host's ledger holds nothing.
     assert!(chaos.partitions().unwrap().is_empty());
 }

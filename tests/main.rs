@@ -14,6 +14,7 @@ mod cli;
 mod hostile;
 mod interop;
 mod metrics;
+mod nvidia;
 mod openapi;
 mod platform;
 mod plugin_host;

@@ -53,6 +53,72 @@ fn reference_plugins_load_from_the_directory() {
     assert!(views.iter().all(|v| v.state == "loaded"));
 }
 
+/// Plugins built against `xpu:plugin@0.1.0` (wit-bindgen on wit/v0.1.0, no SDK)
+/// keep loading and running beside 0.2 ones: a driver with its partitions, and an
+/// algorithm (wobbly, which the video tests run end to end).
+#[test]
+fn plugins_built_against_0_1_keep_running_beside_0_2() {
+    let plugins = PluginDir::new();
+    for name in ["legacy-driver", "sim-xpu", "wobbly"] {
+        plugins.install(name);
+    }
+    let registry = registry(&plugins, &no_grants());
+    let report = registry.scan();
+    assert_eq!(report.loaded, vec!["legacy-driver", "sim-xpu", "wobbly"]);
+    let api = |name: &str| {
+        registry
+            .views()
+            .into_iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.api)
+            .unwrap()
+    };
+    assert_eq!(api("legacy-driver"), "0.1.0");
+    assert_eq!(api("wobbly"), "0.1.0");
+    assert_eq!(api("sim-xpu"), "0.2.0");
+
+    let legacy = registry.get("legacy-driver").unwrap();
+    let driver = legacy.driver().unwrap();
+    assert_eq!(driver.info().unwrap().accelerator_types, vec!["LEGACY_X1"]);
+    assert_eq!(driver.devices().unwrap()[0].memory_total_mib, Some(8192));
+    let spec = PartitionSpec {
+        device_index: 0,
+        isolation: Isolation::Soft,
+        slicing: Slicing::Time,
+        memory_quota_mib: 2048,
+        compute_share_pct: 25,
+    };
+    let partition = driver.create_partition(spec).unwrap();
+    let sample = driver.sample().unwrap();
+    assert_eq!(sample.cards[0].ai_utilization_pct, Some(25.0));
+    assert_eq!(sample.instances.len(), 1);
+    assert_eq!(sample.instances[0].memory_used_mib, Some(1024));
+    driver.destroy_partition(&partition.id).unwrap();
+    assert!(driver.sample().unwrap().instances.is_empty());
+
+    let wobbly = registry.get("wobbly").unwrap();
+    let worker = wobbly.algorithm().unwrap().spawn_worker();
+    let session = worker
+        .open_session(vec![xpud::runtime::bindings::analyzer::Rule {
+            event_type: "INTRUSION".into(),
+            areas: vec![],
+            masks: vec![],
+            extend_params: "{}".into(),
+        }])
+        .unwrap();
+    let frame = xpud::runtime::frames::Frame::new(
+        8,
+        8,
+        0,
+        xpud::runtime::bindings::wit_frames::PixelFormat::Gray8,
+        vec![0u8; 64].into(),
+    )
+    .unwrap();
+    let events = worker.process(session, &frame).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].label, "INTRUSION");
+}
+
 #[test]
 fn sim_xpu_accounts_partitions_and_refuses_over_commit() {
     let plugins = PluginDir::new();
@@ -153,7 +219,7 @@ fn bad_plugins_are_refused_with_the_reason() {
     });
     // An API version this host does not implement.
     plugins.install_as("sim-xpu", "future-api", |mut m| {
-        m.insert("api".into(), "0.2.0".into());
+        m.insert("api".into(), "0.3.0".into());
         m
     });
     // An algorithm declared as a driver: the driver export is missing.
@@ -198,7 +264,7 @@ fn bad_plugins_are_refused_with_the_reason() {
         reason("bad-kind")
     );
     assert!(
-        reason("future-api").contains("0.2.0"),
+        reason("future-api").contains("0.3.0"),
         "{}",
         reason("future-api")
     );

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use xpud::plugins::driver::Driver;
 use xpud::plugins::supervisor::RestartPolicy;
-use xpud::runtime::bindings::driver::DriverPluginPre;
+use xpud::runtime::bindings::{Api, DriverPre};
 use xpud::runtime::cache::CompileCache;
 use xpud::runtime::inference::InferenceOptions;
 use xpud::runtime::{Runtime, RuntimeOptions, Sandbox};
@@ -100,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             batching: Default::default(),
         },
         limits: Default::default(),
+        nvml_library: None,
     })?;
     let engine = runtime.engine().clone();
     println!(
@@ -151,7 +152,7 @@ fn main() -> anyhow::Result<()> {
 
     // Instantiation.
     let (component, _) = runtime.load_component(&wasm, &sha)?;
-    let pre = DriverPluginPre::new(runtime.linker().instantiate_pre(&component)?)?;
+    let pre = DriverPre::new(Api::V0_2, runtime.linker().instantiate_pre(&component)?)?;
     let sandbox = Sandbox {
         plugin: "sim-xpu".into(),
         preopens: vec![],
@@ -165,6 +166,10 @@ fn main() -> anyhow::Result<()> {
         calls: Default::default(),
         launch: Default::default(),
         providers: Default::default(),
+        nvml: xpud::runtime::nvml::NvmlAccess {
+            bridge: runtime.nvml().clone(),
+            grant: Default::default(),
+        },
     };
     let config = vec![("cards".to_string(), "8".to_string())];
     let native_config = Config::new(config.clone());
@@ -199,12 +204,7 @@ fn main() -> anyhow::Result<()> {
         let mut store = sandbox.new_store(&engine).unwrap();
         store.set_epoch_deadline(1000);
         let b = pre.instantiate(&mut store).unwrap();
-        black_box(
-            b.xpu_plugin_driver()
-                .call_init(&mut store, &config)
-                .unwrap()
-                .unwrap(),
-        );
+        black_box(b.init(&mut store, &config).unwrap().unwrap());
     });
     row(
         "instantiate + init(cards=8)",
@@ -218,8 +218,8 @@ fn main() -> anyhow::Result<()> {
     let mut store = sandbox.new_store(&engine)?;
     store.set_epoch_deadline(u64::MAX / 2);
     let bindings = pre.instantiate(&mut store)?;
-    let driver_if = bindings.xpu_plugin_driver();
-    driver_if.call_init(&mut store, &config)?.unwrap();
+    let driver_if = &bindings;
+    driver_if.init(&mut store, &config)?.unwrap();
     let (mut native, _) = sim::SimXpu::from_config(&native_config).unwrap();
     let native_sample = measure(9, 50_000, || {
         black_box(native.sample().unwrap());
@@ -228,10 +228,10 @@ fn main() -> anyhow::Result<()> {
         black_box(native.partitions().unwrap());
     });
     let empty = measure(9, 50_000, || {
-        black_box(driver_if.call_partitions(&mut store).unwrap().unwrap());
+        black_box(driver_if.partitions(&mut store).unwrap().unwrap());
     });
     let sample = measure(9, 50_000, || {
-        black_box(driver_if.call_sample(&mut store).unwrap().unwrap());
+        black_box(driver_if.sample(&mut store).unwrap().unwrap());
     });
     row(
         "empty call (partitions -> [])",

@@ -11,7 +11,9 @@
 //! max-instances = 256              # live plugin instances (sizes the pooling allocator)
 //! max-memory-mib = 1024            # ceiling on any plugin's memory
 //! grant-root = "/"                 # host directory plugin grants are resolved under
-//! allowed-grants = ["/sys", "/proc/driver"]
+//! allowed-grants = ["/sys", "/proc/driver", "nvml", "nvml:manage"]
+//!                                  # paths, and the NVML bridge (read; MIG changes)
+//! nvml-library = "libnvidia-ml.so.1"   # where NVML is loaded from
 //! simulated-devices = false        # load drivers whose devices are simulated (sim-xpu):
 //!                                  # for trying xpud out and for tests, never production
 //!
@@ -189,6 +191,8 @@ pub struct RuntimeConfig {
     pub max_memory_mib: u64,
     pub grant_root: PathBuf,
     pub allowed_grants: Vec<String>,
+    /// The NVML library; `None`: `libnvidia-ml.so.1` from the loader's path.
+    pub nvml_library: Option<PathBuf>,
     /// Drivers that say their devices are simulated load only when this is set
     /// (`--simulated-devices`): a simulator must never pass for compute.
     pub simulated_devices: bool,
@@ -221,7 +225,13 @@ impl Default for RuntimeConfig {
             max_instances: 256,
             max_memory_mib: 1024,
             grant_root: PathBuf::from("/"),
-            allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
+            allowed_grants: vec![
+                "/sys".into(),
+                "/proc/driver".into(),
+                "nvml".into(),
+                "nvml:manage".into(),
+            ],
+            nvml_library: None,
             simulated_devices: false,
         }
     }

@@ -10,8 +10,7 @@ use sha2::{Digest, Sha256};
 use xpud::config::ServeConfig;
 use xpud::plugins::inspect::inspect;
 use xpud::plugins::{Kind, Manifest};
-use xpud::runtime::bindings::algorithm::AlgorithmPluginPre;
-use xpud::runtime::bindings::driver::DriverPluginPre;
+use xpud::runtime::bindings::{AlgorithmPre, DriverPre};
 use xpud::runtime::inference::InferenceOptions;
 use xpud::runtime::{PluginLimits, Runtime, RuntimeOptions};
 use xpud::server::Server;
@@ -193,6 +192,22 @@ enum PluginCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Load driver NAME from a plugin directory as the server would, and print what
+    /// it reports: its devices, one sample, its labels. On a new machine: does the
+    /// driver see the cards, with which figures?
+    Probe {
+        /// The plugin directory (NAME.toml and NAME.wasm).
+        #[arg(long)]
+        plugin_dir: PathBuf,
+        /// The driver's name.
+        name: String,
+        /// Also make a partition of a seventh of card 0, sample it and destroy it.
+        #[arg(long)]
+        partition: bool,
+        /// The NVML library to load instead of libnvidia-ml.so.1.
+        #[arg(long)]
+        nvml_library: Option<PathBuf>,
+    },
 }
 
 /// Writes `text` and a newline to stdout. A reader that stops early (`| head`)
@@ -216,6 +231,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Plugin(PluginCommand::Check { file }) => check(&file),
+        Command::Plugin(PluginCommand::Probe {
+            plugin_dir,
+            name,
+            partition,
+            nvml_library,
+        }) => probe(&plugin_dir, &name, partition, nvml_library),
         Command::Plugin(PluginCommand::Pack {
             manifest,
             wasm,
@@ -402,6 +423,93 @@ macro_rules! out {
     }};
 }
 
+fn probe(
+    plugin_dir: &Path,
+    name: &str,
+    partition: bool,
+    nvml_library: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use xpud::plugins::registry::{Registry, RegistryOptions};
+    use xpud::runtime::bindings::driver_types::{Isolation, PartitionSpec, Slicing};
+    let defaults = ServeConfig::default();
+    let runtime = Runtime::new(RuntimeOptions {
+        cache_dir: None,
+        max_instances: 4,
+        max_memory_bytes: 256 << 20,
+        inference: InferenceOptions {
+            library: None,
+            providers: vec![],
+            batching: Default::default(),
+        },
+        limits: PluginLimits::default(),
+        nvml_library,
+    })?;
+    let registry = Registry::new(
+        runtime,
+        RegistryOptions {
+            plugin_dir: plugin_dir.to_path_buf(),
+            grant_root: defaults.runtime.grant_root.clone(),
+            allowed_grants: defaults.runtime.allowed_grants.clone(),
+            restart: defaults.restart.clone(),
+            // A probe says what a driver reports, simulated or not.
+            simulated_devices: true,
+        },
+    )?;
+    registry.scan();
+    let Some(plugin) = registry.get(name) else {
+        let why = registry
+            .views()
+            .into_iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.refused)
+            .unwrap_or_else(|| format!("no {name}.toml in {}", plugin_dir.display()));
+        bail!("driver {name} did not load: {why}");
+    };
+    let Some(driver) = plugin.driver() else {
+        bail!("{name} is not a driver");
+    };
+    print_out(&format!("info:     {:?}", driver.info()))?;
+    let devices = driver.devices()?;
+    for device in &devices {
+        print_out(&format!("device:   {device:?}"))?;
+    }
+    let sample = driver.sample()?;
+    for card in &sample.cards {
+        print_out(&format!("card:     {card:?}"))?;
+    }
+    for instance in &sample.instances {
+        print_out(&format!("instance: {instance:?}"))?;
+    }
+    for label in driver.labels()? {
+        print_out(&format!("label:    {}={}", label.key, label.value))?;
+    }
+    if partition {
+        let Some(card) = devices.first() else {
+            bail!("no device to make a partition on");
+        };
+        let spec = PartitionSpec {
+            device_index: card.index,
+            isolation: Isolation::Soft,
+            slicing: Slicing::Time,
+            memory_quota_mib: card.memory_total_mib.unwrap_or(1024) / 8,
+            compute_share_pct: 14,
+        };
+        let made = driver.create_partition(spec)?;
+        print_out(&format!("made:     {made:?}"))?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        for instance in driver.sample()?.instances {
+            print_out(&format!("instance: {instance:?}"))?;
+        }
+        driver.destroy_partition(&made.id)?;
+        print_out(&format!(
+            "left:     {} partitions after destroying {}",
+            driver.partitions()?.len(),
+            made.id
+        ))?;
+    }
+    Ok(())
+}
+
 fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
     let wasm = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
     let sha256 = hex::encode(Sha256::digest(&wasm));
@@ -416,6 +524,7 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
             batching: Default::default(),
         },
         limits: PluginLimits::default(),
+        nvml_library: None,
     })?;
     let (component, report) = runtime
         .load_component(&wasm, &sha256)
@@ -457,8 +566,8 @@ fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
     // The same typed check the server makes at load: the world's export must have
     // the contract's exact signatures, not only the right name.
     let typed = match inspection.kind {
-        Kind::Driver => DriverPluginPre::new(pre).map(drop),
-        Kind::Algorithm => AlgorithmPluginPre::new(pre).map(drop),
+        Kind::Driver => DriverPre::new(inspection.bindings, pre).map(drop),
+        Kind::Algorithm => AlgorithmPre::new(inspection.bindings, pre).map(drop),
     };
     typed.map_err(anyhow::Error::from).with_context(|| {
         format!(

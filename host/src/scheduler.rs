@@ -193,7 +193,14 @@ impl Scheduler {
             compute_share_pct: ((share * 100.0).round() as u8).clamp(1, 100),
         };
         match driver.create_partition(spec) {
-            Ok(partition) => placement.partition = Some(partition.id),
+            Ok(partition) => {
+                // A partition bigger than asked (a MIG profile) holds its whole share.
+                let made = f64::from(partition.spec.compute_share_pct) / 100.0;
+                if placement.quota < 1.0 && made > placement.quota {
+                    placement.quota = made;
+                }
+                placement.partition = Some(partition.id)
+            }
             // A whole card needs no partition; a share the driver cannot enforce
             // is not offered as one.
             Err(DriverFailure::Driver(DriverError::Unsupported(why))) if placement.quota >= 1.0 => {

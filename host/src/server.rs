@@ -54,6 +54,7 @@ impl Server {
                 batching: config.inference.batching(),
             },
             limits: config.plugin_limits.clone(),
+            nvml_library: config.runtime.nvml_library.clone(),
         })?;
         let registry = Arc::new(Registry::new(
             runtime,

@@ -26,7 +26,7 @@
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "../wit/v0.2.0",
         world: "algorithm-plugin",
         pub_export_macro: true,
         export_macro_name: "__export_algorithm_world",

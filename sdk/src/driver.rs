@@ -31,7 +31,7 @@ use std::str::FromStr;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/v0.1.0",
+        path: "../wit/v0.2.0",
         world: "driver-plugin",
         pub_export_macro: true,
         export_macro_name: "__export_driver_world",
@@ -45,6 +45,15 @@ pub use bindings::xpu::plugin::driver_types::{
     CardMetrics, Device, DriverError, DriverInfo, Health, InstanceMetrics, Isolation, Label,
     Metrics, Partition, PartitionSpec, Slicing,
 };
+
+/// NVIDIA's management library, bridged by the host (`xpu:plugin/nvml`).
+///
+/// Calls need the manifest's `[grants] nvml = "read"` (`"manage"` to create and
+/// destroy MIG instances); where the host has no NVML they answer
+/// [`NvmlError::Unavailable`](nvml::NvmlError::Unavailable).
+pub mod nvml {
+    pub use super::bindings::xpu::plugin::nvml::*;
+}
 
 /// The `[config]` table of the plugin's manifest, as the host passed it.
 #[derive(Clone, Debug, Default)]

@@ -1,7 +1,7 @@
 //! # xpud-sdk: write xpud plugins as small Rust crates
 //!
 //! An xpud plugin is a WebAssembly component built for `wasm32-wasip2`. This crate
-//! generates the bindings of the `xpu:plugin@0.1.0` WIT package (`wit/v0.1.0` in the
+//! generates the bindings of the `xpu:plugin@0.2.0` WIT package (`wit/v0.2.0` in the
 //! xpud repository) and hides them behind one trait per world:
 //!
 //! - feature `driver`: implement [`driver::Driver`] and call [`export_driver!`] for an
@@ -31,7 +31,7 @@ extern crate self as xpud_sdk;
 pub use wit_bindgen as __wit_bindgen;
 
 /// The WIT API version this SDK implements.
-pub const API_VERSION: &str = "0.1.0";
+pub const API_VERSION: &str = "0.2.0";
 
 pub mod log;
 

@@ -3,10 +3,10 @@
 //! Use the macros: `xpud_sdk::info!("found {} cards", n)`. Messages go to the host's
 //! structured log, tagged with the plugin's name.
 
-#[cfg(feature = "driver")]
+#[cfg(all(feature = "driver", target_arch = "wasm32"))]
 use crate::driver::bindings::xpu::plugin::log as wit;
 
-#[cfg(all(feature = "algorithm", not(feature = "driver")))]
+#[cfg(all(feature = "algorithm", not(feature = "driver"), target_arch = "wasm32"))]
 use crate::algorithm::bindings::xpu::plugin::log as wit;
 
 /// Severity of a log line.
@@ -19,10 +19,16 @@ pub enum Level {
     Error,
 }
 
-/// Sends one line to the host. Without a world feature there is no host to send to
-/// and the line is dropped.
+/// Sends one line to the host. Built for anything but wasm (a plugin's native unit
+/// tests) there is no host: the line goes to stderr. Without a world feature there
+/// is no host to send to and the line is dropped.
 pub fn log(level: Level, message: &str) {
-    #[cfg(any(feature = "driver", feature = "algorithm"))]
+    #[cfg(all(
+        any(feature = "driver", feature = "algorithm"),
+        not(target_arch = "wasm32")
+    ))]
+    eprintln!("[{level:?}] {message}");
+    #[cfg(all(any(feature = "driver", feature = "algorithm"), target_arch = "wasm32"))]
     {
         let level = match level {
             Level::Trace => wit::Level::Trace,

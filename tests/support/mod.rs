@@ -22,7 +22,7 @@ pub fn repo() -> PathBuf {
 
 /// Where scripts/build-plugins packed a plugin (NAME.wasm + NAME.toml).
 pub fn built(name: &str) -> (PathBuf, PathBuf) {
-    let dir = if matches!(name, "chaos" | "misfit" | "wobbly") {
+    let dir = if matches!(name, "chaos" | "misfit" | "wobbly" | "legacy-driver") {
         repo().join("target/test-plugins")
     } else {
         repo().join("target/plugins")
@@ -114,6 +114,11 @@ pub fn runtime() -> Arc<Runtime> {
 }
 
 pub fn runtime_with(limits: PluginLimits) -> Arc<Runtime> {
+    runtime_nvml(limits, None)
+}
+
+/// A runtime whose NVML bridge loads `nvml_library` (`None`: libnvidia-ml.so.1).
+pub fn runtime_nvml(limits: PluginLimits, nvml_library: Option<PathBuf>) -> Arc<Runtime> {
     Runtime::new(RuntimeOptions {
         cache_dir: None,
         max_instances: 32,
@@ -124,6 +129,7 @@ pub fn runtime_with(limits: PluginLimits) -> Arc<Runtime> {
             batching: Default::default(),
         },
         limits,
+        nvml_library,
     })
     .expect("runtime")
 }
@@ -133,12 +139,27 @@ pub fn registry(plugins: &PluginDir, grant_root: &Path) -> Registry {
 }
 
 pub fn registry_with(plugins: &PluginDir, grant_root: &Path, limits: PluginLimits) -> Registry {
+    registry_nvml(plugins, grant_root, limits, None, &DEFAULT_GRANTS)
+}
+
+/// What the operator allows by default (`[runtime] allowed-grants`).
+pub const DEFAULT_GRANTS: [&str; 4] = ["/sys", "/proc/driver", "nvml", "nvml:manage"];
+
+/// A registry whose NVML bridge loads `nvml_library`, with the operator allowing
+/// `allowed_grants`.
+pub fn registry_nvml(
+    plugins: &PluginDir,
+    grant_root: &Path,
+    limits: PluginLimits,
+    nvml_library: Option<PathBuf>,
+    allowed_grants: &[&str],
+) -> Registry {
     Registry::new(
-        runtime_with(limits),
+        runtime_nvml(limits, nvml_library),
         RegistryOptions {
             plugin_dir: plugins.path().to_path_buf(),
             grant_root: grant_root.to_path_buf(),
-            allowed_grants: vec!["/sys".into(), "/proc/driver".into()],
+            allowed_grants: allowed_grants.iter().map(|g| g.to_string()).collect(),
             restart: quick_restarts(),
             simulated_devices: true,
         },
@@ -1127,4 +1148,36 @@ print(json.dumps(families))
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The stand-in for libnvidia-ml.so.1 (tests/fixtures/fake-nvml), built with `cc`
+/// when its source is newer than the library; `None` (and why) without a compiler.
+pub fn fake_nvml() -> Result<PathBuf, String> {
+    let source = fixture("fake-nvml/fake_nvml.c");
+    let dir = repo().join("target/fake-nvml");
+    let library = dir.join("libnvidia-ml.so.1");
+    let fresh = |lib: &Path| -> bool {
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        matches!((modified(lib), modified(&source)), (Some(l), Some(s)) if l >= s)
+    };
+    if fresh(&library) {
+        return Ok(library);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // Built beside, then renamed: tests running at once never load half a file.
+    let partial = dir.join(format!("libnvidia-ml.so.1.{}", std::process::id()));
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&partial)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("no C compiler (cc): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::rename(&partial, &library).map_err(|e| e.to_string())?;
+    Ok(library)
 }

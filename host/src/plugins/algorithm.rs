@@ -14,10 +14,8 @@ use wasmtime::component::{Resource, ResourceAny};
 use wasmtime::{Engine, Store};
 
 use super::supervisor::{lock, CallError, Incarnation, RestartPolicy, Status, Supervised};
-use crate::runtime::bindings::algorithm::{
-    AlgorithmPlugin as AlgorithmBindings, AlgorithmPluginPre,
-};
 use crate::runtime::bindings::analyzer::{AnalyzerError, Event, Rule};
+use crate::runtime::bindings::{AlgorithmBindings, AlgorithmPre};
 use crate::runtime::frames::Frame;
 use crate::runtime::{Launch, PluginState, Sandbox};
 
@@ -27,7 +25,7 @@ pub struct AlgorithmPlugin {
     name: String,
     engine: Engine,
     sandbox: Sandbox,
-    pre: AlgorithmPluginPre<PluginState>,
+    pre: AlgorithmPre,
     policy: RestartPolicy,
     timeout: Duration,
 }
@@ -70,7 +68,7 @@ impl AlgorithmPlugin {
         name: &str,
         engine: Engine,
         sandbox: Sandbox,
-        pre: AlgorithmPluginPre<PluginState>,
+        pre: AlgorithmPre,
         policy: RestartPolicy,
         timeout: Duration,
     ) -> AlgorithmPlugin {
@@ -135,11 +133,7 @@ fn open_in(
     id: SessionId,
     rules: &[Rule],
 ) -> wasmtime::Result<Result<(), AnalyzerError>> {
-    let opened = inc
-        .bindings
-        .xpu_plugin_analyzer()
-        .session()
-        .call_open(&mut inc.store, rules)?;
+    let opened = inc.bindings.open(&mut inc.store, rules)?;
     Ok(opened.map(|resource| {
         inc.sessions.insert(id, resource);
     }))
@@ -208,7 +202,7 @@ impl AlgorithmWorker {
                 }
                 let resource = inc.sessions[&session];
                 let handle = inc.store.data_mut().table().push(frame.clone())?;
-                let events = inc.bindings.xpu_plugin_analyzer().session().call_process(
+                let events = inc.bindings.process(
                     &mut inc.store,
                     resource,
                     Resource::new_borrow(handle.rep()),

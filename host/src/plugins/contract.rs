@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 
 use crate::runtime::bindings::driver_types::{
-    Device, DriverInfo, Label, Metrics, Partition, PartitionSpec,
+    Device, DriverInfo, Isolation, Label, Metrics, Partition, PartitionSpec, Slicing,
 };
 use crate::runtime::PluginLimits;
 
@@ -213,8 +213,11 @@ pub fn partitions(partitions: &[Partition], limits: &PluginLimits) -> Result<(),
     Ok(())
 }
 
-/// A partition the driver says it made for `asked`: the same spec, on a device it
-/// reported, within that device's memory.
+/// A partition the driver says it made for `asked`: on the device asked for, one it
+/// reported, within that device's memory, and covering the spec. A driver may give
+/// more than asked where the hardware comes in fixed sizes (a MIG profile): at least
+/// the memory and compute share, isolation as strong, and space slicing for space
+/// (space slicing also serves a time-sliced ask: the slice is the replica's alone).
 pub fn created(
     asked: &PartitionSpec,
     made: &Partition,
@@ -223,14 +226,15 @@ pub fn created(
 ) -> Result<(), Violation> {
     text("partition id", &made.id, limits)?;
     let s = &made.spec;
-    let same = s.device_index == asked.device_index
-        && s.isolation == asked.isolation
-        && s.slicing == asked.slicing
-        && s.memory_quota_mib == asked.memory_quota_mib
-        && s.compute_share_pct == asked.compute_share_pct;
-    if !same {
+    let covers = s.device_index == asked.device_index
+        && (s.isolation == asked.isolation || s.isolation == Isolation::Hard)
+        && (s.slicing == asked.slicing || s.slicing == Slicing::Space)
+        && s.memory_quota_mib >= asked.memory_quota_mib
+        && s.compute_share_pct >= asked.compute_share_pct
+        && (1..=100).contains(&s.compute_share_pct);
+    if !covers {
         return Err(format!(
-            "partition {:?} does not match the spec asked for (device {}, {} MiB, {} %): \
+            "partition {:?} does not cover the spec asked for (device {}, {} MiB, {} %): \
              device {}, {} MiB, {} %",
             made.id,
             asked.device_index,
@@ -374,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_must_be_the_one_asked_for_on_a_real_device() {
+    fn a_partition_must_cover_the_one_asked_for_on_a_real_device() {
         use crate::runtime::bindings::driver_types::{Isolation, Slicing};
         let limits = PluginLimits::default();
         let asked = PartitionSpec {
@@ -396,7 +400,42 @@ mod tests {
         };
         assert!(created(&asked, &made(other), Some(&devices), &limits)
             .unwrap_err()
-            .contains("does not match"));
+            .contains("on a device of"));
+        // More than asked, in a stronger mode: a MIG instance for a soft share.
+        let mig = PartitionSpec {
+            isolation: Isolation::Hard,
+            slicing: Slicing::Space,
+            memory_quota_mib: 2048,
+            compute_share_pct: 57,
+            ..asked
+        };
+        assert!(created(&asked, &made(mig), Some(&devices), &limits).is_ok());
+        // Less than asked, or weaker, is refused.
+        for short in [
+            PartitionSpec {
+                memory_quota_mib: 512,
+                ..asked
+            },
+            PartitionSpec {
+                compute_share_pct: 40,
+                ..asked
+            },
+            PartitionSpec {
+                compute_share_pct: 101,
+                ..asked
+            },
+        ] {
+            assert!(created(&asked, &made(short), Some(&devices), &limits)
+                .unwrap_err()
+                .contains("does not cover"));
+        }
+        let hard = PartitionSpec {
+            isolation: Isolation::Hard,
+            ..asked
+        };
+        assert!(created(&hard, &made(asked), Some(&devices), &limits)
+            .unwrap_err()
+            .contains("does not cover"));
         let missing = PartitionSpec {
             device_index: 9,
             ..asked

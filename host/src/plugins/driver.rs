@@ -17,10 +17,10 @@ use wasmtime::{Engine, Store};
 
 use super::contract::{self, Violation};
 use super::supervisor::{lock, CallError, Incarnation, RestartPolicy, Status, Supervised};
-use crate::runtime::bindings::driver::{DriverPlugin as DriverBindings, DriverPluginPre};
 use crate::runtime::bindings::driver_types::{
     Device, DriverError, DriverInfo, Label, Metrics, Partition, PartitionSpec,
 };
+use crate::runtime::bindings::{DriverBindings, DriverPre};
 use crate::runtime::{PluginLimits, PluginState, Sandbox};
 
 pub struct DriverIncarnation {
@@ -93,9 +93,8 @@ fn reconcile(
     ledger: Vec<LedgerEntry>,
 ) -> Result<Vec<LedgerEntry>, CallError> {
     let start_error = |e: wasmtime::Error| CallError::Start(format!("{e:#}"));
-    let driver = bindings.xpu_plugin_driver();
-    let present = driver
-        .call_partitions(&mut *store)
+    let present = bindings
+        .partitions(&mut *store)
         .map_err(start_error)?
         .map_err(|e| {
             CallError::Start(format!(
@@ -112,8 +111,8 @@ fn reconcile(
             kept.push(entry);
             continue;
         }
-        match driver
-            .call_create_partition(&mut *store, entry.spec)
+        match bindings
+            .create_partition(&mut *store, entry.spec)
             .map_err(start_error)?
         {
             Ok(partition) => {
@@ -134,7 +133,7 @@ impl Driver {
         name: &str,
         engine: Engine,
         sandbox: Sandbox,
-        pre: DriverPluginPre<PluginState>,
+        pre: DriverPre,
         config: Vec<(String, String)>,
         policy: RestartPolicy,
         timeout: Duration,
@@ -152,8 +151,7 @@ impl Driver {
                 PluginState::set_deadline(&mut store, timeout);
                 let bindings = pre.instantiate(&mut store).map_err(start_error)?;
                 let info = bindings
-                    .xpu_plugin_driver()
-                    .call_init(&mut store, &config)
+                    .init(&mut store, &config)
                     .map_err(start_error)?
                     .map_err(|e| CallError::Start(format!("init refused: {e}")))?;
                 contract::info(&info, &sandbox.limits)
@@ -260,7 +258,7 @@ impl Driver {
     }
 
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
-        let devices = self.call("devices", |s, b| b.xpu_plugin_driver().call_devices(s))?;
+        let devices = self.call("devices", |s, b| b.devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
         *lock(&self.devices) = Some(Arc::from(devices.as_slice()));
         Ok(devices)
@@ -274,7 +272,7 @@ impl Driver {
             Some(devices) => devices,
             None => Arc::from(self.devices()?),
         };
-        let metrics = self.call("sample", |s, b| b.xpu_plugin_driver().call_sample(s))?;
+        let metrics = self.call("sample", |s, b| b.sample(s))?;
         let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;
         for instance in &mut metrics.instances {
             instance.partition_id = self.stable_id(&instance.partition_id);
@@ -283,17 +281,13 @@ impl Driver {
     }
 
     pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
-        let partition = self.call("create-partition", |s, b| {
-            b.xpu_plugin_driver().call_create_partition(s, spec)
-        })?;
+        let partition = self.call("create-partition", |s, b| b.create_partition(s, spec))?;
         let known = lock(&self.devices).clone();
         let checked = contract::created(&spec, &partition, known.as_deref(), &self.limits);
         if let Err(violation) = checked {
             // Whatever the driver made is not what was asked for: undo it.
             let id = partition.id.clone();
-            if let Err(e) = self.call("destroy-partition", |s, b| {
-                b.xpu_plugin_driver().call_destroy_partition(s, &id)
-            }) {
+            if let Err(e) = self.call("destroy-partition", |s, b| b.destroy_partition(s, &id)) {
                 tracing::warn!(plugin = %self.supervised.plugin(), partition = %id, "cannot destroy a partition that broke the contract: {e}");
             }
             return Err(self.refuse(violation));
@@ -306,12 +300,17 @@ impl Driver {
             id = format!("{}.{n}", partition.id);
             n += 1;
         }
+        // The ledger holds what was made (it may cover more than was asked): that is
+        // what the driver reports again after a restart.
         ledger.push(LedgerEntry {
             id: id.clone(),
             driver_id: partition.id,
-            spec,
+            spec: partition.spec,
         });
-        Ok(Partition { id, spec })
+        Ok(Partition {
+            id,
+            spec: partition.spec,
+        })
     }
 
     pub fn destroy_partition(&self, id: &str) -> Result<(), DriverFailure> {
@@ -320,16 +319,14 @@ impl Driver {
             .find(|e| e.id == id)
             .map_or_else(|| id.to_string(), |e| e.driver_id.clone());
         self.call("destroy-partition", |s, b| {
-            b.xpu_plugin_driver().call_destroy_partition(s, &driver_id)
+            b.destroy_partition(s, &driver_id)
         })?;
         lock(&self.ledger).retain(|e| e.id != id);
         Ok(())
     }
 
     pub fn partitions(&self) -> Result<Vec<Partition>, DriverFailure> {
-        let partitions = self.call("partitions", |s, b| {
-            b.xpu_plugin_driver().call_partitions(s)
-        })?;
+        let partitions = self.call("partitions", |s, b| b.partitions(s))?;
         let mut partitions = self.vet(partitions, |p| contract::partitions(p, &self.limits))?;
         for partition in &mut partitions {
             partition.id = self.stable_id(&partition.id);
@@ -338,7 +335,7 @@ impl Driver {
     }
 
     pub fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
-        let labels = self.call("labels", |s, b| b.xpu_plugin_driver().call_labels(s))?;
+        let labels = self.call("labels", |s, b| b.labels(s))?;
         self.vet(labels, |l| contract::labels(l, &self.limits))
     }
 }

@@ -5,12 +5,15 @@ use wasmtime::component::Component;
 use wasmtime::Engine;
 
 use super::Kind;
-use crate::runtime::api_supported;
+use crate::runtime::Api;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Inspection {
     pub kind: Kind,
     pub api: semver::Version,
+    /// The host bindings it runs with.
+    #[serde(skip)]
+    pub bindings: Api,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
 }
@@ -49,15 +52,16 @@ pub fn inspect(engine: &Engine, component: &Component) -> anyhow::Result<Inspect
             }
         );
     };
-    if !api_supported(&api) {
+    let Some(bindings) = Api::of(&api) else {
         bail!(
             "built against xpu:plugin@{api}, which this host does not implement (it implements {})",
-            crate::runtime::SUPPORTED_API
+            crate::runtime::SUPPORTED_APIS
         );
-    }
+    };
     Ok(Inspection {
         kind,
         api,
+        bindings,
         imports,
         exports,
     })

@@ -11,6 +11,8 @@
 //!
 //! [grants]
 //! read = ["/sys", "/proc/driver"]   # read-only paths, as the plugin will see them
+//! nvml = "read"               # the NVML bridge (v0.2 drivers): "read", or "manage"
+//!                             # to create and destroy MIG instances
 //!
 //! [limits]
 //! memory-mib = 64
@@ -52,6 +54,8 @@ impl Kind {
 pub struct Grants {
     #[serde(default)]
     pub read: Vec<String>,
+    #[serde(default)]
+    pub nvml: crate::runtime::nvml::NvmlGrant,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]

@@ -22,10 +22,10 @@ use super::manifest::MAX_MANIFEST_BYTES;
 use super::supervisor::{RestartPolicy, Status};
 use super::{Kind, Manifest};
 use crate::files::read_regular_file;
-use crate::runtime::bindings::algorithm::AlgorithmPluginPre;
-use crate::runtime::bindings::driver::DriverPluginPre;
+use crate::runtime::bindings::{AlgorithmPre, DriverPre};
 use crate::runtime::cache::LoadedFrom;
 use crate::runtime::log::LogBudget;
+use crate::runtime::nvml::NvmlAccess;
 use crate::runtime::{Runtime, Sandbox};
 
 /// Largest plugin accepted: far above any real plugin, far below hurting the host.
@@ -373,11 +373,11 @@ impl Registry {
                 wasm_path.display()
             );
         }
-        if !crate::runtime::api_supported(&manifest.api) {
+        if crate::runtime::Api::of(&manifest.api).is_none() {
             bail!(
                 "api {}: this host implements xpu:plugin@{}",
                 manifest.api,
-                crate::runtime::SUPPORTED_API
+                crate::runtime::SUPPORTED_APIS
             );
         }
         let (component, report) = self
@@ -449,6 +449,10 @@ impl Registry {
             calls: calls.clone(),
             launch: Default::default(),
             providers: Default::default(),
+            nvml: NvmlAccess {
+                bridge: self.runtime.nvml().clone(),
+                grant: manifest.grants.nvml,
+            },
         };
         let pre = self
             .runtime
@@ -465,7 +469,7 @@ impl Registry {
                     name,
                     engine,
                     sandbox,
-                    DriverPluginPre::new(pre)?,
+                    DriverPre::new(inspection.bindings, pre)?,
                     manifest.config.clone(),
                     policy,
                     timeout,
@@ -490,7 +494,7 @@ impl Registry {
                 name,
                 engine,
                 sandbox,
-                AlgorithmPluginPre::new(pre)?,
+                AlgorithmPre::new(inspection.bindings, pre)?,
                 policy,
                 timeout,
             ))),
@@ -512,6 +516,16 @@ impl Registry {
     /// Grants absent on this host are skipped (a driver for hardware that is not
     /// here then finds nothing, which is the truth).
     fn resolve_grants(&self, manifest: &Manifest) -> anyhow::Result<Vec<(PathBuf, String)>> {
+        if let Some(needed) = manifest.grants.nvml.allowed_as() {
+            if !self.options.allowed_grants.iter().any(|a| a == needed) {
+                bail!(
+                    "grants.nvml {:?} is not allowed by this host (allowed-grants lacks {needed:?}; \
+                     allowed: {})",
+                    manifest.grants.nvml,
+                    self.options.allowed_grants.join(", ")
+                );
+            }
+        }
         let mut preopens = Vec::new();
         for grant in &manifest.grants.read {
             let allowed = self

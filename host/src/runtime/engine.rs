@@ -20,6 +20,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings;
 use super::cache::{CompileCache, LoadReport, LoadedFrom};
 use super::inference::{Inference, InferenceOptions};
+use super::nvml::NvmlBridge;
 use super::{PluginLimits, PluginState};
 
 /// Epoch granularity: deadlines are rounded up to this.
@@ -34,6 +35,8 @@ pub struct RuntimeOptions {
     /// Ceiling on any one plugin's linear memory, whatever its manifest asks.
     pub max_memory_bytes: usize,
     pub inference: InferenceOptions,
+    /// The NVML library to load instead of `libnvidia-ml.so.1`.
+    pub nvml_library: Option<PathBuf>,
     /// What a plugin may make the host do on its behalf.
     pub limits: PluginLimits,
 }
@@ -51,6 +54,7 @@ pub struct Runtime {
     cache: Option<CompileCache>,
     allocator: Allocator,
     inference: Arc<Inference>,
+    nvml: Arc<NvmlBridge>,
     pub options: RuntimeOptions,
 }
 
@@ -109,18 +113,38 @@ impl Runtime {
         )?;
         bindings::wit_frames::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         bindings::wit_inference::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        // xpu:plugin@0.2.0: the same host functions under the new version's names,
+        // and the NVML bridge.
+        {
+            use bindings::v0_2::{algorithm, driver};
+            driver::xpu::plugin::log::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+            driver::xpu::plugin::nvml::add_to_linker::<_, HasSelf<PluginState>>(
+                &mut linker,
+                |s| s,
+            )?;
+            algorithm::xpu::plugin::frames::add_to_linker::<_, HasSelf<PluginState>>(
+                &mut linker,
+                |s| s,
+            )?;
+            algorithm::xpu::plugin::inference::add_to_linker::<_, HasSelf<PluginState>>(
+                &mut linker,
+                |s| s,
+            )?;
+        }
 
         let cache = match &options.cache_dir {
             Some(dir) => Some(CompileCache::new(dir, &engine)?),
             None => None,
         };
         let inference = Inference::get_or_init(&options.inference);
+        let nvml = NvmlBridge::new(options.nvml_library.clone());
         Ok(Arc::new(Runtime {
             engine,
             linker,
             cache,
             allocator,
             inference,
+            nvml,
             options,
         }))
     }
@@ -135,6 +159,10 @@ impl Runtime {
 
     pub fn inference(&self) -> &Arc<Inference> {
         &self.inference
+    }
+
+    pub fn nvml(&self) -> &Arc<NvmlBridge> {
+        &self.nvml
     }
 
     pub fn allocator(&self) -> Allocator {

@@ -16,6 +16,7 @@ pub mod inference;
 pub mod limits;
 pub mod log;
 pub mod models;
+pub mod nvml;
 pub mod preprocess;
 pub mod sandbox;
 pub mod stderr;
@@ -24,18 +25,7 @@ pub use engine::{Runtime, RuntimeOptions};
 pub use limits::PluginLimits;
 pub use sandbox::{Launch, PluginState, Sandbox};
 
-/// The WIT API versions this host implements (`xpu:plugin@X`): a plugin built against
-/// any semver-compatible version links.
-pub const SUPPORTED_API: &str = "0.1.0";
+pub use bindings::Api;
 
-/// Whether a plugin built against `api` can run here (same major, or same minor
-/// while the major is 0, and not newer than what the host implements).
-pub fn api_supported(api: &semver::Version) -> bool {
-    let host = semver::Version::parse(SUPPORTED_API).expect("SUPPORTED_API is semver");
-    let compatible = if host.major == 0 {
-        api.major == 0 && api.minor == host.minor
-    } else {
-        api.major == host.major
-    };
-    compatible && api <= &host
-}
+/// The WIT API versions this host implements (`xpu:plugin@X`), for messages.
+pub const SUPPORTED_APIS: &str = "0.1.0, 0.2.0";

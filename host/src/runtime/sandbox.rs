@@ -8,6 +8,7 @@
 //! `command`/`args`: [`Launch`]). What it does not get: the network (sockets denied,
 //! no name lookup), anything of the host's environment, stdin, or any other path.
 
+use super::nvml::NvmlAccess;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,6 +55,8 @@ pub struct Sandbox {
     /// The execution providers the models of these instances run on (what the
     /// service and task details show), shared by the instances of one worker.
     pub providers: Arc<std::sync::Mutex<std::collections::BTreeSet<&'static str>>>,
+    /// The NVML bridge, and what the manifest's grant lets the plugin do with it.
+    pub nvml: NvmlAccess,
 }
 
 /// What one instance is started with beyond its plugin's grants: exactly these
@@ -85,6 +88,7 @@ pub struct PluginState {
     pub(crate) clock: SandboxClock,
     /// When the call in progress must end; sleeps are capped at it.
     pub(crate) call_deadline: Option<Instant>,
+    pub(crate) nvml: NvmlAccess,
 }
 
 impl PluginState {
@@ -196,6 +200,7 @@ impl Sandbox {
             models_loaded: 0,
             clock,
             call_deadline: None,
+            nvml: self.nvml.clone(),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);

@@ -2,23 +2,38 @@
 //! containment tests. Each frame raises one `FRAME` event; a frame whose centre
 //! pixel is bright (any channel over 200) traps the instance, as a plugin with a bug
 //! would on some input.
+//!
+//! It is also the test suite's plugin built against `xpu:plugin@0.1.0`, with
+//! wit-bindgen directly and no SDK, as a vendor's plugin from before 0.2 was: the
+//! host must keep running it unchanged.
 
-use xpud_sdk::algorithm::*;
+wit_bindgen::generate!({ path: "../../../wit/v0.1.0", world: "algorithm-plugin" });
 
-struct Wobbly {
+use exports::xpu::plugin::analyzer::{AnalyzerError, Event, Guest, GuestSession, Rule};
+use xpu::plugin::frames::{Frame, Rect};
+
+struct Wobbly;
+
+struct Session {
     event_type: String,
 }
 
-impl Analyzer for Wobbly {
-    fn open(rules: Vec<Rule>) -> Result<Self, AnalyzerError> {
+impl Guest for Wobbly {
+    type Session = Session;
+}
+
+impl GuestSession for Session {
+    fn open(rules: Vec<Rule>) -> Result<exports::xpu::plugin::analyzer::Session, AnalyzerError> {
         let event_type = rules
             .first()
             .map(|r| r.event_type.clone())
             .ok_or_else(|| AnalyzerError::InvalidRules("no rules".into()))?;
-        Ok(Wobbly { event_type })
+        Ok(exports::xpu::plugin::analyzer::Session::new(Session {
+            event_type,
+        }))
     }
 
-    fn process(&mut self, frame: &Frame) -> Result<Vec<Event>, AnalyzerError> {
+    fn process(&self, frame: &Frame) -> Result<Vec<Event>, AnalyzerError> {
         let centre = Rect {
             x: frame.width() / 2,
             y: frame.height() / 2,
@@ -42,4 +57,4 @@ impl Analyzer for Wobbly {
     }
 }
 
-xpud_sdk::export_algorithm!(Wobbly);
+export!(Wobbly);

@@ -1,0 +1,217 @@
+//! The NVIDIA bridge (`xpu:plugin/nvml@0.2.0`) and the `nvidia` driver over it:
+//! grants, the machine without NVML, and, where `libnvidia-ml.so.1` exists, the
+//! real cards.
+
+use crate::support::*;
+use xpud::plugins::driver::DriverFailure;
+use xpud::runtime::bindings::driver_types::{DriverError, Isolation, PartitionSpec, Slicing};
+
+fn no_grants() -> std::path::PathBuf {
+    fixture("empty-sysfs")
+}
+
+/// A machine without NVML: the driver loads, reports no cards, and nothing fails.
+/// (Pointed at a library that does not exist, so that the test means the same on a
+/// machine with a GPU.)
+#[test]
+fn without_nvml_the_driver_loads_and_reports_no_cards() {
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = registry_nvml(
+        &plugins,
+        &no_grants(),
+        Default::default(),
+        Some("/nonexistent/libnvidia-ml.so.1".into()),
+        &DEFAULT_GRANTS,
+    );
+    let report = registry.scan();
+    assert_eq!(report.loaded, vec!["nvidia"], "{report:?}");
+    let nvidia = driver(&registry, "nvidia");
+    let info = nvidia.info().unwrap();
+    assert_eq!(info.vendor, "NVIDIA");
+    assert!(!info.simulated);
+    assert!(nvidia.devices().unwrap().is_empty());
+    let sample = nvidia.sample().unwrap();
+    assert!(sample.cards.is_empty() && sample.instances.is_empty());
+    let labels = nvidia.labels().unwrap();
+    assert!(labels
+        .iter()
+        .any(|l| l.key == "xpu.present" && l.value == "false"));
+    assert_eq!(view(&registry, "nvidia").state, "loaded");
+}
+
+/// NVML is granted by the manifest and allowed by the operator: a driver without
+/// the grant is told so by the bridge, and a grant the operator does not allow
+/// refuses the plugin with the reason.
+#[test]
+fn nvml_needs_the_manifest_s_grant_and_the_operator_s_leave() {
+    let plugins = PluginDir::new();
+    plugins.install_as("nvidia", "ungranted", |mut m| {
+        m.remove("grants");
+        m
+    });
+    plugins.install("nvidia");
+    let registry = registry_nvml(
+        &plugins,
+        &no_grants(),
+        Default::default(),
+        Some("/nonexistent/libnvidia-ml.so.1".into()),
+        &["/sys", "nvml"],
+    );
+    let report = registry.scan();
+    assert!(report.loaded.is_empty(), "{report:?}");
+    let reason = |name: &str| view(&registry, name).refused.unwrap_or_default();
+    assert!(
+        reason("ungranted").contains("[grants] nvml"),
+        "{}",
+        reason("ungranted")
+    );
+    assert!(
+        reason("nvidia").contains("grants.nvml") && reason("nvidia").contains("nvml:manage"),
+        "{}",
+        reason("nvidia")
+    );
+}
+
+/// The real library, where it exists: the cards NVML sees are the driver's, with
+/// figures. Elsewhere the test says why it did not run.
+#[test]
+fn where_nvml_exists_its_cards_are_reported_with_figures() {
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = registry(&plugins, &no_grants());
+    registry.scan();
+    let nvidia = driver(&registry, "nvidia");
+    let devices = nvidia.devices().unwrap();
+    if devices.is_empty() {
+        eprintln!(
+            "skipped: no NVIDIA card through NVML here (libnvidia-ml.so.1 absent or no GPU); \
+             scripts/device-check-nvidia runs this on a GPU machine"
+        );
+        return;
+    }
+    let sample = nvidia.sample().unwrap();
+    for device in &devices {
+        assert!(device.accelerator_type.starts_with("NVIDIA_"), "{device:?}");
+        assert!(device.memory_total_mib.unwrap_or(0) > 0, "{device:?}");
+        let card = sample
+            .cards
+            .iter()
+            .find(|c| c.device_index == device.index)
+            .expect("a sample for every card");
+        assert!(card.memory_used_mib.is_some() && card.memory_total_mib.is_some());
+        eprintln!("{device:?}\n{card:?}");
+    }
+}
+
+/// The whole path on a machine without a GPU: the nvidia driver, through the host's
+/// bridge and its unsafe calls, against a stand-in library with recorded answers (a
+/// T4, and an A100-40GB in MIG mode whose GPU instances it really keeps).
+#[test]
+fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
+    let library = match fake_nvml() {
+        Ok(library) => library,
+        Err(why) => {
+            eprintln!("skipped: the stand-in NVML library cannot be built: {why}");
+            return;
+        }
+    };
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    plugins.install_as("nvidia", "reader", |m| {
+        set(m, "grants", "nvml", "read".into())
+    });
+    let registry = registry_nvml(
+        &plugins,
+        &no_grants(),
+        Default::default(),
+        Some(library),
+        &DEFAULT_GRANTS,
+    );
+    let report = registry.scan();
+    assert_eq!(report.loaded, vec!["nvidia", "reader"], "{report:?}");
+    let nvidia = driver(&registry, "nvidia");
+    let info = nvidia.info().unwrap();
+    assert_eq!(
+        info.accelerator_types,
+        vec!["NVIDIA_A100_40GB", "NVIDIA_T4"]
+    );
+
+    let devices = nvidia.devices().unwrap();
+    assert_eq!(devices.len(), 2);
+    let t4 = &devices[0];
+    assert_eq!(t4.accelerator_type, "NVIDIA_T4");
+    assert_eq!(t4.id, "GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e");
+    assert_eq!(t4.pci_bus_id.as_deref(), Some("00000000:3B:00.0"));
+    // Memory through the v1 call: the library has no v2.
+    assert_eq!(t4.memory_total_mib, Some(15360));
+    assert_eq!(devices[1].memory_total_mib, Some(40960));
+
+    let sample = nvidia.sample().unwrap();
+    let card = &sample.cards[0];
+    assert_eq!(card.ai_utilization_pct, Some(37.0));
+    assert_eq!(card.memory_used_mib, Some(345));
+    assert_eq!(card.video_decode_utilization_pct, Some(18.0));
+    assert_eq!(card.temperature_celsius, Some(48.0));
+    assert!((card.power_watts.unwrap() - 27.512).abs() < 1e-3);
+    // An A100 in MIG mode has no whole-card utilisation: absent, not 0.
+    assert_eq!(sample.cards[1].ai_utilization_pct, None);
+    assert_eq!(sample.cards[1].temperature_celsius, Some(33.0));
+
+    // A seventh of the A100: a 1g.5gb MIG instance, which covers the ask.
+    let asked = PartitionSpec {
+        device_index: 1,
+        isolation: Isolation::Soft,
+        slicing: Slicing::Time,
+        memory_quota_mib: 4096,
+        compute_share_pct: 14,
+    };
+    let mig = nvidia.create_partition(asked).unwrap();
+    assert_eq!(mig.spec.isolation, Isolation::Hard);
+    assert_eq!(mig.spec.slicing, Slicing::Space);
+    assert_eq!(mig.spec.memory_quota_mib, 4864);
+    assert_eq!(mig.spec.compute_share_pct, 14);
+    let instance = nvidia
+        .sample()
+        .unwrap()
+        .instances
+        .into_iter()
+        .find(|i| i.partition_id == "mig-1-1")
+        .expect("the MIG instance's figures");
+    assert_eq!(instance.memory_used_mib, Some(13));
+    assert_eq!(instance.memory_quota_mib, 4864);
+    // The whole card no longer fits beside it.
+    let whole = PartitionSpec {
+        memory_quota_mib: 40192,
+        compute_share_pct: 100,
+        ..asked
+    };
+    assert!(matches!(
+        nvidia.create_partition(whole),
+        Err(DriverFailure::Driver(DriverError::InsufficientResources(_)))
+    ));
+    // A time-sliced share of the T4.
+    let shared = nvidia
+        .create_partition(PartitionSpec {
+            device_index: 0,
+            ..asked
+        })
+        .unwrap();
+    assert_eq!(shared.spec.isolation, Isolation::Soft);
+
+    // A plugin granted only reading cannot change MIG instances.
+    let reader = driver(&registry, "reader");
+    match reader.create_partition(asked) {
+        Err(DriverFailure::Driver(DriverError::Unsupported(why))) => {
+            assert!(why.contains("manage"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    nvidia.destroy_partition(&mig.id).unwrap();
+    nvidia.destroy_partition(&shared.id).unwrap();
+    let whole = nvidia.create_partition(whole).unwrap();
+    assert_eq!(whole.spec.compute_share_pct, 100);
+    nvidia.destroy_partition(&whole.id).unwrap();
+    assert!(nvidia.partitions().unwrap().is_empty());
+}
