@@ -560,3 +560,65 @@ fn a_share_of_a_card_that_cannot_be_shared_is_refused() {
     let (status, body) = server.post("/CCP/algoService/workloads", workload);
     assert_eq!(status, 200, "{body}");
 }
+
+/// B.2's `xpuMemory` (an extension; GB per pod) is held in the ledger beside the
+/// share: it becomes the pod's partition quota and B.6's `xpuMemory`, and a card
+/// whose memory is given out takes no more, whatever share it has left.
+#[test]
+fn pods_hold_the_accelerator_memory_they_ask_for() {
+    let (platform, server, cluster) = setup();
+    let mut workload = example_workload(&cluster);
+    workload["xpu"] = json!(0.1);
+    workload["xpuMemory"] = json!(12);
+    workload["replicas"] = json!(1);
+    let (status, body) = server.post("/CCP/algoService/workloads", workload.clone());
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = server.call(
+        Method::GET,
+        "/CCP/algoService/workloads/human-detect",
+        Some(json!({ "clusterCode": cluster, "namespace": "default" })),
+    );
+    assert_eq!(body["data"]["xpuMemory"], 12.0, "{body}");
+    // The first card has 0.9 of its compute but 4 of its 16 GB left: the second
+    // 12 GB pod goes to the other card.
+    workload["name"] = json!("second");
+    let (status, body) = server.post("/CCP/algoService/workloads", workload.clone());
+    assert_eq!(status, 200, "{body}");
+    let reported = reported_partitions(&server, "sim-xpu");
+    let mut devices: Vec<u32> = reported.iter().map(|p| p.spec.device_index).collect();
+    devices.sort();
+    assert_eq!(devices, vec![0, 1]);
+    assert!(reported
+        .iter()
+        .all(|p| p.spec.memory_quota_mib == 12 * 1024));
+
+    // A service replica asks for half a card and so half its memory (its package's
+    // limit is 0): no card has 8 GB left. Refused, naming what each card has.
+    let algo = install_algorithm(
+        &server,
+        &platform,
+        "pt",
+        &passthrough_package("XPUD-PT-5.0.0"),
+    );
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "", "replicas": 1, "gpuType": "SIMULATED_XPU16", "algoId": algo }),
+    );
+    assert_eq!(status, 409, "{body}");
+    let message = body["msg"].as_str().unwrap();
+    assert!(
+        message.contains("sim-xpu/0 has 0.90 and 4096 MiB free")
+            && message.contains("sim-xpu/1 has 0.90 and 4096 MiB free"),
+        "{message}"
+    );
+    assert_eq!(reported_partitions(&server, "sim-xpu").len(), 2);
+
+    workload["xpuMemory"] = json!(0);
+    workload["name"] = json!("third");
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("xpuMemory"),
+        "{body}"
+    );
+}

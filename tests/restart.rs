@@ -137,8 +137,9 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     let pods = pods["data"]["pods"].as_array().unwrap().clone();
     assert_eq!(pods.len(), 2);
     assert!(pods.iter().all(|p| p["ready"] == true), "{pods:?}");
-    // The ledger came back whole: the service's and the workload's halves fill
-    // both cards again, so one more half is refused, every card named.
+    // The ledger came back whole: the service's and the workload's halves (and
+    // their memory) fill both cards again, so one more half is refused, every card
+    // named.
     let (status, refused) = api.call(
         reqwest::Method::POST,
         "/CAP/AlgoServices",
@@ -147,7 +148,8 @@ fn everything_acknowledged_survives_kill_dash_nine() {
     assert_eq!(status, 409, "{refused}");
     let message = refused["msg"].as_str().unwrap();
     assert!(
-        message.contains("sim-xpu/0 has 0.00 free") && message.contains("sim-xpu/1 has 0.00 free"),
+        message.contains("sim-xpu/0 has 0.00 and 0 MiB free")
+            && message.contains("sim-xpu/1 has 0.00 and 0 MiB free"),
         "{message}"
     );
     // Live again: the task resumes on its re-placed service.

@@ -16,7 +16,7 @@ use crate::package::PackageManifest;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::AlgorithmWorker;
 use crate::plugins::supervisor::Phase;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Ask, Scheduler};
 use crate::services::parse_envs;
 use crate::store::{Store, Table};
 
@@ -87,20 +87,16 @@ impl MachinePackages {
             Error::Conflict(format!("package {}: not an algorithm", package.code))
         })?;
         if let Some((_, xpu_type)) = args.iter().find(|(k, _)| k == "xpuType") {
-            let quota = package
-                .manifest
-                .runtime
-                .gpu
-                .first()
-                .map_or(1.0, |g| g.quota);
-            self.scheduler.reserve(
-                &format!("machine:{}", package.code),
-                1,
-                quota,
+            let gpu = package.manifest.runtime.gpu.first();
+            let ask = Ask {
+                count: 1,
+                quota: gpu.map_or(1.0, |g| g.quota),
+                memory_mib: gpu.and_then(|g| g.memory_mib()),
                 xpu_type,
-                &Default::default(),
-                xpus,
-            )?;
+                selector: &Default::default(),
+            };
+            self.scheduler
+                .reserve(&format!("machine:{}", package.code), &ask, xpus)?;
         }
         let worker = algorithm.spawn_worker();
         if let Err(e) = worker.start() {

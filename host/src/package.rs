@@ -130,6 +130,8 @@ impl Runtime {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct GpuRequirement {
     pub quota: f64,
+    /// Accelerator memory per replica, GB (E.5 `limit`); 0: the quota's share of
+    /// the card's memory.
     #[serde(default)]
     pub limit: f64,
     pub vendor: String,
@@ -138,6 +140,13 @@ pub struct GpuRequirement {
     pub capacities: Capacities,
     #[serde(default)]
     pub resolution: String,
+}
+
+impl GpuRequirement {
+    /// The memory a replica asks for (MiB), where `limit` names it.
+    pub fn memory_mib(&self) -> Option<u64> {
+        (self.limit > 0.0 && self.limit.is_finite()).then(|| (self.limit * 1024.0).ceil() as u64)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -175,6 +184,15 @@ impl PackageManifest {
                 "{MANIFEST}: package.plugin {:?} is not a plugin name",
                 manifest.package.plugin
             );
+        }
+        for (i, gpu) in manifest.runtime.gpu.iter().enumerate() {
+            if !(gpu.limit.is_finite() && gpu.limit >= 0.0 && gpu.limit <= 1e6) {
+                bail!(
+                    "{MANIFEST}: runtime.gpu[{i}].limit {}: GB of accelerator memory per \
+                     replica, 0 (the quota's share of the card's) or more",
+                    gpu.limit
+                );
+            }
         }
         Ok(manifest)
     }

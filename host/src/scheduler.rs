@@ -3,10 +3,13 @@
 //! never over-commit a card between them.
 //!
 //! A replica asks for a share of a card of one type (`quota`, 0-1, or a whole number
-//! of cards). Cards that are already partly used fill up first. Where the driver can
-//! partition, the replica gets a real partition (soft isolation, time slicing, the
-//! share as compute share and memory); where it cannot, this ledger's accounting
-//! still holds.
+//! of cards) and device memory (asked for, else the same share of the card's).
+//! Cards that are already partly used fill up first; neither the shares nor the
+//! memory held on a card ever exceed it. Where the driver can partition, the
+//! replica gets a real partition (soft isolation, time slicing, the share as
+//! compute share, its memory as quota; a driver may make it bigger, e.g. a MIG
+//! profile, and the ledger then holds what was made); where it cannot, this
+//! ledger's accounting still holds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -30,6 +33,22 @@ pub struct Placement {
     pub quota: f64,
     /// The driver's partition, where it could make one.
     pub partition: Option<String>,
+    /// Device memory held on the card (MiB), where the card's memory is known or
+    /// the replica asked for some.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+}
+
+/// What an owner asks for: `count` replicas, each `quota` of a card of `xpu_type`
+/// (or whole cards), with `memory_mib` of its memory (`None`: the same share of the
+/// card's), on cards whose drivers' labels hold every pair of `selector`.
+#[derive(Clone, Debug)]
+pub struct Ask<'a> {
+    pub count: u32,
+    pub quota: f64,
+    pub memory_mib: Option<u64>,
+    pub xpu_type: &'a str,
+    pub selector: &'a BTreeMap<String, String>,
 }
 
 /// Accelerator type names compare without case or punctuation: "NVidia A2" is NVIDIA_A2.
@@ -57,8 +76,23 @@ pub struct Scheduler {
 struct Card<'a> {
     driver: &'a str,
     index: u32,
-    memory_mib: Option<u64>,
+    /// Memory not held by anyone, where the card's total is known.
+    memory_free_mib: Option<u64>,
+    memory_total_mib: Option<u64>,
     free: f64,
+}
+
+/// What the ledger holds on each card: (share, memory MiB).
+fn held_on_cards(ledger: &HashMap<String, Vec<Placement>>) -> HashMap<(String, u32), (f64, u64)> {
+    let mut held: HashMap<(String, u32), (f64, u64)> = HashMap::new();
+    for placement in ledger.values().flatten() {
+        if let Some(card) = &placement.card {
+            let entry = held.entry(card.clone()).or_default();
+            entry.0 += placement.quota.min(1.0);
+            entry.1 += placement.memory_mib.unwrap_or(0);
+        }
+    }
+    held
 }
 
 impl Scheduler {
@@ -101,18 +135,15 @@ impl Scheduler {
         self.ledger().get(owner).cloned().unwrap_or_default()
     }
 
-    /// Places `count` more replicas of `quota` on cards of `xpu_type` whose
-    /// drivers' labels hold every pair of `selector`, for `owner`, with partitions
-    /// where drivers can. All of them, or none (and nothing kept).
+    /// Places what `ask` asks for, for `owner`, with partitions where drivers can.
+    /// All of it, or none (and nothing kept).
     pub fn reserve(
         &self,
         owner: &str,
-        count: u32,
-        quota: f64,
-        xpu_type: &str,
-        selector: &BTreeMap<String, String>,
+        ask: &Ask<'_>,
         xpus: &[XpuSample],
     ) -> Result<Vec<Placement>> {
+        let quota = ask.quota;
         if !(quota == 0.0 || (quota > 0.0 && quota <= 1.0) || quota.fract() == 0.0) {
             return Err(Error::Invalid(format!(
                 "accelerator share {quota}: up to 1 card, or a whole number of cards"
@@ -121,24 +152,20 @@ impl Scheduler {
         // The ledger stays locked from choice to record: nobody takes the same share.
         let mut ledger = self.ledger();
         let chosen = if quota == 0.0 {
-            (0..count)
-                .map(|_| {
-                    (
-                        Placement {
-                            card: None,
-                            quota: 0.0,
-                            partition: None,
-                        },
-                        None,
-                    )
+            (0..ask.count)
+                .map(|_| Placement {
+                    card: None,
+                    quota: 0.0,
+                    partition: None,
+                    memory_mib: None,
                 })
                 .collect()
         } else {
-            choose(&ledger, count, quota, xpu_type, selector, xpus)?
+            choose(&ledger, ask, xpus)?
         };
         let mut made: Vec<Placement> = Vec::new();
-        for (placement, memory_mib) in chosen {
-            match self.partition(placement, memory_mib, owner) {
+        for placement in chosen {
+            match self.partition(placement, owner) {
                 Ok(placement) => made.push(placement),
                 Err(e) => {
                     self.destroy(&made);
@@ -172,12 +199,7 @@ impl Scheduler {
         self.destroy(&released);
     }
 
-    fn partition(
-        &self,
-        mut placement: Placement,
-        memory_mib: Option<u64>,
-        owner: &str,
-    ) -> Result<Placement> {
+    fn partition(&self, mut placement: Placement, owner: &str) -> Result<Placement> {
         let Some((driver_name, index)) = placement.card.clone() else {
             return Ok(placement);
         };
@@ -189,15 +211,19 @@ impl Scheduler {
             device_index: index,
             isolation: Isolation::Soft,
             slicing: Slicing::Time,
-            memory_quota_mib: memory_mib.map_or(1, |m| ((m as f64 * share) as u64).max(1)),
+            memory_quota_mib: placement.memory_mib.unwrap_or(1).max(1),
             compute_share_pct: ((share * 100.0).round() as u8).clamp(1, 100),
         };
         match driver.create_partition(spec) {
             Ok(partition) => {
-                // A partition bigger than asked (a MIG profile) holds its whole share.
+                // A partition bigger than asked (a MIG profile) holds all of it.
                 let made = f64::from(partition.spec.compute_share_pct) / 100.0;
                 if placement.quota < 1.0 && made > placement.quota {
                     placement.quota = made;
+                }
+                let memory = partition.spec.memory_quota_mib;
+                if placement.memory_mib.is_some_and(|m| memory > m) {
+                    placement.memory_mib = Some(memory);
                 }
                 placement.partition = Some(partition.id)
             }
@@ -235,22 +261,16 @@ impl Scheduler {
     }
 }
 
-/// Chooses a card for each replica: the fullest card that still has room first. A
-/// replica of more than one card takes that many whole free cards.
+/// Chooses a card for each replica: the fullest card that still has room (share
+/// and memory) first. A replica of more than one card takes that many whole free
+/// cards.
 fn choose(
     ledger: &HashMap<String, Vec<Placement>>,
-    count: u32,
-    quota: f64,
-    xpu_type: &str,
-    selector: &BTreeMap<String, String>,
+    ask: &Ask<'_>,
     xpus: &[XpuSample],
-) -> Result<Vec<(Placement, Option<u64>)>> {
-    let mut held: HashMap<(String, u32), f64> = HashMap::new();
-    for placement in ledger.values().flatten() {
-        if let Some(card) = &placement.card {
-            *held.entry(card.clone()).or_default() += placement.quota.min(1.0);
-        }
-    }
+) -> Result<Vec<Placement>> {
+    let (count, quota, xpu_type, selector) = (ask.count, ask.quota, ask.xpu_type, ask.selector);
+    let held = held_on_cards(ledger);
     let of_type: Vec<&XpuSample> = xpus
         .iter()
         .filter(|x| same_type(&x.xpu_type, xpu_type))
@@ -261,15 +281,17 @@ fn choose(
         .filter_map(|x| {
             let (driver, index) = x.key.rsplit_once('/')?;
             let index: u32 = index.parse().ok()?;
+            let (share_held, memory_held) = held
+                .get(&(driver.to_string(), index))
+                .copied()
+                .unwrap_or_default();
+            let memory_total_mib = x.memory_total_gb.map(|g| (g * 1024.0).round() as u64);
             Some(Card {
                 driver,
                 index,
-                memory_mib: x.memory_total_gb.map(|g| (g * 1024.0) as u64),
-                free: 1.0
-                    - held
-                        .get(&(driver.to_string(), index))
-                        .copied()
-                        .unwrap_or(0.0),
+                memory_free_mib: memory_total_mib.map(|t| t.saturating_sub(memory_held)),
+                memory_total_mib,
+                free: 1.0 - share_held,
             })
         })
         .collect();
@@ -305,26 +327,49 @@ fn choose(
     } else {
         (quota, 1)
     };
+    // The memory a replica needs on `card`: what was asked for (per card), else
+    // its share of the card's; a whole card holds all of it.
+    let needs = |card: &Card<'_>| -> Option<u64> {
+        match (ask.memory_mib, card.memory_total_mib) {
+            (_, Some(total)) if per_card >= 1.0 => Some(total),
+            (Some(asked), _) => Some(asked.div_ceil(u64::from(cards_each))),
+            (None, Some(total)) => Some(((total as f64) * per_card).floor() as u64),
+            (None, None) => None,
+        }
+    };
+    let fits = |card: &Card<'_>| {
+        card.free + 1e-9 >= per_card
+            && match (needs(card), card.memory_free_mib) {
+                (Some(need), Some(free)) => need <= free,
+                _ => true,
+            }
+    };
     let mut chosen = Vec::new();
     for _ in 0..count {
         for _ in 0..cards_each {
             cards.sort_by(|a, b| a.free.total_cmp(&b.free));
-            let Some(card) = cards.iter_mut().find(|c| c.free + 1e-9 >= per_card) else {
+            let Some(card) = cards.iter_mut().find(|c| fits(c)) else {
+                let memory = ask
+                    .memory_mib
+                    .map(|m| format!(" and {m} MiB"))
+                    .unwrap_or_default();
                 return Err(Error::Conflict(format!(
                     "not enough {xpu_type} capacity for {count} replica(s) x {quota}: \
-                     each needs {per_card:.2} of a card; considered {}",
+                     each needs {per_card:.2} of a card{memory}; considered {}",
                     considered(xpus, xpu_type, selector, &held)
                 )));
             };
+            let memory_mib = needs(card);
             card.free -= per_card;
-            chosen.push((
-                Placement {
-                    card: Some((card.driver.to_string(), card.index)),
-                    quota: per_card,
-                    partition: None,
-                },
-                card.memory_mib,
-            ));
+            if let (Some(free), Some(need)) = (card.memory_free_mib.as_mut(), memory_mib) {
+                *free = free.saturating_sub(need);
+            }
+            chosen.push(Placement {
+                card: Some((card.driver.to_string(), card.index)),
+                quota: per_card,
+                partition: None,
+                memory_mib,
+            });
         }
     }
     Ok(chosen)
@@ -347,7 +392,7 @@ fn considered(
     xpus: &[XpuSample],
     xpu_type: &str,
     selector: &BTreeMap<String, String>,
-    held: &HashMap<(String, u32), f64>,
+    held: &HashMap<(String, u32), (f64, u64)>,
 ) -> String {
     if xpus.is_empty() {
         return "no card at all".into();
@@ -365,15 +410,22 @@ fn considered(
                     None => format!("lacks {key}={value}"),
                 }
             } else {
-                let used = x
+                let (used, memory_used) = x
                     .key
                     .rsplit_once('/')
                     .and_then(|(driver, index)| {
                         held.get(&(driver.to_string(), index.parse().ok()?))
                     })
                     .copied()
-                    .unwrap_or(0.0);
-                format!("has {:.2} free", (1.0 - used).max(0.0))
+                    .unwrap_or_default();
+                let memory = x
+                    .memory_total_gb
+                    .map(|g| {
+                        let total = (g * 1024.0).round() as u64;
+                        format!(" and {} MiB", total.saturating_sub(memory_used))
+                    })
+                    .unwrap_or_default();
+                format!("has {:.2}{memory} free", (1.0 - used).max(0.0))
             };
             format!("{} {what}", x.key)
         })
@@ -387,6 +439,21 @@ mod tests {
 
     fn none() -> BTreeMap<String, String> {
         BTreeMap::new()
+    }
+
+    fn ask<'a>(
+        count: u32,
+        quota: f64,
+        xpu_type: &'a str,
+        selector: &'a BTreeMap<String, String>,
+    ) -> Ask<'a> {
+        Ask {
+            count,
+            quota,
+            memory_mib: None,
+            xpu_type,
+            selector,
+        }
     }
 
     fn card(key: &str) -> XpuSample {
@@ -407,27 +474,21 @@ mod tests {
     fn fills_used_cards_first_and_refuses_over_commit() {
         let xpus = [card("sim/0"), card("sim/1")];
         let mut ledger = HashMap::new();
-        let first = choose(&ledger, 1, 0.5, "sim x", &none(), &xpus).unwrap();
-        ledger.insert(
-            "a".to_string(),
-            first.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-        );
+        let first = choose(&ledger, &ask(1, 0.5, "sim x", &none()), &xpus).unwrap();
+        ledger.insert("a".to_string(), first.clone());
         // The half-used card takes the next half.
-        let second = choose(&ledger, 1, 0.5, "SIM_X", &none(), &xpus).unwrap();
-        assert_eq!(second[0].0.card, first[0].0.card);
-        ledger.insert(
-            "b".to_string(),
-            second.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-        );
+        let second = choose(&ledger, &ask(1, 0.5, "SIM_X", &none()), &xpus).unwrap();
+        assert_eq!(second[0].card, first[0].card);
+        ledger.insert("b".to_string(), second.clone());
         // One card left: two whole cards do not fit.
-        assert!(choose(&ledger, 1, 2.0, "SIM_X", &none(), &xpus).is_err());
+        assert!(choose(&ledger, &ask(1, 2.0, "SIM_X", &none()), &xpus).is_err());
         assert_eq!(
-            choose(&ledger, 1, 1.0, "SIM_X", &none(), &xpus)
+            choose(&ledger, &ask(1, 1.0, "SIM_X", &none()), &xpus)
                 .unwrap()
                 .len(),
             1
         );
-        assert!(choose(&ledger, 1, 0.5, "OTHER", &none(), &xpus)
+        assert!(choose(&ledger, &ask(1, 0.5, "OTHER", &none()), &xpus)
             .unwrap_err()
             .to_string()
             .contains("present: SIM_X"));
@@ -439,10 +500,10 @@ mod tests {
         sick.health = DeviceHealth::Unhealthy;
         let xpus = [sick.clone(), card("sim/1")];
         let ledger = HashMap::new();
-        let chosen = choose(&ledger, 1, 1.0, "SIM_X", &none(), &xpus).unwrap();
-        assert_eq!(chosen[0].0.card, Some(("sim".to_string(), 1)));
-        assert!(choose(&ledger, 2, 1.0, "SIM_X", &none(), &xpus).is_err());
-        let error = choose(&ledger, 1, 0.5, "SIM_X", &none(), &[sick]).unwrap_err();
+        let chosen = choose(&ledger, &ask(1, 1.0, "SIM_X", &none()), &xpus).unwrap();
+        assert_eq!(chosen[0].card, Some(("sim".to_string(), 1)));
+        assert!(choose(&ledger, &ask(2, 1.0, "SIM_X", &none()), &xpus).is_err());
+        let error = choose(&ledger, &ask(1, 0.5, "SIM_X", &none()), &[sick]).unwrap_err();
         assert!(error.to_string().contains("unhealthy (sim/0)"), "{error}");
     }
 
@@ -455,17 +516,14 @@ mod tests {
         other.xpu_type = "NPU_Y".into();
         let xpus = [card("sim/0"), card("sim/1"), sick, other];
         let mut ledger = HashMap::new();
-        let held = choose(&ledger, 2, 0.75, "SIM_X", &none(), &xpus).unwrap();
-        ledger.insert(
-            "a".to_string(),
-            held.into_iter().map(|(p, _)| p).collect::<Vec<_>>(),
-        );
-        let error = choose(&ledger, 1, 0.5, "SIM_X", &none(), &xpus)
+        let held = choose(&ledger, &ask(2, 0.75, "SIM_X", &none()), &xpus).unwrap();
+        ledger.insert("a".to_string(), held);
+        let error = choose(&ledger, &ask(1, 0.5, "SIM_X", &none()), &xpus)
             .unwrap_err()
             .to_string();
         assert!(
             error.contains(
-                "considered sim/0 has 0.25 free, sim/1 has 0.25 free, sim/2 is unhealthy, npu/0 is NPU_Y"
+                "considered sim/0 has 0.25 and 4096 MiB free, sim/1 has 0.25 and 4096 MiB free, sim/2 is unhealthy, npu/0 is NPU_Y"
             ),
             "{error}"
         );
@@ -480,15 +538,53 @@ mod tests {
         let xpus = [card("sim/0"), other];
         let ledger = HashMap::new();
         let wants = |value: &str| BTreeMap::from([("xpu.model".to_string(), value.to_string())]);
-        let chosen = choose(&ledger, 1, 0.5, "SIM_X", &wants("SIM_X2"), &xpus).unwrap();
-        assert_eq!(chosen[0].0.card, Some(("gen2".to_string(), 0)));
-        let error = choose(&ledger, 1, 0.5, "SIM_X", &wants("SIM_X3"), &xpus)
+        let chosen = choose(&ledger, &ask(1, 0.5, "SIM_X", &wants("SIM_X2")), &xpus).unwrap();
+        assert_eq!(chosen[0].card, Some(("gen2".to_string(), 0)));
+        let error = choose(&ledger, &ask(1, 0.5, "SIM_X", &wants("SIM_X3")), &xpus)
             .unwrap_err()
             .to_string();
         assert!(
             error.contains("sim/0 lacks xpu.model=SIM_X3 (has SIM_X), gen2/0 lacks xpu.model=SIM_X3 (has SIM_X2)"),
             "{error}"
         );
+    }
+
+    /// Memory is held like the share: asked for, or the share of the card's; a card
+    /// whose memory is given out takes nobody more, whatever share is left.
+    #[test]
+    fn memory_is_held_and_never_exceeds_the_card() {
+        let xpus = [card("sim/0")];
+        let nothing = none();
+        let mut ledger = HashMap::new();
+        let share = choose(&ledger, &ask(1, 0.25, "SIM_X", &nothing), &xpus).unwrap();
+        assert_eq!(share[0].memory_mib, Some(4096));
+        ledger.insert("a".to_string(), share);
+        let big = Ask {
+            memory_mib: Some(12 * 1024),
+            ..ask(1, 0.25, "SIM_X", &nothing)
+        };
+        let held = choose(&ledger, &big, &xpus).unwrap();
+        assert_eq!(held[0].memory_mib, Some(12 * 1024));
+        ledger.insert("b".to_string(), held);
+        // Half the compute is free, no memory is.
+        let error = choose(&ledger, &ask(1, 0.1, "SIM_X", &nothing), &xpus)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("considered sim/0 has 0.50 and 0 MiB free"),
+            "{error}"
+        );
+        let too_big = Ask {
+            memory_mib: Some(17 * 1024),
+            ..ask(1, 0.1, "SIM_X", &nothing)
+        };
+        assert!(choose(&HashMap::new(), &too_big, &xpus)
+            .unwrap_err()
+            .to_string()
+            .contains("and 17408 MiB"));
+        // A whole card holds all of its memory.
+        let whole = choose(&HashMap::new(), &ask(1, 1.0, "SIM_X", &nothing), &xpus).unwrap();
+        assert_eq!(whole[0].memory_mib, Some(16384));
     }
 
     #[test]

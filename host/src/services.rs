@@ -19,7 +19,7 @@ use crate::plugins::algorithm::AlgorithmWorker;
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
 use crate::runtime::inference::Device;
 use crate::runtime::Launch;
-use crate::scheduler::{Placement, Scheduler};
+use crate::scheduler::{Ask, Placement, Scheduler};
 use crate::store::{Store, Table};
 
 /// Most replicas one service may ask for.
@@ -45,13 +45,14 @@ pub struct LiveStatus {
     pub replicas: Vec<ReplicaState>,
 }
 
-/// The GPU share one replica of an algorithm asks for on `gpu_type`, from its
-/// package's `runtime` (0 on CPU). A type the package cannot run on is refused
-/// with the reason, never placed on something else.
-fn replica_quota(algo_id: &str, runtime: &Runtime, gpu_type: &str) -> Result<f64> {
+/// The GPU share and memory (MiB, where the package's `limit` names it) one replica
+/// of an algorithm asks for on `gpu_type`, from its package's `runtime` (0 on
+/// CPU). A type the package cannot run on is refused with the reason, never placed
+/// on something else.
+fn replica_ask(algo_id: &str, runtime: &Runtime, gpu_type: &str) -> Result<(f64, Option<u64>)> {
     if gpu_type.eq_ignore_ascii_case(CPU) {
         if runtime.runs_on_cpu() {
-            return Ok(0.0);
+            return Ok((0.0, None));
         }
         return Err(Error::Conflict(format!(
             "gpuType {gpu_type}: algorithm {algo_id} needs an accelerator (its package's \
@@ -70,19 +71,19 @@ fn replica_quota(algo_id: &str, runtime: &Runtime, gpu_type: &str) -> Result<f64
              runtime.gpu is empty); it runs on CPU: ask for gpuType {CPU}"
         )));
     };
-    let quota = runtime
+    let gpu = runtime
         .gpu
         .iter()
         .find(|g| crate::scheduler::same_type(&format!("{}_{}", g.vendor, g.accelerator), gpu_type))
-        .unwrap_or(first)
-        .quota;
+        .unwrap_or(first);
+    let quota = gpu.quota;
     if !(quota > 0.0 && quota <= 1.0) {
         return Err(Error::Conflict(format!(
             "algorithm {algo_id}: its package asks for gpu quota {quota}; more than 0, up to 1 \
              per replica"
         )));
     }
-    Ok(quota)
+    Ok((quota, gpu.memory_mib()))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -108,6 +109,9 @@ pub struct ServiceRecord {
     pub status_desc: String,
     /// GPU share of one replica.
     pub gpu_quota: f64,
+    /// Accelerator memory of one replica (MiB), where its package names it.
+    #[serde(default)]
+    pub gpu_memory_mib: Option<u64>,
     pub placements: Vec<Placement>,
     pub created_ms: u64,
 }
@@ -392,10 +396,13 @@ impl Services {
             .scheduler
             .reserve(
                 &owner,
-                record.replicas,
-                record.gpu_quota,
-                &record.gpu_type,
-                &Default::default(),
+                &Ask {
+                    count: record.replicas,
+                    quota: record.gpu_quota,
+                    memory_mib: record.gpu_memory_mib,
+                    xpu_type: &record.gpu_type,
+                    selector: &Default::default(),
+                },
                 xpus,
             )
             .map_err(|e| match e {
@@ -462,7 +469,7 @@ impl Services {
                 "algorithm {algo_id}: its file package {file_id} is not installed"
             ))
         })?;
-        let gpu_quota = replica_quota(algo_id, &manifest.runtime, gpu_type)?;
+        let (gpu_quota, gpu_memory_mib) = replica_ask(algo_id, &manifest.runtime, gpu_type)?;
         let mut record = ServiceRecord {
             id: uuid::Uuid::new_v4().simple().to_string(),
             algo_id: algo_id.to_string(),
@@ -472,6 +479,7 @@ impl Services {
             status: ServiceStatus::Starting,
             status_desc: "starting".into(),
             gpu_quota,
+            gpu_memory_mib,
             placements: Vec::new(),
             created_ms: crate::dates::now_ms(),
         };
@@ -530,19 +538,30 @@ mod tests {
         };
         // No accelerator named: CPU only, and a gpuType is refused with the way out.
         let cpu_only = runtime(vec![], None);
-        assert_eq!(replica_quota("a", &cpu_only, "cpu").unwrap(), 0.0);
-        let error = replica_quota("a", &cpu_only, "NVIDIA_T4").unwrap_err();
+        assert_eq!(replica_ask("a", &cpu_only, "cpu").unwrap().0, 0.0);
+        let error = replica_ask("a", &cpu_only, "NVIDIA_T4").unwrap_err();
         assert!(error.to_string().contains("ask for gpuType CPU"), "{error}");
         // An accelerator named: its quota; CPU only where the package says so.
         let t4 = runtime(vec![gpu(0.5)], None);
-        assert_eq!(replica_quota("a", &t4, "NVIDIA T4").unwrap(), 0.5);
-        let error = replica_quota("a", &t4, "CPU").unwrap_err();
+        assert_eq!(replica_ask("a", &t4, "NVIDIA T4").unwrap().0, 0.5);
+        let error = replica_ask("a", &t4, "CPU").unwrap_err();
         assert!(error.to_string().contains("NVIDIA_T4"), "{error}");
         assert_eq!(
-            replica_quota("a", &runtime(vec![gpu(0.5)], Some(true)), "CPU").unwrap(),
+            replica_ask("a", &runtime(vec![gpu(0.5)], Some(true)), "CPU")
+                .unwrap()
+                .0,
             0.0
         );
-        assert!(replica_quota("a", &runtime(vec![gpu(1.5)], None), "NVIDIA_T4").is_err());
+        assert!(replica_ask("a", &runtime(vec![gpu(1.5)], None), "NVIDIA_T4").is_err());
+        // The package's limit is the replica's accelerator memory, in GB.
+        let with_limit = crate::package::GpuRequirement {
+            limit: 4.0,
+            ..gpu(0.5)
+        };
+        assert_eq!(
+            replica_ask("a", &runtime(vec![with_limit], None), "NVIDIA_T4").unwrap(),
+            (0.5, Some(4096))
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
 use crate::runtime::inference::Device;
 use crate::runtime::Launch;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Ask, Scheduler};
 use crate::store::{Store, Table};
 
 /// Most replicas one workload may ask for.
@@ -103,6 +103,9 @@ pub struct WorkloadSpec {
     pub xpu: f64,
     /// GiB.
     pub memory: u32,
+    /// Accelerator memory per pod, GB; `None`: the share of the card's.
+    #[serde(default)]
+    pub xpu_memory: Option<u32>,
     pub command: Option<String>,
     pub args: Option<String>,
 }
@@ -272,6 +275,22 @@ fn validate(spec: &WorkloadSpec) -> Result<()> {
     if spec.cpu == 0 {
         return Err(Error::Invalid("cpu: at least 1".into()));
     }
+    match spec.xpu_memory {
+        Some(0) => {
+            return Err(Error::Invalid(
+                "xpuMemory 0: GB of accelerator memory per pod, at least 1 (or absent: the \
+                 xpu share of the card's)"
+                    .into(),
+            ))
+        }
+        Some(_) if spec.xpu == 0.0 => {
+            return Err(Error::Invalid(
+                "xpuMemory: a pod without an accelerator (xpu 0) holds no accelerator memory"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
     arguments(spec)?;
     if let Some((k, v)) = spec
         .label_selector
@@ -387,14 +406,15 @@ impl Workloads {
             key(&spec.cluster_code, &spec.namespace, &spec.name)
         );
         // The placements live in the scheduler's ledger under `owner`.
-        let placements = self.scheduler.reserve(
-            &owner,
+        let selector = spec.card_selector();
+        let ask = Ask {
             count,
-            spec.xpu,
-            &spec.xpu_type,
-            &spec.card_selector(),
-            xpus,
-        )?;
+            quota: spec.xpu,
+            memory_mib: spec.xpu_memory.map(|gb| u64::from(gb) * 1024),
+            xpu_type: &spec.xpu_type,
+            selector: &selector,
+        };
+        let placements = self.scheduler.reserve(&owner, &ask, xpus)?;
         let args = arguments(spec)?;
         Ok(placements
             .iter()
@@ -527,6 +547,14 @@ impl Workloads {
             .iter()
             .filter(|l| l.record.spec.cluster_code == cluster)
             .count()
+    }
+
+    /// The accelerator memory one pod holds in the ledger (MiB), once placed.
+    pub fn pod_memory_mib(&self, record: &WorkloadRecord) -> Option<u64> {
+        self.scheduler
+            .held_by(&format!("workload:{}", record.key()))
+            .iter()
+            .find_map(|p| p.memory_mib)
     }
 
     pub fn pods(&self, cluster: &str, namespace: &str, name: &str) -> Result<Vec<PodState>> {

@@ -39,6 +39,11 @@ pub struct WorkloadCreateRequest {
     #[schema(schema_with = xpu_share_schema)]
     pub xpu: f64,
     pub memory: u32,
+    /// Accelerator memory per pod, GB (an extension; B.6 reports it). Absent: the
+    /// same share of the card's memory as `xpu`.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub xpu_memory: Option<u32>,
     #[serde(default)]
     pub command: Option<String>,
     #[serde(default)]
@@ -262,18 +267,26 @@ fn info(app: &App, record: &WorkloadRecord) -> crate::error::Result<WorkloadInfo
         &record.spec.namespace,
         &record.spec.name,
     )?;
+    // What a pod holds in the ledger; before any is placed, what it will ask for.
+    let held = app
+        .workloads
+        .pod_memory_mib(record)
+        .map(|mib| mib as f64 / 1024.0);
     let card_gb = app.machine.latest().and_then(|s| {
         s.xpus
             .iter()
             .find(|x| crate::scheduler::same_type(&x.xpu_type, &record.spec.xpu_type))
             .and_then(|x| x.memory_total_gb)
     });
+    let asked = record.spec.xpu_memory.map(f64::from);
     let detail = WorkloadDetail {
         xpu_type: record.spec.xpu_type.clone(),
         xpu: record.spec.xpu,
         cpu_type: std::env::consts::ARCH,
         cpu: record.spec.cpu,
-        xpu_memory: card_gb.map(|gb| gb * record.spec.xpu),
+        xpu_memory: held
+            .or(asked)
+            .or_else(|| card_gb.map(|gb| gb * record.spec.xpu)),
         memory: record.spec.memory,
         status: status.status,
         status_desc: status.reason,
@@ -360,6 +373,7 @@ async fn create(
         xpu_type: request.xpu_type,
         xpu: request.xpu,
         memory: request.memory,
+        xpu_memory: request.xpu_memory,
         command: request.command,
         args: request.args,
     };
