@@ -622,3 +622,68 @@ fn pods_hold_the_accelerator_memory_they_ask_for() {
         "{body}"
     );
 }
+
+/// A pod on a card that turns unhealthy is placed again on a healthy card of its
+/// type; its partition moves with it.
+#[test]
+fn a_pod_on_a_card_that_turns_unhealthy_moves() {
+    let trigger_dir = tempfile::tempdir().unwrap();
+    let grant = trigger_dir.path().to_str().unwrap().to_string();
+    let trigger = trigger_dir.path().join("card-0-failed");
+    let server = {
+        let grant = grant.clone();
+        TestServer::start_with(&[], move |c| c.runtime.allowed_grants.push(grant))
+    };
+    server.plugins.install_as("chaos", "chaos", |m| {
+        let m = set(m, "config", "mode", "failing-card".into());
+        let m = set(m, "config", "path", trigger.to_str().unwrap().into());
+        set(
+            m,
+            "grants",
+            "read",
+            toml::Value::Array(vec![grant.clone().into()]),
+        )
+    });
+    assert!(wait_for(Duration::from_secs(20), || server
+        .app
+        .xpus()
+        .len()
+        == 2));
+    let platform = FileServer::start();
+    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-4.0.0"));
+    server.post(
+        "/CAP/AlgoFilePackages",
+        json!({ "id": "pkg", "md5": md5, "url": url }),
+    );
+    assert!(wait_for(Duration::from_secs(20), || server
+        .get("/CAP/AlgoFilePackages/pkg")
+        .1["data"]["status"]
+        == 0));
+    let (_, body) = server.post("/CCP/clusters", json!({
+        "name": "c",
+        "spec": { "version": "1.20.4", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
+    }));
+    let cluster = body["data"]["clusterCode"].as_str().unwrap().to_string();
+    let mut workload = example_workload(&cluster);
+    workload["xpuType"] = json!("CHAOS_TEST");
+    workload["replicas"] = json!(1);
+    let (status, body) = server.post("/CCP/algoService/workloads", workload);
+    assert_eq!(status, 200, "{body}");
+    let card = || {
+        let (_, body) = server.call(
+            Method::GET,
+            "/CCP/algoService/pods",
+            Some(json!({ "clusterCode": cluster, "namespace": "default", "workloadName": "human-detect" })),
+        );
+        body["data"]["pods"][0]["card"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(card(), "chaos/0");
+    std::fs::write(&trigger, b"").unwrap();
+    assert!(wait_for(Duration::from_secs(20), || card() == "chaos/1"));
+    let partitions = reported_partitions(&server, "chaos");
+    assert_eq!(partitions.len(), 1, "{partitions:?}");
+    assert_eq!(partitions[0].spec.device_index, 1);
+}

@@ -858,3 +858,96 @@ fn jpeg_size(image: &serde_json::Value) -> (u16, u16) {
     let at = |i: usize| u16::from_be_bytes([bytes[sof + i], bytes[sof + i + 1]]);
     (at(7), at(5))
 }
+
+/// A card that turns unhealthy: the service's replica on it is placed again on the
+/// healthy card (a new partition there, the old one gone), the task analysing on it
+/// follows and runs again, and the task detail says so.
+#[test]
+fn a_replica_on_a_card_that_turns_unhealthy_moves_and_its_task_follows() {
+    let trigger_dir = tempfile::tempdir().unwrap();
+    let grant = trigger_dir.path().to_str().unwrap().to_string();
+    let trigger = trigger_dir.path().join("card-0-failed");
+    let server = {
+        let grant = grant.clone();
+        TestServer::start_with(&[], move |c| c.runtime.allowed_grants.push(grant))
+    };
+    server.plugins.install_as("chaos", "chaos", |m| {
+        let m = set(m, "config", "mode", "failing-card".into());
+        let m = set(m, "config", "path", trigger.to_str().unwrap().into());
+        set(
+            m,
+            "grants",
+            "read",
+            toml::Value::Array(vec![grant.clone().into()]),
+        )
+    });
+    assert!(wait_for(Duration::from_secs(20), || server
+        .app
+        .xpus()
+        .iter()
+        .filter(|x| x.xpu_type.as_ref() == "CHAOS_TEST")
+        .count()
+        == 2));
+    let platform = FileServer::start();
+    let algo = install_algorithm(
+        &server,
+        &platform,
+        "pt",
+        &passthrough_package("XPUD-PT-MOVE"),
+    );
+    let (status, body) = server.post(
+        "/CAP/AlgoServices",
+        json!({ "envs": "", "replicas": 1, "gpuType": "CHAOS_TEST", "algoId": algo }),
+    );
+    assert_eq!(status, 200, "{body}");
+    let service = body["data"].as_str().unwrap().to_string();
+    let card_of_replica = || {
+        server.get(&format!("/CAP/AlgoServices/{service}")).1["data"]["replicasDetail"][0]["card"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(card_of_replica(), "chaos/0");
+    let receiver = EventReceiver::start();
+    let video = test_video(server.data.path(), "loop.mp4", 2, "320x240");
+    let id = create(
+        &server,
+        task(
+            &service,
+            &format!("file://{}", video.display()),
+            &receiver.url,
+            "ALWAYS",
+        ),
+    );
+    reaches(&server, &id, "RUNNING", 30);
+
+    std::fs::write(&trigger, b"").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || card_of_replica() == "chaos/1"),
+        "{}",
+        server.get(&format!("/CAP/AlgoServices/{service}")).1
+    );
+    let moves = || detail(&server, &id)["taskInfo"]["replicaMoves"].clone();
+    assert!(
+        wait_for(Duration::from_secs(10), || moves()
+            .as_array()
+            .is_some_and(|m| !m.is_empty())),
+        "{}",
+        detail(&server, &id)
+    );
+    let moved = &moves()[0];
+    assert_eq!(moved["from"], "chaos/0");
+    assert_eq!(moved["to"], "chaos/1");
+    assert_eq!(moved["reason"], "card unhealthy");
+    // The task analyses again, on the new card: events keep coming.
+    reaches(&server, &id, "RUNNING", 30);
+    let before = receiver.events().len();
+    assert!(wait_for(Duration::from_secs(20), || receiver
+        .events()
+        .len()
+        > before + 3));
+    // One partition, on the healthy card.
+    let partitions = reported_partitions(&server, "chaos");
+    assert_eq!(partitions.len(), 1, "{partitions:?}");
+    assert_eq!(partitions[0].spec.device_index, 1);
+}

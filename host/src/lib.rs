@@ -11,6 +11,7 @@ pub mod clusters;
 pub mod config;
 pub mod dates;
 pub mod error;
+pub mod evacuation;
 pub mod fetch;
 pub mod files;
 pub mod http;

@@ -180,6 +180,65 @@ impl Scheduler {
         Ok(made)
     }
 
+    /// The placements on the cards `cards` names ((driver, index)): (owner, the
+    /// placement's position among the owner's, the placement).
+    pub fn placed_on(&self, cards: &[(String, u32)]) -> Vec<(String, usize, Placement)> {
+        let mut found = Vec::new();
+        for (owner, held) in self.ledger().iter() {
+            for (index, placement) in held.iter().enumerate() {
+                if placement.card.as_ref().is_some_and(|c| cards.contains(c)) {
+                    found.push((owner.clone(), index, placement.clone()));
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        found
+    }
+
+    /// Moves `owner`'s placement at `index` to another card that has room for `ask`
+    /// (one replica's worth): the new partition is made first, then the old one is
+    /// destroyed. Returns (old, new). A refusal changes nothing.
+    pub fn move_placement(
+        &self,
+        owner: &str,
+        index: usize,
+        ask: &Ask<'_>,
+        xpus: &[XpuSample],
+    ) -> Result<(Placement, Placement)> {
+        let mut ledger = self.ledger();
+        let Some(old) = ledger.get(owner).and_then(|held| held.get(index)).cloned() else {
+            return Err(Error::NotFound(format!(
+                "{owner} holds no placement {index}"
+            )));
+        };
+        // The old card stays counted (and is passed over: it is unhealthy) until
+        // the new one is made.
+        let others: Vec<XpuSample> = xpus
+            .iter()
+            .filter(|x| {
+                old.card
+                    .as_ref()
+                    .is_none_or(|(driver, i)| x.key.as_ref() != format!("{driver}/{i}"))
+            })
+            .cloned()
+            .collect();
+        let one = Ask {
+            count: 1,
+            ..ask.clone()
+        };
+        let chosen = choose(&ledger, &one, &others)?;
+        let Some(placement) = chosen.into_iter().next() else {
+            return Err(Error::Conflict("no card chosen".into()));
+        };
+        let new = self.partition(placement, owner)?;
+        if let Some(slot) = ledger.get_mut(owner).and_then(|held| held.get_mut(index)) {
+            *slot = new.clone();
+        }
+        drop(ledger);
+        self.destroy(std::slice::from_ref(&old));
+        Ok((old, new))
+    }
+
     /// Releases the last `count` placements of `owner` (scaling down).
     pub fn release_last(&self, owner: &str, count: usize) {
         let released: Vec<Placement> = {

@@ -116,7 +116,11 @@ impl Server {
             },
             http::tasks::summary_json,
         );
-        let workloads = Workloads::new(store.clone(), packages.clone(), scheduler.clone());
+        let workloads = Arc::new(Workloads::new(
+            store.clone(),
+            packages.clone(),
+            scheduler.clone(),
+        ));
         let machine_packages =
             MachinePackages::new(store.clone(), packages.clone(), scheduler.clone());
         // Services and tasks come back as they were: placed on the cards again, their
@@ -193,6 +197,12 @@ impl Server {
             scheduler: scheduler.clone(),
             tasks: tasks.clone(),
         }));
+        let evacuation = crate::evacuation::Evacuation::new(
+            scheduler.clone(),
+            services.clone(),
+            workloads.clone(),
+            tasks.clone(),
+        );
         let app = App(Arc::new(AppState {
             auth: auth.clone(),
             tls: tls.clone(),
@@ -245,7 +255,18 @@ impl Server {
                 workers
             })
         };
-        let mut background = vec![watcher, sampler, keeper, auth.spawn_maintenance()];
+        let evacuation = {
+            let app = app.clone();
+            let interval = std::time::Duration::from_millis(config.sampler.interval_ms);
+            evacuation.spawn(interval, move || app.xpus())
+        };
+        let mut background = vec![
+            watcher,
+            sampler,
+            keeper,
+            evacuation,
+            auth.spawn_maintenance(),
+        ];
         background.extend(tls.as_ref().map(|tls| tls.spawn_reloader()));
         if let Some(platform) = &platform {
             background.extend(platform.spawn());

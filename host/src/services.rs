@@ -116,6 +116,23 @@ pub struct ServiceRecord {
     pub created_ms: u64,
 }
 
+/// A replica moved to another card.
+pub struct Moved {
+    /// The cards, as `driver/index`.
+    pub from: String,
+    pub to: String,
+    /// The worker that ran on the old card, now out of the service.
+    pub replaced: Option<Arc<AlgorithmWorker>>,
+}
+
+/// A placement's card as `driver/index` ("CPU" for none).
+pub fn card_name(placement: &Placement) -> String {
+    placement
+        .card
+        .as_ref()
+        .map_or_else(|| "CPU".to_string(), |(d, i)| format!("{d}/{i}"))
+}
+
 /// `k1=v1, k2=v2` (table F.6). Errors name the entry.
 pub fn parse_envs(envs: &str) -> std::result::Result<Vec<(String, String)>, String> {
     envs.split(',')
@@ -372,6 +389,68 @@ impl Services {
             env.push((key, value));
         }
         Ok(env)
+    }
+
+    /// Moves replica `index` of service `id` off its card: a new placement on
+    /// another card, a new worker there, started; the service's record then holds
+    /// them. Returns the replaced worker (its tasks move to the new one) and where
+    /// the replica was and is. Nothing changes when no card has room.
+    pub fn move_replica(&self, id: &str, index: usize, xpus: &[XpuSample]) -> Result<Moved> {
+        let record = self.get(id)?;
+        let algorithm = self
+            .packages
+            .plugin_of_algorithm(&record.algo_id)?
+            .algorithm()
+            .cloned()
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "algorithm {} carries no algorithm plugin",
+                    record.algo_id
+                ))
+            })?;
+        let env = self.environment(&record)?;
+        let ask = Ask {
+            count: 1,
+            quota: record.gpu_quota,
+            memory_mib: record.gpu_memory_mib,
+            xpu_type: &record.gpu_type,
+            selector: &Default::default(),
+        };
+        let (old, new) =
+            self.scheduler
+                .move_placement(&format!("service:{id}"), index, &ask, xpus)?;
+        let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+        let worker = algorithm.spawn_worker_with(Launch {
+            env,
+            args: Vec::new(),
+            device: Device::for_card(card, &record.gpu_type),
+        });
+        if let Err(e) = worker.start() {
+            tracing::warn!(service = %id, replica = index, "moved replica failed to start: {e}");
+        }
+        let replaced = {
+            let mut state = self.write();
+            let running = state
+                .iter_mut()
+                .find(|r| r.record.id == id)
+                .ok_or_else(|| Error::NotFound(format!("no algorithm service {id:?}")))?;
+            if let Some(slot) = running.record.placements.get_mut(index) {
+                *slot = new.clone();
+            }
+            let old_worker = running
+                .workers
+                .get_mut(index)
+                .map(|slot| std::mem::replace(slot, worker));
+            if let Err(e) = self.store.put(Table::Services, id, &running.record) {
+                tracing::error!(service = %id, "cannot record the moved replica: {e}");
+            }
+            old_worker
+        };
+        Ok(Moved {
+            from: card_name(&old),
+            to: card_name(&new),
+            replaced,
+        })
     }
 
     /// Places every replica, makes partitions where drivers can, starts the workers.

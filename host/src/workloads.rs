@@ -393,6 +393,55 @@ impl Workloads {
         Ok((file.id, algorithm))
     }
 
+    /// Moves pod `index` of the workload keyed `key` off its card: a new placement
+    /// on another card its ask fits, a new worker there; the old worker goes.
+    /// Returns where the pod was and is. Nothing changes when no card has room.
+    pub fn move_pod(
+        &self,
+        key: &str,
+        index: usize,
+        xpus: &[XpuSample],
+    ) -> Result<(String, String)> {
+        let spec = {
+            let state = self.read();
+            state
+                .iter()
+                .find(|l| l.record.key() == key)
+                .map(|l| l.record.spec.clone())
+                .ok_or_else(|| Error::NotFound(format!("no workload {key:?}")))?
+        };
+        let (_, algorithm) = self.resolve_image(&spec.image)?;
+        let selector = spec.card_selector();
+        let ask = Ask {
+            count: 1,
+            quota: spec.xpu,
+            memory_mib: spec.xpu_memory.map(|gb| u64::from(gb) * 1024),
+            xpu_type: &spec.xpu_type,
+            selector: &selector,
+        };
+        let (old, new) =
+            self.scheduler
+                .move_placement(&format!("workload:{key}"), index, &ask, xpus)?;
+        let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+        let worker = algorithm.spawn_worker_with(Launch {
+            env: Vec::new(),
+            args: arguments(&spec)?,
+            device: Device::for_card(card, &spec.xpu_type),
+        });
+        if let Err(e) = worker.start() {
+            tracing::warn!(workload = %key, pod = index, "moved pod failed to start: {e}");
+        }
+        if let Some(live) = self.write().iter_mut().find(|l| l.record.key() == key) {
+            if let Some(slot) = live.workers.get_mut(index) {
+                *slot = worker;
+            }
+        }
+        Ok((
+            crate::services::card_name(&old),
+            crate::services::card_name(&new),
+        ))
+    }
+
     /// Starts `count` new pods' workers, placed for `owner`.
     fn start_pods(
         &self,

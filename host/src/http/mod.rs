@@ -70,7 +70,7 @@ pub struct AppState {
     pub packages: Arc<Packages>,
     pub services: Arc<Services>,
     pub tasks: Arc<Tasks>,
-    pub workloads: Workloads,
+    pub workloads: Arc<Workloads>,
     /// The address the server is bound to.
     pub listen: SocketAddr,
     /// This machine's code in CAD mode (Appendix H).

@@ -93,6 +93,21 @@ struct TaskInfoView {
     /// dropped (detail only; not in table G.19).
     #[serde(skip_serializing_if = "Option::is_none")]
     progress: Option<Progress>,
+    /// The last times its service's replica was moved off a card that turned
+    /// unhealthy, oldest first (detail only; not in the text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica_moves: Option<Vec<ReplicaMoveView>>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct ReplicaMoveView {
+    /// When, as `createdDate` is written.
+    at: String,
+    /// The cards, as `driver/index`.
+    from: String,
+    to: String,
+    reason: String,
 }
 
 fn view(task: &TaskRecord) -> TaskView {
@@ -106,6 +121,7 @@ fn view(task: &TaskRecord) -> TaskView {
             status_desc: None,
             stream_options: None,
             progress: None,
+            replica_moves: None,
         },
     }
 }
@@ -123,6 +139,17 @@ fn detail_view(task: &TaskRecord, progress: Progress) -> TaskView {
     view.task_info.status_desc = Some(task.status_desc.clone());
     view.task_info.stream_options = Some(task.task_info.stream_options.clone());
     view.task_info.progress = Some(progress);
+    view.task_info.replica_moves = Some(
+        task.moves
+            .iter()
+            .map(|m| ReplicaMoveView {
+                at: crate::dates::format_ms(m.at_ms),
+                from: m.from.clone(),
+                to: m.to.clone(),
+                reason: m.reason.clone(),
+            })
+            .collect(),
+    );
     view
 }
 

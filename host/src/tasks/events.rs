@@ -338,6 +338,7 @@ mod tests {
             status: TaskStatus::Running,
             status_desc: String::new(),
             created_ms: 0,
+            moves: Vec::new(),
         }
     }
 

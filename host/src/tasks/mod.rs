@@ -49,7 +49,23 @@ pub struct TaskRecord {
     pub status: TaskStatus,
     pub status_desc: String,
     pub created_ms: u64,
+    /// The last times its service's replica was moved to another card, oldest first.
+    #[serde(default)]
+    pub moves: Vec<ReplicaMove>,
 }
+
+/// A task's replica moved off a card (it turned unhealthy).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaMove {
+    pub at_ms: u64,
+    /// The cards, as `driver/index`.
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+/// Moves a task's detail keeps.
+const MOVES_KEPT: usize = 8;
 
 /// How tasks reach video.
 #[derive(Clone, Debug)]
@@ -796,6 +812,7 @@ impl Tasks {
             status: TaskStatus::Pending,
             status_desc: "starting its pipeline".into(),
             created_ms: crate::dates::now_ms(),
+            moves: Vec::new(),
         };
         self.bind(&task)?;
         if let Err(e) = self.store.put(Table::Tasks, &task.id, &task) {
@@ -829,6 +846,69 @@ impl Tasks {
         self.store.put(Table::Tasks, id, &changed)?;
         *stored = Stored::new(changed, self.render);
         Ok(())
+    }
+
+    /// Tasks analysing on `old`, a replica that moved off a card to another, go with
+    /// it: each is bound again on its service (a new session on a live replica),
+    /// its pipeline restarted if it was running, and the move kept in its detail.
+    pub fn follow_moved_replica(
+        &self,
+        old: &Arc<AlgorithmWorker>,
+        from: &str,
+        to: &str,
+        reason: &str,
+    ) {
+        let ids: Vec<String> = self
+            .bindings()
+            .iter()
+            .filter(|(_, b)| Arc::ptr_eq(&b.worker, old))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let Ok(task) = self.get(&id) else { continue };
+            let live = matches!(task.status, TaskStatus::Pending | TaskStatus::Running);
+            if live {
+                self.stop_pipeline(&id);
+            }
+            self.unbind(&id);
+            let moved = ReplicaMove {
+                at_ms: crate::dates::now_ms(),
+                from: from.to_string(),
+                to: to.to_string(),
+                reason: reason.to_string(),
+            };
+            let note = format!("its replica moved from {from} ({reason}) to {to}");
+            let _ = self.transition(&id, |t| {
+                t.moves.push(moved);
+                let excess = t.moves.len().saturating_sub(MOVES_KEPT);
+                t.moves.drain(..excess);
+                if live {
+                    t.status = TaskStatus::Pending;
+                    t.status_desc = format!("{note}: opening the source again");
+                }
+                Ok(())
+            });
+            let rebound = self.bind(&task).and_then(|()| {
+                if live {
+                    self.start_pipeline(&*self.get(&id)?)
+                } else {
+                    Ok(())
+                }
+            });
+            match rebound {
+                Ok(()) => {
+                    tracing::info!(task = %id, %from, %to, "task follows its replica to another card")
+                }
+                Err(e) => {
+                    tracing::error!(task = %id, "task cannot follow its moved replica: {e}");
+                    let _ = self.transition(&id, |t| {
+                        t.status = TaskStatus::Error;
+                        t.status_desc = format!("{note}, and the task could not follow: {e}");
+                        Ok(())
+                    });
+                }
+            }
+        }
     }
 
     /// G.5: decoding stops, no more events; queued ones are still delivered.

@@ -30,7 +30,9 @@
 //! - `unshared`: healthy, but `create-partition` is unsupported (a driver that
 //!   cannot share its cards);
 //! - `health-cycle`: its card goes healthy, degraded, unhealthy, healthy, ... one
-//!   step every 4 `devices` calls.
+//!   step every 4 `devices` calls;
+//! - `failing-card`: two cards; card 0 is unhealthy while the file at config
+//!   `path` exists (a granted path), card 1 always healthy.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -111,6 +113,13 @@ impl Driver for Chaos {
         };
         match self.mode.as_str() {
             "many" => return Ok((0..200_000).map(device).collect()),
+            "failing-card" => {
+                let mut cards = vec![device(0), device(1)];
+                if std::fs::metadata(&self.path).is_ok() {
+                    cards[0].health = Health::Unhealthy;
+                }
+                return Ok(cards);
+            }
             "duplicate" => {
                 let mut twin = device(0);
                 twin.id = "chaos:twin".into();
@@ -233,23 +242,26 @@ impl Driver for Chaos {
 
 impl Chaos {
     fn healthy_metrics(&self) -> Result<Metrics, DriverError> {
+        let cards = if self.mode == "failing-card" { 2 } else { 1 };
         Ok(Metrics {
-            cards: vec![CardMetrics {
-                device_index: 0,
-                ai_utilization_pct: Some(1.0),
-                memory_used_mib: Some(1),
-                memory_total_mib: Some(1024),
-                video_decode_utilization_pct: None,
-                picture_decode_utilization_pct: None,
-                temperature_celsius: None,
-                power_watts: None,
-            }],
+            cards: (0..cards)
+                .map(|device_index| CardMetrics {
+                    device_index,
+                    ai_utilization_pct: Some(1.0),
+                    memory_used_mib: Some(1),
+                    memory_total_mib: Some(1024),
+                    video_decode_utilization_pct: None,
+                    picture_decode_utilization_pct: None,
+                    temperature_celsius: None,
+                    power_watts: None,
+                })
+                .collect(),
             instances: self
                 .partitions
                 .iter()
                 .map(|p| InstanceMetrics {
                     partition_id: p.id.clone(),
-                    device_index: 0,
+                    device_index: p.spec.device_index,
                     ai_utilization_pct: None,
                     memory_used_mib: None,
                     memory_quota_mib: p.spec.memory_quota_mib,
