@@ -174,3 +174,38 @@ fn plugin_check_refuses_an_export_with_the_contracts_name_but_not_its_signature(
         "{stderr}"
     );
 }
+
+/// `xpud plugin probe` loads a driver as the server would and prints what it
+/// reports; with `--partition`, a partition round trip. A driver that does not load
+/// is an error with the reason.
+#[test]
+fn plugin_probe_prints_what_a_driver_reports() {
+    let plugins = PluginDir::new();
+    plugins.install("sim-xpu");
+    let dir = plugins.path().to_str().unwrap();
+    let out = xpud(&[
+        "plugin",
+        "probe",
+        "--plugin-dir",
+        dir,
+        "sim-xpu",
+        "--partition",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert_eq!(stdout.matches("device:   ").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("card:     ").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("label:    xpu.model=SIMULATED_XPU16"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("made:     Partition"), "{stdout}");
+    assert!(stdout.contains("left:     0 partitions"), "{stdout}");
+    let out = xpud(&["plugin", "probe", "--plugin-dir", dir, "nothing-here"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("driver nothing-here did not load: no nothing-here.toml"),
+        "{}",
+        text(&out.stderr)
+    );
+}

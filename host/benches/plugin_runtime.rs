@@ -9,7 +9,12 @@
 //!   natively (`SimXpu::from_config`, init's work);
 //! - a metrics sample of 8 cards through the component export, beside the same
 //!   sim-xpu code compiled natively; plus an empty call, to separate the fixed cost
-//!   of crossing into the component from the work and the lifting of the result.
+//!   of crossing into the component from the work and the lifting of the result;
+//! - a full sampling round (devices, sample, labels, as the sampler calls them) of
+//!   8 cards through the supervised plugin, beside the same driver code compiled
+//!   natively: sim-xpu, and the nvidia driver over NVML (the stand-in library of
+//!   tests/fixtures/fake-nvml with 8 cards, built with `cc`: the cheapest NVML
+//!   there can be, so the plugin's share of a round is at its largest).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -28,6 +33,155 @@ use xpud_sdk::driver::{Config, Driver as _};
 #[allow(dead_code)]
 #[path = "../../plugins/sim-xpu/src/sim.rs"]
 mod sim;
+
+/// The nvidia driver's own code, compiled natively over the host's NVML calls.
+#[allow(dead_code)]
+#[path = "../../plugins/nvidia/src/bridge.rs"]
+mod bridge;
+#[allow(dead_code)]
+#[path = "../../plugins/nvidia/src/driver.rs"]
+mod driver;
+#[allow(dead_code)]
+#[path = "../../plugins/nvidia/src/mig.rs"]
+mod mig;
+#[allow(dead_code)]
+#[path = "../../plugins/nvidia/src/models.rs"]
+mod models;
+
+/// The nvidia driver's NVML, natively: the host bridge's calls, their answers in
+/// the guest's types (the copy a plugin's call makes too).
+mod native_nvml {
+    use std::sync::Arc;
+
+    use xpud::runtime::bindings::v0_2::driver::xpu::plugin::nvml as host;
+    use xpud::runtime::nvml as calls;
+    use xpud_sdk::driver::nvml::*;
+
+    pub struct NativeNvml(pub Arc<nvml_wrapper::Nvml>);
+
+    /// The library the bench loaded: what `init` (through `Default`) opens.
+    pub static LOADED: std::sync::OnceLock<Arc<nvml_wrapper::Nvml>> = std::sync::OnceLock::new();
+
+    impl Default for NativeNvml {
+        fn default() -> Self {
+            NativeNvml(LOADED.get().expect("the bench loads NVML first").clone())
+        }
+    }
+
+    fn error(e: host::NvmlError) -> NvmlError {
+        match e {
+            host::NvmlError::Unavailable(m) => NvmlError::Unavailable(m),
+            host::NvmlError::NoPermission(m) => NvmlError::NoPermission(m),
+            host::NvmlError::NotFound(m) => NvmlError::NotFound(m),
+            host::NvmlError::NotSupported(m) => NvmlError::NotSupported(m),
+            host::NvmlError::InsufficientResources(m) => NvmlError::InsufficientResources(m),
+            host::NvmlError::GpuLost(m) => NvmlError::GpuLost(m),
+            host::NvmlError::Failed(m) => NvmlError::Failed(m),
+        }
+    }
+
+    fn instance(i: host::MigInstance) -> MigInstance {
+        MigInstance {
+            gpu_instance_id: i.gpu_instance_id,
+            profile_id: i.profile_id,
+            placement_start: i.placement_start,
+            placement_size: i.placement_size,
+            uuid: i.uuid,
+            memory_total_bytes: i.memory_total_bytes,
+            memory_used_bytes: i.memory_used_bytes,
+        }
+    }
+
+    impl super::bridge::Nvml for NativeNvml {
+        fn device_count(&self) -> Result<u32, NvmlError> {
+            self.0
+                .device_count()
+                .map_err(|e| NvmlError::Failed(e.to_string()))
+        }
+        fn info(&self, device: u32) -> Result<DeviceInfo, NvmlError> {
+            let i = calls::info(&self.0, device).map_err(error)?;
+            Ok(DeviceInfo {
+                name: i.name,
+                uuid: i.uuid,
+                serial: i.serial,
+                pci_bus_id: i.pci_bus_id,
+                pci_device_id: i.pci_device_id,
+                pci_subsystem_id: i.pci_subsystem_id,
+                mig_capable: i.mig_capable,
+            })
+        }
+        fn sample(&self, device: u32) -> Result<DeviceSample, NvmlError> {
+            let s = calls::sample(&self.0, device).map_err(error)?;
+            Ok(DeviceSample {
+                memory_total_bytes: s.memory_total_bytes,
+                memory_used_bytes: s.memory_used_bytes,
+                gpu_utilization_pct: s.gpu_utilization_pct,
+                memory_utilization_pct: s.memory_utilization_pct,
+                decoder_utilization_pct: s.decoder_utilization_pct,
+                encoder_utilization_pct: s.encoder_utilization_pct,
+                temperature_celsius: s.temperature_celsius,
+                power_draw_milliwatts: s.power_draw_milliwatts,
+                power_limit_milliwatts: s.power_limit_milliwatts,
+            })
+        }
+        fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
+            let found = calls::processes(&self.0, device).map_err(error)?;
+            Ok(found
+                .into_iter()
+                .map(|p| ProcessUsage {
+                    pid: p.pid,
+                    used_memory_bytes: p.used_memory_bytes,
+                    sm_utilization_pct: p.sm_utilization_pct,
+                    memory_utilization_pct: p.memory_utilization_pct,
+                    decoder_utilization_pct: p.decoder_utilization_pct,
+                    encoder_utilization_pct: p.encoder_utilization_pct,
+                    gpu_instance_id: p.gpu_instance_id,
+                    compute_instance_id: p.compute_instance_id,
+                })
+                .collect())
+        }
+        fn mig_mode(&self, device: u32) -> Result<MigState, NvmlError> {
+            let m = calls::mig_mode(&self.0, device).map_err(error)?;
+            Ok(MigState {
+                current: m.current,
+                pending: m.pending,
+            })
+        }
+        fn mig_profiles(&self, device: u32) -> Result<Vec<MigProfile>, NvmlError> {
+            let found = calls::mig_profiles(&self.0, device).map_err(error)?;
+            Ok(found
+                .into_iter()
+                .map(|p| MigProfile {
+                    id: p.id,
+                    slice_count: p.slice_count,
+                    memory_mib: p.memory_mib,
+                    free_count: p.free_count,
+                    max_count: p.max_count,
+                })
+                .collect())
+        }
+        fn mig_instances(&self, device: u32) -> Result<Vec<MigInstance>, NvmlError> {
+            let found = calls::mig_instances(&self.0, device).map_err(error)?;
+            Ok(found.into_iter().map(instance).collect())
+        }
+        fn create_mig_instance(
+            &mut self,
+            device: u32,
+            profile: u32,
+        ) -> Result<MigInstance, NvmlError> {
+            calls::create_mig_instance(&self.0, device, profile)
+                .map(instance)
+                .map_err(error)
+        }
+        fn destroy_mig_instance(
+            &mut self,
+            device: u32,
+            gpu_instance: u32,
+        ) -> Result<(), NvmlError> {
+            calls::destroy_mig_instance(&self.0, device, gpu_instance).map_err(error)
+        }
+    }
+}
 
 /// Median time per iteration over `rounds` rounds of `iters` iterations.
 fn measure(rounds: usize, iters: u32, mut f: impl FnMut()) -> Duration {
@@ -268,6 +422,131 @@ fn main() -> anyhow::Result<()> {
         "SimXpu::sample",
         Some(native_sample),
         Some(Duration::from_micros(5)),
+    );
+
+    println!();
+    let (round, native_round) = rounds(&supervised, &mut native, 20_000);
+    row(
+        "sampling round, 8 cards: sim-xpu",
+        round,
+        "sim-xpu natively",
+        Some(native_round),
+        Some(native_round * 2),
+    );
+    nvidia_round(&runtime)
+}
+
+/// A full sampling round as the sampler makes it (`sampler::sample_one`: devices,
+/// sample, and labels when they may have changed, at least every
+/// `LABELS_EVERY` rounds) through the supervised plugin, beside the same calls on
+/// the driver's code compiled natively: (plugin, native) per round.
+fn rounds<D: xpud_sdk::driver::Driver>(
+    plugin: &Driver,
+    native: &mut D,
+    iters: u32,
+) -> (Duration, Duration) {
+    let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+    let round = measure(9, iters, || {
+        let snapshot = xpud::sampler::sample_one("bench", plugin, &cache).unwrap();
+        cache.put("bench", black_box(snapshot));
+    });
+    let mut n = 0u32;
+    let native_round = measure(9, iters, || {
+        black_box(native.devices().unwrap());
+        black_box(native.sample().unwrap());
+        if n.is_multiple_of(xpud::sampler::LABELS_EVERY) {
+            black_box(native.labels().unwrap());
+        }
+        n += 1;
+    });
+    (round, native_round)
+}
+
+/// The stand-in NVML library, built with `cc` into target/fake-nvml.
+fn fake_nvml() -> anyhow::Result<std::path::PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let source = repo.join("tests/fixtures/fake-nvml/fake_nvml.c");
+    let dir = repo.join("target/fake-nvml");
+    std::fs::create_dir_all(&dir)?;
+    let library = dir.join("libnvidia-ml-bench.so.1");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cc: {e} (a C compiler builds the stand-in NVML)"))?;
+    anyhow::ensure!(status.success(), "cc failed on {}", source.display());
+    Ok(library)
+}
+
+/// The nvidia driver's sampling round over NVML (8 cards), through the plugin and
+/// natively.
+fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
+    let library = fake_nvml()?;
+    // Read by the stand-in at nvmlInit.
+    std::env::set_var("FAKE_NVML_CARDS", "8");
+    let runtime = Runtime::new(RuntimeOptions {
+        cache_dir: None,
+        max_instances: 16,
+        max_memory_bytes: 64 << 20,
+        inference: InferenceOptions {
+            library: None,
+            providers: vec![],
+            batching: Default::default(),
+        },
+        limits: sim_runtime.options.limits.clone(),
+        nvml_library: Some(library),
+    })?;
+    let wasm_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/nvidia.wasm");
+    let wasm = std::fs::read(&wasm_path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (run scripts/build-plugins first)",
+            wasm_path.display()
+        )
+    })?;
+    let (component, _) = runtime.load_component(&wasm, &hex::encode(Sha256::digest(&wasm)))?;
+    let pre = DriverPre::new(Api::V0_2, runtime.linker().instantiate_pre(&component)?)?;
+    let sandbox = Sandbox {
+        plugin: "nvidia".into(),
+        preopens: vec![],
+        memory_limit_bytes: 32 << 20,
+        assets: None,
+        inference: runtime.inference().clone(),
+        limits: std::sync::Arc::new(runtime.options.limits.clone()),
+        log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(1000)),
+        calls: Default::default(),
+        launch: Default::default(),
+        providers: Default::default(),
+        nvml: xpud::runtime::nvml::NvmlAccess {
+            bridge: runtime.nvml().clone(),
+            grant: xpud::runtime::nvml::NvmlGrant::Read,
+        },
+    };
+    let plugin = Driver::new(
+        "nvidia",
+        runtime.engine().clone(),
+        sandbox,
+        pre,
+        vec![],
+        RestartPolicy::default(),
+        Duration::from_secs(3),
+    );
+    plugin.start().map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        plugin.devices()?.len() == 8,
+        "the stand-in NVML has 8 cards"
+    );
+    let nvml = runtime.nvml().get().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let _ = native_nvml::LOADED.set(nvml);
+    let (mut native, _) = driver::Nvidia::<native_nvml::NativeNvml>::init(Config::new(vec![]))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (round, native_round) = rounds(&plugin, &mut native, 5_000);
+    row(
+        "sampling round, 8 cards: nvidia over NVML",
+        round,
+        "nvidia driver natively",
+        Some(native_round),
+        Some(native_round * 2),
     );
     Ok(())
 }

@@ -31,9 +31,19 @@ pub struct Snapshot {
     pub devices: Vec<Device>,
     pub metrics: Metrics,
     /// The scheduling labels the driver publishes (`xpu.model`, `xpu.count`, ...).
-    pub labels: Arc<[(String, String)]>,
+    pub labels: Labels,
+    /// Rounds since the labels were asked for.
+    pub labels_age: u32,
     pub at: SystemTime,
 }
+
+/// A driver's scheduling labels, (key, value).
+pub type Labels = Arc<[(String, String)]>;
+
+/// Labels change with the devices, not between samples: they are asked for again
+/// when a device comes, goes, or changes type, memory or health, and at least every
+/// this many rounds.
+pub const LABELS_EVERY: u32 = 30;
 
 /// How a driver's sampling goes, as `GET /plugins` shows it.
 #[derive(Clone, Debug, Default)]
@@ -148,7 +158,7 @@ impl SampleCache {
         }
     }
 
-    fn put(&self, driver: &str, snapshot: Snapshot) {
+    pub fn put(&self, driver: &str, snapshot: Snapshot) {
         let previous =
             crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot.clone());
         if let Some(previous) = previous {
@@ -189,6 +199,22 @@ impl SampleCache {
                 to,
             });
         }
+    }
+
+    /// The labels of `driver`'s last snapshot and their age, while they still hold
+    /// for `devices` (the same devices, none changed) and are not too old.
+    fn labels_for(&self, driver: &str, devices: &[Device]) -> Option<(Labels, u32)> {
+        let snapshots = crate::sync::read(&self.snapshots);
+        let last = snapshots.get(driver)?;
+        let same = last.devices.len() == devices.len()
+            && last.devices.iter().zip(devices).all(|(a, b)| {
+                a.id == b.id
+                    && a.accelerator_type == b.accelerator_type
+                    && a.memory_total_mib == b.memory_total_mib
+                    && a.health == b.health
+            });
+        (same && last.labels_age + 1 < LABELS_EVERY)
+            .then(|| (last.labels.clone(), last.labels_age + 1))
     }
 
     /// The driver's latest device health changes, oldest first.
@@ -242,20 +268,33 @@ impl SampleCache {
     }
 }
 
-fn sample_one(name: &str, driver: &Driver) -> Result<Snapshot, DriverFailure> {
+/// One sampling round of `driver`: its devices, their figures, and its labels when
+/// they may have changed (`LABELS_EVERY`).
+pub fn sample_one(
+    name: &str,
+    driver: &Driver,
+    cache: &SampleCache,
+) -> Result<Snapshot, DriverFailure> {
     let devices = driver.devices()?;
     let metrics = driver.sample()?;
-    // Labels are not figures: a driver that publishes none (or fails to) still has
-    // its cards counted, and selectors find nothing on them.
-    let labels = driver.labels().unwrap_or_else(|e| {
-        tracing::debug!(plugin = %name, "no scheduling labels: {e}");
-        Vec::new()
-    });
+    let (labels, labels_age) = match cache.labels_for(name, &devices) {
+        Some(kept) => kept,
+        // Labels are not figures: a driver that publishes none (or fails to) still
+        // has its cards counted, and selectors find nothing on them.
+        None => {
+            let labels = driver.labels().unwrap_or_else(|e| {
+                tracing::debug!(plugin = %name, "no scheduling labels: {e}");
+                Vec::new()
+            });
+            (labels.into_iter().map(|l| (l.key, l.value)).collect(), 0)
+        }
+    };
     Ok(Snapshot {
         simulated: driver.info().is_some_and(|i| i.simulated),
         devices,
         metrics,
-        labels: labels.into_iter().map(|l| (l.key, l.value)).collect(),
+        labels,
+        labels_age,
         at: SystemTime::now(),
     })
 }
@@ -264,7 +303,7 @@ fn sample_one(name: &str, driver: &Driver) -> Result<Snapshot, DriverFailure> {
 /// needs before the periodic sampler has run.
 pub fn sample_all_now(registry: &Registry, cache: &SampleCache) {
     for (name, driver) in registry.drivers() {
-        match sample_one(&name, &driver) {
+        match sample_one(&name, &driver, cache) {
             Ok(snapshot) => cache.put(&name, snapshot),
             Err(e) => {
                 tracing::warn!(plugin = %name, "no sample at start: {e}");
@@ -296,7 +335,7 @@ pub fn spawn(
                 }
                 let cache = cache.clone();
                 tokio::task::spawn_blocking(move || {
-                    match sample_one(&name, &driver) {
+                    match sample_one(&name, &driver, &cache) {
                         Ok(snapshot) => cache.put(&name, snapshot),
                         // The supervisor or the contract check has logged the cause;
                         // the transition to "no figures" is logged by the cache.
@@ -326,6 +365,7 @@ mod tests {
                 instances: Vec::new(),
             },
             labels: Arc::from([]),
+            labels_age: 0,
             at: SystemTime::now() - age,
         }
     }

@@ -275,21 +275,12 @@ fn validate(spec: &WorkloadSpec) -> Result<()> {
     if spec.cpu == 0 {
         return Err(Error::Invalid("cpu: at least 1".into()));
     }
-    match spec.xpu_memory {
-        Some(0) => {
-            return Err(Error::Invalid(
-                "xpuMemory 0: GB of accelerator memory per pod, at least 1 (or absent: the \
-                 xpu share of the card's)"
-                    .into(),
-            ))
-        }
-        Some(_) if spec.xpu == 0.0 => {
-            return Err(Error::Invalid(
-                "xpuMemory: a pod without an accelerator (xpu 0) holds no accelerator memory"
-                    .into(),
-            ))
-        }
-        _ => {}
+    if spec.xpu_memory == Some(0) {
+        return Err(Error::Invalid(
+            "xpuMemory 0: GB of accelerator memory per pod, at least 1 (or absent: the xpu \
+             share of the card's)"
+                .into(),
+        ));
     }
     arguments(spec)?;
     if let Some((k, v)) = spec

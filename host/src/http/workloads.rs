@@ -40,7 +40,8 @@ pub struct WorkloadCreateRequest {
     pub xpu: f64,
     pub memory: u32,
     /// Accelerator memory per pod, GB (an extension; B.6 reports it). Absent: the
-    /// same share of the card's memory as `xpu`.
+    /// same share of the card's memory as `xpu`. A pod without a card (`xpu` 0)
+    /// holds none.
     #[serde(default)]
     #[schema(minimum = 1)]
     pub xpu_memory: Option<u32>,
@@ -278,7 +279,11 @@ fn info(app: &App, record: &WorkloadRecord) -> crate::error::Result<WorkloadInfo
             .find(|x| crate::scheduler::same_type(&x.xpu_type, &record.spec.xpu_type))
             .and_then(|x| x.memory_total_gb)
     });
-    let asked = record.spec.xpu_memory.map(f64::from);
+    let asked = record
+        .spec
+        .xpu_memory
+        .filter(|_| record.spec.xpu > 0.0)
+        .map(f64::from);
     let detail = WorkloadDetail {
         xpu_type: record.spec.xpu_type.clone(),
         xpu: record.spec.xpu,

@@ -21,16 +21,46 @@ const WATTS: std::ops::RangeInclusive<f32> = 0.0..=10_000.0;
 
 pub type Violation = String;
 
-fn text(field: &str, value: &str, limits: &PluginLimits) -> Result<(), Violation> {
+/// Where in an answer a value is: said only when the value is wrong, so that a
+/// good answer (every sample, every round) is checked without formatting a thing.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Answer,
+    Device(u32),
+    Card(u32),
+    Instance(&'a str),
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Answer => Ok(()),
+            At::Device(i) => write!(f, "device {i}"),
+            At::Card(i) => write!(f, "card {i}"),
+            At::Instance(id) => write!(f, "instance {id:?}"),
+        }
+    }
+}
+
+/// `field` of the value at `at`, for a message.
+fn name(at: At<'_>, field: &str) -> String {
+    match at {
+        At::Answer => field.to_string(),
+        _ => format!("{at} {field}"),
+    }
+}
+
+fn text(at: At<'_>, field: &str, value: &str, limits: &PluginLimits) -> Result<(), Violation> {
     let max = limits.max_string_bytes as usize;
     if value.len() > max {
         return Err(format!(
-            "{field} is {} bytes, above {max} ([plugin-limits] max-string-bytes)",
+            "{} is {} bytes, above {max} ([plugin-limits] max-string-bytes)",
+            name(at, field),
             value.len()
         ));
     }
     if value.chars().any(char::is_control) {
-        return Err(format!("{field} contains control characters"));
+        return Err(format!("{} contains control characters", name(at, field)));
     }
     Ok(())
 }
@@ -42,23 +72,25 @@ fn count(field: &str, n: usize, max: u32, key: &str) -> Result<(), Violation> {
     Ok(())
 }
 
-fn percent(field: &str, value: Option<f32>) -> Result<(), Violation> {
+fn percent(at: At<'_>, field: &str, value: Option<f32>) -> Result<(), Violation> {
     match value {
         Some(v) if !(0.0..=100.0).contains(&v) => {
-            Err(format!("{field} is {v}, outside 0-100 percent"))
+            Err(format!("{} is {v}, outside 0-100 percent", name(at, field)))
         }
         _ => Ok(()),
     }
 }
 
 fn within(
+    at: At<'_>,
     field: &str,
     value: Option<f32>,
     range: std::ops::RangeInclusive<f32>,
 ) -> Result<(), Violation> {
     match value {
         Some(v) if !range.contains(&v) => Err(format!(
-            "{field} is {v}, outside {}-{}",
+            "{} is {v}, outside {}-{}",
+            name(at, field),
             range.start(),
             range.end()
         )),
@@ -66,18 +98,37 @@ fn within(
     }
 }
 
-fn memory(field: &str, value: Option<u64>) -> Result<(), Violation> {
+fn memory(at: At<'_>, field: &str, value: Option<u64>) -> Result<(), Violation> {
     match value {
         Some(v) if v > MAX_MEMORY_MIB => Err(format!(
-            "{field} is {v} MiB, more than any accelerator has ({MAX_MEMORY_MIB})"
+            "{} is {v} MiB, more than any accelerator has ({MAX_MEMORY_MIB})",
+            name(at, field)
         )),
         _ => Ok(()),
     }
 }
 
+/// What later answers are checked against from a good `devices()` answer: each
+/// device's index and memory (no strings to copy every round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Known {
+    pub index: u32,
+    pub memory_total_mib: Option<u64>,
+}
+
+pub fn known(devices: &[Device]) -> Vec<Known> {
+    devices
+        .iter()
+        .map(|d| Known {
+            index: d.index,
+            memory_total_mib: d.memory_total_mib,
+        })
+        .collect()
+}
+
 pub fn info(info: &DriverInfo, limits: &PluginLimits) -> Result<(), Violation> {
-    text("vendor", &info.vendor, limits)?;
-    text("version", &info.version, limits)?;
+    text(At::Answer, "vendor", &info.vendor, limits)?;
+    text(At::Answer, "version", &info.version, limits)?;
     count(
         "accelerator types",
         info.accelerator_types.len(),
@@ -85,7 +136,7 @@ pub fn info(info: &DriverInfo, limits: &PluginLimits) -> Result<(), Violation> {
         "max-devices",
     )?;
     for t in &info.accelerator_types {
-        text("accelerator type", t, limits)?;
+        text(At::Answer, "accelerator type", t, limits)?;
     }
     Ok(())
 }
@@ -95,32 +146,28 @@ pub fn devices(devices: &[Device], limits: &PluginLimits) -> Result<(), Violatio
     let mut indices = HashSet::new();
     let mut ids = HashSet::new();
     for d in devices {
-        let at = format!("device {}", d.index);
+        let at = At::Device(d.index);
         if !indices.insert(d.index) {
             return Err(format!("{at}: index reported twice"));
         }
-        text(&format!("{at} id"), &d.id, limits)?;
+        text(at, "id", &d.id, limits)?;
         if !ids.insert(d.id.as_str()) {
             return Err(format!("{at}: id {:?} reported twice", d.id));
         }
-        text(
-            &format!("{at} accelerator-type"),
-            &d.accelerator_type,
-            limits,
-        )?;
+        text(at, "accelerator-type", &d.accelerator_type, limits)?;
         for (field, value) in [("uuid", &d.uuid), ("pci-bus-id", &d.pci_bus_id)] {
             if let Some(value) = value {
-                text(&format!("{at} {field}"), value, limits)?;
+                text(at, field, value, limits)?;
             }
         }
-        memory(&format!("{at} memory-total-mib"), d.memory_total_mib)?;
+        memory(at, "memory-total-mib", d.memory_total_mib)?;
     }
     Ok(())
 }
 
 pub fn metrics(
     metrics: &Metrics,
-    devices: &[Device],
+    devices: &[Known],
     limits: &PluginLimits,
 ) -> Result<(), Violation> {
     count(
@@ -137,30 +184,28 @@ pub fn metrics(
     )?;
     let mut seen = HashSet::new();
     for card in &metrics.cards {
-        let at = format!("card {}", card.device_index);
+        let at = At::Card(card.device_index);
         if !seen.insert(card.device_index) {
             return Err(format!("{at}: sampled twice"));
         }
         let Some(device) = devices.iter().find(|d| d.index == card.device_index) else {
             return Err(format!("{at}: no such device"));
         };
-        percent(&format!("{at} ai-utilization-pct"), card.ai_utilization_pct)?;
+        percent(at, "ai-utilization-pct", card.ai_utilization_pct)?;
         percent(
-            &format!("{at} video-decode-utilization-pct"),
+            at,
+            "video-decode-utilization-pct",
             card.video_decode_utilization_pct,
         )?;
         percent(
-            &format!("{at} picture-decode-utilization-pct"),
+            at,
+            "picture-decode-utilization-pct",
             card.picture_decode_utilization_pct,
         )?;
-        within(
-            &format!("{at} temperature-celsius"),
-            card.temperature_celsius,
-            CELSIUS,
-        )?;
-        within(&format!("{at} power-watts"), card.power_watts, WATTS)?;
-        memory(&format!("{at} memory-used-mib"), card.memory_used_mib)?;
-        memory(&format!("{at} memory-total-mib"), card.memory_total_mib)?;
+        within(at, "temperature-celsius", card.temperature_celsius, CELSIUS)?;
+        within(at, "power-watts", card.power_watts, WATTS)?;
+        memory(at, "memory-used-mib", card.memory_used_mib)?;
+        memory(at, "memory-total-mib", card.memory_total_mib)?;
         let total = card.memory_total_mib.or(device.memory_total_mib);
         if let (Some(used), Some(total)) = (card.memory_used_mib, total) {
             if used > total {
@@ -172,8 +217,13 @@ pub fn metrics(
     }
     let mut partitions = HashSet::new();
     for instance in &metrics.instances {
-        let at = format!("instance {:?}", instance.partition_id);
-        text("instance partition-id", &instance.partition_id, limits)?;
+        text(
+            At::Answer,
+            "instance partition-id",
+            &instance.partition_id,
+            limits,
+        )?;
+        let at = At::Instance(&instance.partition_id);
         if !partitions.insert(instance.partition_id.as_str()) {
             return Err(format!("{at}: sampled twice"));
         }
@@ -183,15 +233,9 @@ pub fn metrics(
                 instance.device_index
             ));
         }
-        percent(
-            &format!("{at} ai-utilization-pct"),
-            instance.ai_utilization_pct,
-        )?;
-        memory(&format!("{at} memory-used-mib"), instance.memory_used_mib)?;
-        memory(
-            &format!("{at} memory-quota-mib"),
-            Some(instance.memory_quota_mib),
-        )?;
+        percent(at, "ai-utilization-pct", instance.ai_utilization_pct)?;
+        memory(at, "memory-used-mib", instance.memory_used_mib)?;
+        memory(at, "memory-quota-mib", Some(instance.memory_quota_mib))?;
     }
     Ok(())
 }
@@ -205,7 +249,7 @@ pub fn partitions(partitions: &[Partition], limits: &PluginLimits) -> Result<(),
     )?;
     let mut ids = HashSet::new();
     for p in partitions {
-        text("partition id", &p.id, limits)?;
+        text(At::Answer, "partition id", &p.id, limits)?;
         if !ids.insert(p.id.as_str()) {
             return Err(format!("partition {:?} reported twice", p.id));
         }
@@ -221,10 +265,10 @@ pub fn partitions(partitions: &[Partition], limits: &PluginLimits) -> Result<(),
 pub fn created(
     asked: &PartitionSpec,
     made: &Partition,
-    devices: Option<&[Device]>,
+    devices: Option<&[Known]>,
     limits: &PluginLimits,
 ) -> Result<(), Violation> {
-    text("partition id", &made.id, limits)?;
+    text(At::Answer, "partition id", &made.id, limits)?;
     let s = &made.spec;
     let covers = s.device_index == asked.device_index
         && (s.isolation == asked.isolation || s.isolation == Isolation::Hard)
@@ -267,8 +311,8 @@ pub fn created(
 pub fn labels(labels: &[Label], limits: &PluginLimits) -> Result<(), Violation> {
     count("labels", labels.len(), limits.max_devices, "max-devices")?;
     for label in labels {
-        text("label key", &label.key, limits)?;
-        text("label value", &label.value, limits)?;
+        text(At::Answer, "label key", &label.key, limits)?;
+        text(At::Answer, "label value", &label.value, limits)?;
     }
     Ok(())
 }
@@ -316,7 +360,7 @@ mod tests {
     fn figures_out_of_range_or_not_numbers_are_violations() {
         let limits = PluginLimits::default();
         let devices = [device(0)];
-        assert!(metrics(&sample(vec![card(0)]), &devices, &limits).is_ok());
+        assert!(metrics(&sample(vec![card(0)]), &known(&devices), &limits).is_ok());
         type Spoil = fn(&mut CardMetrics);
         let cases: Vec<(Spoil, &str)> = vec![
             (
@@ -338,10 +382,10 @@ mod tests {
         for (spoil, expected) in cases {
             let mut c = card(0);
             spoil(&mut c);
-            let err = metrics(&sample(vec![c]), &devices, &limits).unwrap_err();
+            let err = metrics(&sample(vec![c]), &known(&devices), &limits).unwrap_err();
             assert!(err.contains(expected), "{err} / {expected}");
         }
-        let err = metrics(&sample(vec![card(0), card(0)]), &devices, &limits).unwrap_err();
+        let err = metrics(&sample(vec![card(0), card(0)]), &known(&devices), &limits).unwrap_err();
         assert!(err.contains("sampled twice"), "{err}");
     }
 
@@ -372,7 +416,7 @@ mod tests {
             cards: vec![],
             instances: vec![instance],
         };
-        assert!(metrics(&with_instance, &[device(0)], &limits)
+        assert!(metrics(&with_instance, &known(&[device(0)]), &limits)
             .unwrap_err()
             .contains("does not exist"));
     }
@@ -392,7 +436,7 @@ mod tests {
             id: "p0".into(),
             spec,
         };
-        let devices = [device(0)];
+        let devices = known(&[device(0)]);
         assert!(created(&asked, &made(asked), Some(&devices), &limits).is_ok());
         let other = PartitionSpec {
             memory_quota_mib: 1 << 30,

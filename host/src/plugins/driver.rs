@@ -53,9 +53,9 @@ pub struct Driver {
     info: std::sync::Mutex<Option<DriverInfo>>,
     ledger: std::sync::Mutex<Vec<LedgerEntry>>,
     limits: Arc<PluginLimits>,
-    /// The devices of the last good `devices()` answer: what partitions are checked
-    /// against.
-    devices: std::sync::Mutex<Option<Arc<[Device]>>>,
+    /// The devices of the last good `devices()` answer: what samples and partitions
+    /// are checked against.
+    devices: std::sync::Mutex<Option<Arc<[contract::Known]>>>,
     /// The last answer that broke the contract, while no good one has come since.
     violation: std::sync::Mutex<Option<Violation>>,
     /// Answers refused since the plugin was loaded.
@@ -260,7 +260,13 @@ impl Driver {
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
         let devices = self.call("devices", |s, b| b.devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
-        *lock(&self.devices) = Some(Arc::from(devices.as_slice()));
+        let known = contract::known(&devices);
+        let mut kept = lock(&self.devices);
+        // The same cards as last round (the usual case) keep what is kept.
+        if kept.as_deref() != Some(known.as_slice()) {
+            *kept = Some(Arc::from(known));
+        }
+        drop(kept);
         Ok(devices)
     }
 
@@ -270,7 +276,10 @@ impl Driver {
         let known = lock(&self.devices).clone();
         let devices = match known {
             Some(devices) => devices,
-            None => Arc::from(self.devices()?),
+            None => {
+                self.devices()?;
+                lock(&self.devices).clone().unwrap_or_else(|| Arc::from([]))
+            }
         };
         let metrics = self.call("sample", |s, b| b.sample(s))?;
         let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;

@@ -6,7 +6,9 @@
 //! again at most once a minute (a driver installed later is picked up). NVML's MIG
 //! calls that `nvml-wrapper` does not wrap are made through its loaded symbol table.
 //!
-//! What a plugin can make the host allocate is bounded: at most `MAX_DEVICES`
+//! The calls are public for native callers too (the benchmarks' baseline runs the
+//! nvidia driver's code natively over them). What a plugin can make the host
+//! allocate is bounded: at most `MAX_DEVICES`
 //! devices, `MAX_PROCESSES` processes and `MAX_MIG` MIG instances per answer.
 
 use std::ffi::OsString;
@@ -205,7 +207,7 @@ fn memory(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> Result<(u64, u64), Nvm
     }
 }
 
-fn info(nvml: &Nvml, index: u32) -> Result<DeviceInfo, Error> {
+pub fn info(nvml: &Nvml, index: u32) -> Result<DeviceInfo, Error> {
     let dev = device(nvml, index)?;
     let pci = figure(dev.pci_info())?;
     Ok(DeviceInfo {
@@ -219,7 +221,7 @@ fn info(nvml: &Nvml, index: u32) -> Result<DeviceInfo, Error> {
     })
 }
 
-fn sample(nvml: &Nvml, index: u32) -> Result<DeviceSample, Error> {
+pub fn sample(nvml: &Nvml, index: u32) -> Result<DeviceSample, Error> {
     let dev = device(nvml, index)?;
     let memory = figure(memory(nvml, &dev))?;
     let utilization = figure(dev.utilization_rates())?;
@@ -267,7 +269,7 @@ pub(crate) fn join_processes(
         .collect()
 }
 
-fn processes(nvml: &Nvml, index: u32) -> Result<Vec<ProcessUsage>, Error> {
+pub fn processes(nvml: &Nvml, index: u32) -> Result<Vec<ProcessUsage>, Error> {
     let dev = device(nvml, index)?;
     let running = dev.running_compute_processes().map_err(error)?;
     let since = SystemTime::now()
@@ -280,7 +282,7 @@ fn processes(nvml: &Nvml, index: u32) -> Result<Vec<ProcessUsage>, Error> {
     Ok(join_processes(running, &samples))
 }
 
-fn mig_mode(nvml: &Nvml, index: u32) -> Result<MigState, Error> {
+pub fn mig_mode(nvml: &Nvml, index: u32) -> Result<MigState, Error> {
     let mode = device(nvml, index)?.mig_mode().map_err(error)?;
     Ok(MigState {
         current: mode.current == sys::NVML_DEVICE_MIG_ENABLE,
@@ -319,7 +321,7 @@ fn gpu_instance_profiles(
     Ok(profiles)
 }
 
-fn mig_profiles(nvml: &Nvml, index: u32) -> Result<Vec<MigProfile>, Error> {
+pub fn mig_profiles(nvml: &Nvml, index: u32) -> Result<Vec<MigProfile>, Error> {
     let dev = device(nvml, index)?;
     // SAFETY: the handle lives as long as the library, which `nvml` holds.
     let handle = unsafe { dev.handle() };
@@ -419,7 +421,7 @@ fn mig_device<'n>(
     Ok(None)
 }
 
-fn mig_instances(nvml: &Nvml, index: u32) -> Result<Vec<MigInstance>, Error> {
+pub fn mig_instances(nvml: &Nvml, index: u32) -> Result<Vec<MigInstance>, Error> {
     let dev = device(nvml, index)?;
     // SAFETY: the handle lives as long as the library, which `nvml` holds.
     let handle = unsafe { dev.handle() };
@@ -437,7 +439,7 @@ fn mig_instances(nvml: &Nvml, index: u32) -> Result<Vec<MigInstance>, Error> {
 
 /// Creates a GPU instance of `profile_id` and one compute instance over all of it;
 /// a GPU instance whose compute instance cannot be made is destroyed again.
-fn create_mig_instance(nvml: &Nvml, index: u32, profile_id: u32) -> Result<MigInstance, Error> {
+pub fn create_mig_instance(nvml: &Nvml, index: u32, profile_id: u32) -> Result<MigInstance, Error> {
     let dev = device(nvml, index)?;
     let lib = nvml.lib();
     // SAFETY: the handle lives as long as the library, which `nvml` holds.
@@ -493,7 +495,7 @@ fn create_mig_instance(nvml: &Nvml, index: u32, profile_id: u32) -> Result<MigIn
     describe(nvml, &dev, instance)
 }
 
-fn destroy_mig_instance(nvml: &Nvml, index: u32, gpu_instance_id: u32) -> Result<(), Error> {
+pub fn destroy_mig_instance(nvml: &Nvml, index: u32, gpu_instance_id: u32) -> Result<(), Error> {
     let dev = device(nvml, index)?;
     let lib = nvml.lib();
     // SAFETY: the handle lives as long as the library, which `nvml` holds.
