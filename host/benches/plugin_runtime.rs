@@ -424,6 +424,19 @@ fn main() -> anyhow::Result<()> {
         Some(Duration::from_micros(5)),
     );
 
+    let native_devices = measure(9, 50_000, || {
+        black_box(native.devices().unwrap());
+    });
+    let devices = measure(9, 50_000, || {
+        black_box(supervised.devices().unwrap());
+    });
+    row(
+        "devices, 8 cards (supervised call)",
+        devices,
+        "SimXpu::devices",
+        Some(native_devices),
+        None,
+    );
     println!();
     let (round, native_round) = rounds(&supervised, &mut native, 20_000);
     row(

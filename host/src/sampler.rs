@@ -159,11 +159,17 @@ impl SampleCache {
     }
 
     pub fn put(&self, driver: &str, snapshot: Snapshot) {
-        let previous =
-            crate::sync::write(&self.snapshots).insert(driver.to_string(), snapshot.clone());
-        if let Some(previous) = previous {
-            self.note_health(driver, &previous, &snapshot);
+        let mut snapshots = crate::sync::write(&self.snapshots);
+        match snapshots.get_mut(driver) {
+            Some(kept) => {
+                self.note_health(driver, kept, &snapshot);
+                *kept = snapshot;
+            }
+            None => {
+                snapshots.insert(driver.to_string(), snapshot);
+            }
         }
+        drop(snapshots);
         if let Some(failure) = crate::sync::lock(&self.failures).remove(driver) {
             if failure.withdrawn {
                 tracing::warn!(plugin = %driver, "driver answers again: its cards are back");
@@ -290,7 +296,7 @@ pub fn sample_one(
         }
     };
     Ok(Snapshot {
-        simulated: driver.info().is_some_and(|i| i.simulated),
+        simulated: driver.simulated(),
         devices,
         metrics,
         labels,

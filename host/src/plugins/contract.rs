@@ -141,19 +141,39 @@ pub fn info(info: &DriverInfo, limits: &PluginLimits) -> Result<(), Violation> {
     Ok(())
 }
 
+/// The first item whose key an earlier one has: a scan for the few cards a driver
+/// has (no allocation on every sample), a set beyond.
+fn first_repeat<'a, T, K: Eq + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+) -> Option<&'a T> {
+    if items.len() <= 64 {
+        items
+            .iter()
+            .enumerate()
+            .find(|(i, item)| items[..*i].iter().any(|p| key(p) == key(item)))
+            .map(|(_, item)| item)
+    } else {
+        let mut seen = HashSet::with_capacity(items.len());
+        items.iter().find(|item| !seen.insert(key(item)))
+    }
+}
+
 pub fn devices(devices: &[Device], limits: &PluginLimits) -> Result<(), Violation> {
     count("devices", devices.len(), limits.max_devices, "max-devices")?;
-    let mut indices = HashSet::new();
-    let mut ids = HashSet::new();
+    if let Some(d) = first_repeat(devices, |d| d.index) {
+        return Err(format!("{}: index reported twice", At::Device(d.index)));
+    }
+    if let Some(d) = first_repeat(devices, |d| d.id.as_str()) {
+        return Err(format!(
+            "{}: id {:?} reported twice",
+            At::Device(d.index),
+            d.id
+        ));
+    }
     for d in devices {
         let at = At::Device(d.index);
-        if !indices.insert(d.index) {
-            return Err(format!("{at}: index reported twice"));
-        }
         text(at, "id", &d.id, limits)?;
-        if !ids.insert(d.id.as_str()) {
-            return Err(format!("{at}: id {:?} reported twice", d.id));
-        }
         text(at, "accelerator-type", &d.accelerator_type, limits)?;
         for (field, value) in [("uuid", &d.uuid), ("pci-bus-id", &d.pci_bus_id)] {
             if let Some(value) = value {
@@ -182,12 +202,11 @@ pub fn metrics(
         limits.max_partitions,
         "max-partitions",
     )?;
-    let mut seen = HashSet::new();
+    if let Some(card) = first_repeat(&metrics.cards, |c| c.device_index) {
+        return Err(format!("{}: sampled twice", At::Card(card.device_index)));
+    }
     for card in &metrics.cards {
         let at = At::Card(card.device_index);
-        if !seen.insert(card.device_index) {
-            return Err(format!("{at}: sampled twice"));
-        }
         let Some(device) = devices.iter().find(|d| d.index == card.device_index) else {
             return Err(format!("{at}: no such device"));
         };

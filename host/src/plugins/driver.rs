@@ -224,6 +224,11 @@ impl Driver {
         lock(&self.info).clone()
     }
 
+    /// Whether the driver said its devices are simulated (read in place).
+    pub fn simulated(&self) -> bool {
+        lock(&self.info).as_ref().is_some_and(|i| i.simulated)
+    }
+
     /// The caller-facing id of a partition id of the current incarnation.
     fn stable_id(&self, driver_id: &str) -> String {
         lock(&self.ledger)
@@ -260,11 +265,17 @@ impl Driver {
     pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
         let devices = self.call("devices", |s, b| b.devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
-        let known = contract::known(&devices);
         let mut kept = lock(&self.devices);
         // The same cards as last round (the usual case) keep what is kept.
-        if kept.as_deref() != Some(known.as_slice()) {
-            *kept = Some(Arc::from(known));
+        let same = kept.as_deref().is_some_and(|known| {
+            known.len() == devices.len()
+                && known
+                    .iter()
+                    .zip(&devices)
+                    .all(|(k, d)| k.index == d.index && k.memory_total_mib == d.memory_total_mib)
+        });
+        if !same {
+            *kept = Some(Arc::from(contract::known(&devices)));
         }
         drop(kept);
         Ok(devices)
