@@ -687,3 +687,54 @@ fn a_pod_on_a_card_that_turns_unhealthy_moves() {
     assert_eq!(partitions.len(), 1, "{partitions:?}");
     assert_eq!(partitions[0].spec.device_index, 1);
 }
+
+/// The monitors (C.2) show each card's partitions with who holds them and what
+/// the driver measured, beside the card's own figures (not in table C.7).
+#[test]
+fn the_monitors_show_each_cards_partitions_and_their_owners() {
+    let (_platform, server, cluster) = setup();
+    let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
+    assert_eq!(status, 200, "{body}");
+    let reported = reported_partitions(&server, "sim-xpu");
+    assert_eq!(reported.len(), 2);
+    let owner = format!("workload:{cluster}/default/human-detect");
+    let monitors = || {
+        server.get(&format!("/CCP/cluster/monitors/{cluster}")).1["data"]["xpuMonitors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(wait_for(Duration::from_secs(10), || monitors()
+        .iter()
+        .map(|m| m["instances"].as_array().map_or(0, Vec::len))
+        .sum::<usize>()
+        == 2));
+    let monitors = monitors();
+    assert_eq!(monitors.len(), 2);
+    for card in &monitors {
+        assert!(
+            card["card"].as_str().unwrap().starts_with("sim-xpu/"),
+            "{card}"
+        );
+        assert_eq!(card["health"], "healthy");
+        let utilisation = card["xpuMemoryUtilization"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&utilisation), "{card}");
+        assert!(card["videoDecodeUtilization"].as_f64().is_some(), "{card}");
+        for instance in card["instances"].as_array().unwrap() {
+            let partition = reported
+                .iter()
+                .find(|p| instance["partition"] == p.id.as_str())
+                .unwrap_or_else(|| panic!("{instance}"));
+            assert_eq!(
+                card["card"],
+                format!("sim-xpu/{}", partition.spec.device_index).as_str()
+            );
+            assert_eq!(instance["owner"], owner.as_str());
+            assert_eq!(
+                instance["xpuMemory"].as_f64().unwrap(),
+                partition.spec.memory_quota_mib as f64 / 1024.0
+            );
+            assert!(instance["xpuMemoryUsed"].as_f64().is_some(), "{instance}");
+        }
+    }
+}

@@ -48,6 +48,8 @@ pub struct XpuSample {
     pub utilization: Option<f64>,
     /// Video-decode utilisation, 0-1.
     pub decode_utilization: Option<f64>,
+    /// Picture (JPEG) decode utilisation, 0-1.
+    pub picture_decode_utilization: Option<f64>,
     /// What the driver says of the card: an unhealthy one is not placed on.
     pub health: DeviceHealth,
     /// No hardware behind it (a simulator the operator asked for).
@@ -285,6 +287,9 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
                 decode_utilization: card
                     .and_then(|c| c.video_decode_utilization_pct)
                     .map(|p| f64::from(p) / 100.0),
+                picture_decode_utilization: card
+                    .and_then(|c| c.picture_decode_utilization_pct)
+                    .map(|p| f64::from(p) / 100.0),
                 health: device.health,
                 simulated: snapshot.simulated,
                 labels: snapshot.labels.clone(),
@@ -383,6 +388,7 @@ mod tests {
             memory_used_gb: Some(1.0),
             utilization: Some(utilization),
             decode_utilization: None,
+            picture_decode_utilization: None,
             health: DeviceHealth::Healthy,
             simulated: false,
             labels: Arc::from([]),

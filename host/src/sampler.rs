@@ -146,6 +146,23 @@ impl SampleCache {
             .cloned()
     }
 
+    /// What `driver` reports now of the partitions on its card `index` (none while
+    /// its figures are stale).
+    pub fn instances_on(&self, driver: &str, index: u32) -> Vec<InstanceMetrics> {
+        crate::sync::read(&self.snapshots)
+            .get(driver)
+            .filter(|s| self.fresh(s))
+            .map(|s| {
+                s.metrics
+                    .instances
+                    .iter()
+                    .filter(|i| i.device_index == index)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// How the driver's sampling goes.
     pub fn sampling(&self, driver: &str) -> Sampling {
         let sampled_at = crate::sync::read(&self.snapshots).get(driver).map(|s| s.at);

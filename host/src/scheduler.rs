@@ -523,6 +523,7 @@ mod tests {
             memory_used_gb: None,
             utilization: None,
             decode_utilization: None,
+            picture_decode_utilization: None,
             health: DeviceHealth::Healthy,
             simulated: false,
             labels: Arc::from([("xpu.model".to_string(), "SIM_X".to_string())]),

@@ -215,6 +215,7 @@ impl Server {
             services,
             tasks,
             workloads,
+            scheduler: scheduler.clone(),
             listen: addr,
             machine_code,
             machine_packages,

@@ -71,6 +71,8 @@ pub struct AppState {
     pub services: Arc<Services>,
     pub tasks: Arc<Tasks>,
     pub workloads: Arc<Workloads>,
+    /// Who holds each card's partitions (the monitors name them).
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// The address the server is bound to.
     pub listen: SocketAddr,
     /// This machine's code in CAD mode (Appendix H).

@@ -57,6 +57,30 @@ pub struct XpuMonitorInfo {
     /// A simulated card (not in table C.7).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     simulated: bool,
+    /// Not in table C.7: which card (`driver/index`, as replicas name theirs), its
+    /// health, memory used over total, video- and picture-decode utilisation
+    /// (0-1; null when the driver cannot read them), and the partitions on it.
+    card: String,
+    health: &'static str,
+    xpu_memory_utilization: Option<f64>,
+    video_decode_utilization: Option<f64>,
+    picture_decode_utilization: Option<f64>,
+    instances: Vec<InstanceMonitorInfo>,
+}
+
+/// A partition on a card, with what its driver measured (not in the text).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceMonitorInfo {
+    partition: String,
+    /// Who holds it: `service:<id>`, `workload:<cluster>/<namespace>/<name>`, ...
+    owner: Option<String>,
+    /// 0-1; null when the driver cannot measure it.
+    xpu_utilization: Option<f64>,
+    /// GB.
+    xpu_memory_used: Option<f64>,
+    /// GB: the partition's memory quota.
+    xpu_memory: f64,
 }
 
 /// Tables C.6 and C.10: the shared figures.
@@ -141,6 +165,7 @@ fn usage(app: &App, nodes: usize) -> Usage {
     let facts = app.machine.facts();
     let history = app.machine.history();
     let latest = history.last();
+    let owners = app.scheduler.partition_owners();
     let xpu_monitors = latest
         .map(|now| {
             now.xpus
@@ -161,6 +186,15 @@ fn usage(app: &App, nodes: usize) -> Usage {
                         xpu_utilization_list: trend(&history, |s| of(s, |x| x.utilization)),
                         xpu_type: xpu.xpu_type.to_string(),
                         simulated: xpu.simulated,
+                        card: xpu.key.to_string(),
+                        health: crate::sampler::health_name(xpu.health),
+                        xpu_memory_utilization: match (xpu.memory_used_gb, xpu.memory_total_gb) {
+                            (Some(used), Some(total)) if total > 0.0 => Some(used / total),
+                            _ => None,
+                        },
+                        video_decode_utilization: xpu.decode_utilization,
+                        picture_decode_utilization: xpu.picture_decode_utilization,
+                        instances: instances(app, &owners, &xpu.key),
                     }
                 })
                 .collect()
@@ -178,6 +212,33 @@ fn usage(app: &App, nodes: usize) -> Usage {
         disk_used_list: trend(&history, |s| s.disk_used_gb),
         xpu_monitors,
     }
+}
+
+/// The partitions on card `key` (`driver/index`) and who holds them.
+fn instances(
+    app: &App,
+    owners: &std::collections::HashMap<(String, String), String>,
+    key: &str,
+) -> Vec<InstanceMonitorInfo> {
+    let Some((driver, index)) = key
+        .rsplit_once('/')
+        .and_then(|(d, i)| Some((d, i.parse::<u32>().ok()?)))
+    else {
+        return Vec::new();
+    };
+    app.samples
+        .instances_on(driver, index)
+        .into_iter()
+        .map(|i| InstanceMonitorInfo {
+            owner: owners
+                .get(&(driver.to_string(), i.partition_id.clone()))
+                .cloned(),
+            partition: i.partition_id,
+            xpu_utilization: i.ai_utilization_pct.map(|p| f64::from(p) / 100.0),
+            xpu_memory_used: i.memory_used_mib.map(|m| m as f64 / 1024.0),
+            xpu_memory: i.memory_quota_mib as f64 / 1024.0,
+        })
+        .collect()
 }
 
 pub fn routes() -> OpenApiRouter<App> {
