@@ -153,6 +153,9 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
     assert_eq!(card.memory_used_mib, Some(345));
     assert_eq!(card.video_decode_utilization_pct, Some(18.0));
     assert_eq!(card.temperature_celsius, Some(48.0));
+    // The T4 has no JPEG engine; the A100's is read.
+    assert_eq!(card.picture_decode_utilization_pct, None);
+    assert_eq!(sample.cards[1].picture_decode_utilization_pct, Some(4.0));
     assert!((card.power_watts.unwrap() - 27.512).abs() < 1e-3);
     // An A100 in MIG mode has no whole-card utilisation: absent, not 0.
     assert_eq!(sample.cards[1].ai_utilization_pct, None);

@@ -119,6 +119,7 @@ mod native_nvml {
                 memory_utilization_pct: s.memory_utilization_pct,
                 decoder_utilization_pct: s.decoder_utilization_pct,
                 encoder_utilization_pct: s.encoder_utilization_pct,
+                jpeg_utilization_pct: s.jpeg_utilization_pct,
                 temperature_celsius: s.temperature_celsius,
                 power_draw_milliwatts: s.power_draw_milliwatts,
                 power_limit_milliwatts: s.power_limit_milliwatts,

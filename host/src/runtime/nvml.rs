@@ -207,6 +207,16 @@ fn memory(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> Result<(u64, u64), Nvm
     }
 }
 
+/// The JPEG engines' utilisation: a call `nvml-wrapper` does not wrap (NVML 11.4+;
+/// older libraries lack the symbol, and the figure is absent).
+fn jpeg_utilization(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetJpgUtilization.as_ref())?;
+    let (mut utilization, mut period) = (0, 0);
+    // SAFETY: the handle is this library's; both outputs are written by the call.
+    nvml_try(unsafe { sym(dev.handle(), &mut utilization, &mut period) })?;
+    Ok(utilization)
+}
+
 pub fn info(nvml: &Nvml, index: u32) -> Result<DeviceInfo, Error> {
     let dev = device(nvml, index)?;
     let pci = figure(dev.pci_info())?;
@@ -232,6 +242,7 @@ pub fn sample(nvml: &Nvml, index: u32) -> Result<DeviceSample, Error> {
         memory_utilization_pct: utilization.map(|u| u.memory),
         decoder_utilization_pct: figure(dev.decoder_utilization())?.map(|u| u.utilization),
         encoder_utilization_pct: figure(dev.encoder_utilization())?.map(|u| u.utilization),
+        jpeg_utilization_pct: figure(jpeg_utilization(nvml, &dev))?,
         temperature_celsius: figure(dev.temperature(TemperatureSensor::Gpu))?,
         power_draw_milliwatts: figure(dev.power_usage())?,
         power_limit_milliwatts: figure(dev.enforced_power_limit())?,

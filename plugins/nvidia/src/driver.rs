@@ -263,8 +263,7 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
                 memory_used_mib: s.memory_used_bytes.map(|b| b / MIB),
                 memory_total_mib: s.memory_total_bytes.map(|b| b / MIB),
                 video_decode_utilization_pct: s.decoder_utilization_pct.map(|u| u as f32),
-                // NVML's JPEG engine figure is not bridged.
-                picture_decode_utilization_pct: None,
+                picture_decode_utilization_pct: s.jpeg_utilization_pct.map(|u| u as f32),
                 temperature_celsius: s.temperature_celsius.map(|t| t as f32),
                 power_watts: s.power_draw_milliwatts.map(|mw| mw as f32 / 1000.0),
             });
@@ -434,6 +433,8 @@ mod tests {
                 memory_utilization_pct: Some(12),
                 decoder_utilization_pct: Some(18),
                 encoder_utilization_pct: Some(0),
+                // A T4 has no JPEG engine.
+                jpeg_utilization_pct: None,
                 temperature_celsius: Some(48),
                 power_draw_milliwatts: Some(27_512),
                 power_limit_milliwatts: Some(70_000),
@@ -464,6 +465,7 @@ mod tests {
                 memory_utilization_pct: None,
                 decoder_utilization_pct: None,
                 encoder_utilization_pct: None,
+                jpeg_utilization_pct: Some(4),
                 temperature_celsius: Some(33),
                 power_draw_milliwatts: Some(54_221),
                 power_limit_milliwatts: Some(400_000),
@@ -656,6 +658,7 @@ mod tests {
         assert!((t4.power_watts.unwrap() - 27.512).abs() < 1e-4);
         // What NVML could not read is absent, never 0.
         assert_eq!(metrics.cards[1].ai_utilization_pct, None);
+        assert_eq!(metrics.cards[1].picture_decode_utilization_pct, Some(4.0));
 
         let labels = driver.labels().unwrap();
         let value = |key: &str| {
