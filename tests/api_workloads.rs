@@ -8,8 +8,15 @@ use reqwest::Method;
 use serde_json::json;
 
 fn setup() -> (FileServer, TestServer, String) {
-    let platform = FileServer::start();
     let server = TestServer::start(&["sim-xpu"]);
+    let (platform, cluster) = install_and_make_a_cluster(&server);
+    (platform, server, cluster)
+}
+
+/// The passthrough package installed as `pkg`, and a cluster: (its file server,
+/// the cluster's code).
+fn install_and_make_a_cluster(server: &TestServer) -> (FileServer, String) {
+    let platform = FileServer::start();
     let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-4.0.0"));
     server.post(
         "/CAP/AlgoFilePackages",
@@ -24,7 +31,7 @@ fn setup() -> (FileServer, TestServer, String) {
         "spec": { "version": "1.20.4", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
     }));
     let cluster = body["data"]["clusterCode"].as_str().unwrap().to_string();
-    (platform, server, cluster)
+    (platform, cluster)
 }
 
 /// Table B.9's example, typos fixed (a duplicate `replicas`), sized for this machine.
@@ -433,8 +440,9 @@ fn pods_that_do_not_come_back_after_a_restart_are_not_running() {
     assert_eq!(body["data"]["replicas"], 2);
 }
 
-/// Card <-> instance: each pod's partition is in /metrics with the quota and
-/// device the driver reported for it, and the workload that holds it.
+/// Card <-> instance: each pod's partition is in /metrics, B.7 and the monitors
+/// with the quota and device the driver reported for it, and the workload that
+/// holds it.
 #[test]
 fn each_pods_partition_is_in_the_metrics_with_its_owner() {
     let (_platform, server, cluster) = setup();
@@ -492,6 +500,47 @@ fn each_pods_partition_is_in_the_metrics_with_its_owner() {
         .collect();
     named.dedup();
     assert_eq!(named.len(), 2, "one partition per pod");
+    // The monitors (C.2) show each card's partitions with who holds them and
+    // what the driver measured, beside the card's own figures.
+    let monitors = || {
+        server.get(&format!("/CCP/cluster/monitors/{cluster}")).1["data"]["xpuMonitors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(wait_for(Duration::from_secs(10), || monitors()
+        .iter()
+        .map(|m| m["instances"].as_array().map_or(0, Vec::len))
+        .sum::<usize>()
+        == 2));
+    let monitors = monitors();
+    assert_eq!(monitors.len(), 2);
+    for card in &monitors {
+        assert!(
+            card["card"].as_str().unwrap().starts_with("sim-xpu/"),
+            "{card}"
+        );
+        assert_eq!(card["health"], "healthy");
+        let utilisation = card["xpuMemoryUtilization"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&utilisation), "{card}");
+        assert!(card["videoDecodeUtilization"].as_f64().is_some(), "{card}");
+        for instance in card["instances"].as_array().unwrap() {
+            let partition = reported
+                .iter()
+                .find(|p| instance["partition"] == p.id.as_str())
+                .unwrap_or_else(|| panic!("{instance}"));
+            assert_eq!(
+                card["card"],
+                format!("sim-xpu/{}", partition.spec.device_index).as_str()
+            );
+            assert_eq!(instance["owner"], owner.as_str());
+            assert_eq!(
+                instance["xpuMemory"].as_f64().unwrap(),
+                partition.spec.memory_quota_mib as f64 / 1024.0
+            );
+            assert!(instance["xpuMemoryUsed"].as_f64().is_some(), "{instance}");
+        }
+    }
 }
 
 /// The node carries its drivers' labels (A.9, C.3), and `labelSelector` keys
@@ -627,43 +676,9 @@ fn pods_hold_the_accelerator_memory_they_ask_for() {
 /// type; its partition moves with it.
 #[test]
 fn a_pod_on_a_card_that_turns_unhealthy_moves() {
-    let trigger_dir = tempfile::tempdir().unwrap();
-    let grant = trigger_dir.path().to_str().unwrap().to_string();
-    let trigger = trigger_dir.path().join("card-0-failed");
-    let server = {
-        let grant = grant.clone();
-        TestServer::start_with(&[], move |c| c.runtime.allowed_grants.push(grant))
-    };
-    server.plugins.install_as("chaos", "chaos", |m| {
-        let m = set(m, "config", "mode", "failing-card".into());
-        let m = set(m, "config", "path", trigger.to_str().unwrap().into());
-        set(
-            m,
-            "grants",
-            "read",
-            toml::Value::Array(vec![grant.clone().into()]),
-        )
-    });
-    assert!(wait_for(Duration::from_secs(20), || server
-        .app
-        .xpus()
-        .len()
-        == 2));
-    let platform = FileServer::start();
-    let (url, md5) = platform.publish("pt.tar.gz", &passthrough_package("XPUD-PT-4.0.0"));
-    server.post(
-        "/CAP/AlgoFilePackages",
-        json!({ "id": "pkg", "md5": md5, "url": url }),
-    );
-    assert!(wait_for(Duration::from_secs(20), || server
-        .get("/CAP/AlgoFilePackages/pkg")
-        .1["data"]["status"]
-        == 0));
-    let (_, body) = server.post("/CCP/clusters", json!({
-        "name": "c",
-        "spec": { "version": "1.20.4", "nodes": [{ "nodeResource": { "cpu": 1, "mem": 1, "rootDiskSize": 1, "localDiskSize": 0 }, "count": 1 }] }
-    }));
-    let cluster = body["data"]["clusterCode"].as_str().unwrap().to_string();
+    let failing = FailingCard::start();
+    let server = &failing.server;
+    let (_platform, cluster) = install_and_make_a_cluster(server);
     let mut workload = example_workload(&cluster);
     workload["xpuType"] = json!("CHAOS_TEST");
     workload["replicas"] = json!(1);
@@ -681,60 +696,9 @@ fn a_pod_on_a_card_that_turns_unhealthy_moves() {
             .to_string()
     };
     assert_eq!(card(), "chaos/0");
-    std::fs::write(&trigger, b"").unwrap();
+    failing.fail();
     assert!(wait_for(Duration::from_secs(20), || card() == "chaos/1"));
-    let partitions = reported_partitions(&server, "chaos");
+    let partitions = reported_partitions(server, "chaos");
     assert_eq!(partitions.len(), 1, "{partitions:?}");
     assert_eq!(partitions[0].spec.device_index, 1);
-}
-
-/// The monitors (C.2) show each card's partitions with who holds them and what
-/// the driver measured, beside the card's own figures (not in table C.7).
-#[test]
-fn the_monitors_show_each_cards_partitions_and_their_owners() {
-    let (_platform, server, cluster) = setup();
-    let (status, body) = server.post("/CCP/algoService/workloads", example_workload(&cluster));
-    assert_eq!(status, 200, "{body}");
-    let reported = reported_partitions(&server, "sim-xpu");
-    assert_eq!(reported.len(), 2);
-    let owner = format!("workload:{cluster}/default/human-detect");
-    let monitors = || {
-        server.get(&format!("/CCP/cluster/monitors/{cluster}")).1["data"]["xpuMonitors"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    };
-    assert!(wait_for(Duration::from_secs(10), || monitors()
-        .iter()
-        .map(|m| m["instances"].as_array().map_or(0, Vec::len))
-        .sum::<usize>()
-        == 2));
-    let monitors = monitors();
-    assert_eq!(monitors.len(), 2);
-    for card in &monitors {
-        assert!(
-            card["card"].as_str().unwrap().starts_with("sim-xpu/"),
-            "{card}"
-        );
-        assert_eq!(card["health"], "healthy");
-        let utilisation = card["xpuMemoryUtilization"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&utilisation), "{card}");
-        assert!(card["videoDecodeUtilization"].as_f64().is_some(), "{card}");
-        for instance in card["instances"].as_array().unwrap() {
-            let partition = reported
-                .iter()
-                .find(|p| instance["partition"] == p.id.as_str())
-                .unwrap_or_else(|| panic!("{instance}"));
-            assert_eq!(
-                card["card"],
-                format!("sim-xpu/{}", partition.spec.device_index).as_str()
-            );
-            assert_eq!(instance["owner"], owner.as_str());
-            assert_eq!(
-                instance["xpuMemory"].as_f64().unwrap(),
-                partition.spec.memory_quota_mib as f64 / 1024.0
-            );
-            assert!(instance["xpuMemoryUsed"].as_f64().is_some(), "{instance}");
-        }
-    }
 }

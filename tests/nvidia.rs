@@ -10,20 +10,24 @@ fn no_grants() -> std::path::PathBuf {
     fixture("empty-sysfs")
 }
 
+/// A registry whose NVML bridge finds no library (so that the tests mean the same
+/// on a machine with a GPU), the operator allowing `allowed`.
+fn without_nvml(plugins: &PluginDir, allowed: &[&str]) -> xpud::plugins::registry::Registry {
+    registry_nvml(
+        plugins,
+        &no_grants(),
+        Default::default(),
+        Some("/nonexistent/libnvidia-ml.so.1".into()),
+        allowed,
+    )
+}
+
 /// A machine without NVML: the driver loads, reports no cards, and nothing fails.
-/// (Pointed at a library that does not exist, so that the test means the same on a
-/// machine with a GPU.)
 #[test]
 fn without_nvml_the_driver_loads_and_reports_no_cards() {
     let plugins = PluginDir::new();
     plugins.install("nvidia");
-    let registry = registry_nvml(
-        &plugins,
-        &no_grants(),
-        Default::default(),
-        Some("/nonexistent/libnvidia-ml.so.1".into()),
-        &DEFAULT_GRANTS,
-    );
+    let registry = without_nvml(&plugins, &DEFAULT_GRANTS);
     let report = registry.scan();
     assert_eq!(report.loaded, vec!["nvidia"], "{report:?}");
     let nvidia = driver(&registry, "nvidia");
@@ -51,13 +55,7 @@ fn nvml_needs_the_manifest_s_grant_and_the_operator_s_leave() {
         m
     });
     plugins.install("nvidia");
-    let registry = registry_nvml(
-        &plugins,
-        &no_grants(),
-        Default::default(),
-        Some("/nonexistent/libnvidia-ml.so.1".into()),
-        &["/sys", "nvml"],
-    );
+    let registry = without_nvml(&plugins, &["/sys", "nvml"]);
     let report = registry.scan();
     assert!(report.loaded.is_empty(), "{report:?}");
     let reason = |name: &str| view(&registry, name).refused.unwrap_or_default();

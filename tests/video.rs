@@ -864,33 +864,11 @@ fn jpeg_size(image: &serde_json::Value) -> (u16, u16) {
 /// follows and runs again, and the task detail says so.
 #[test]
 fn a_replica_on_a_card_that_turns_unhealthy_moves_and_its_task_follows() {
-    let trigger_dir = tempfile::tempdir().unwrap();
-    let grant = trigger_dir.path().to_str().unwrap().to_string();
-    let trigger = trigger_dir.path().join("card-0-failed");
-    let server = {
-        let grant = grant.clone();
-        TestServer::start_with(&[], move |c| c.runtime.allowed_grants.push(grant))
-    };
-    server.plugins.install_as("chaos", "chaos", |m| {
-        let m = set(m, "config", "mode", "failing-card".into());
-        let m = set(m, "config", "path", trigger.to_str().unwrap().into());
-        set(
-            m,
-            "grants",
-            "read",
-            toml::Value::Array(vec![grant.clone().into()]),
-        )
-    });
-    assert!(wait_for(Duration::from_secs(20), || server
-        .app
-        .xpus()
-        .iter()
-        .filter(|x| x.xpu_type.as_ref() == "CHAOS_TEST")
-        .count()
-        == 2));
+    let failing = FailingCard::start();
+    let server = &failing.server;
     let platform = FileServer::start();
     let algo = install_algorithm(
-        &server,
+        server,
         &platform,
         "pt",
         &passthrough_package("XPUD-PT-MOVE"),
@@ -911,7 +889,7 @@ fn a_replica_on_a_card_that_turns_unhealthy_moves_and_its_task_follows() {
     let receiver = EventReceiver::start();
     let video = test_video(server.data.path(), "loop.mp4", 2, "320x240");
     let id = create(
-        &server,
+        server,
         task(
             &service,
             &format!("file://{}", video.display()),
@@ -919,35 +897,35 @@ fn a_replica_on_a_card_that_turns_unhealthy_moves_and_its_task_follows() {
             "ALWAYS",
         ),
     );
-    reaches(&server, &id, "RUNNING", 30);
+    reaches(server, &id, "RUNNING", 30);
 
-    std::fs::write(&trigger, b"").unwrap();
+    failing.fail();
     assert!(
         wait_for(Duration::from_secs(20), || card_of_replica() == "chaos/1"),
         "{}",
         server.get(&format!("/CAP/AlgoServices/{service}")).1
     );
-    let moves = || detail(&server, &id)["taskInfo"]["replicaMoves"].clone();
+    let moves = || detail(server, &id)["taskInfo"]["replicaMoves"].clone();
     assert!(
         wait_for(Duration::from_secs(10), || moves()
             .as_array()
             .is_some_and(|m| !m.is_empty())),
         "{}",
-        detail(&server, &id)
+        detail(server, &id)
     );
     let moved = &moves()[0];
     assert_eq!(moved["from"], "chaos/0");
     assert_eq!(moved["to"], "chaos/1");
     assert_eq!(moved["reason"], "card unhealthy");
     // The task analyses again, on the new card: events keep coming.
-    reaches(&server, &id, "RUNNING", 30);
+    reaches(server, &id, "RUNNING", 30);
     let before = receiver.events().len();
     assert!(wait_for(Duration::from_secs(20), || receiver
         .events()
         .len()
         > before + 3));
     // One partition, on the healthy card.
-    let partitions = reported_partitions(&server, "chaos");
+    let partitions = reported_partitions(server, "chaos");
     assert_eq!(partitions.len(), 1, "{partitions:?}");
     assert_eq!(partitions[0].spec.device_index, 1);
 }

@@ -1181,3 +1181,45 @@ pub fn fake_nvml() -> Result<PathBuf, String> {
     std::fs::rename(&partial, &library).map_err(|e| e.to_string())?;
     Ok(library)
 }
+
+/// A server with chaos in `failing-card` mode: two CHAOS_TEST cards, card 0
+/// unhealthy once [`FailingCard::fail`] is called (chaos reads a granted file).
+pub struct FailingCard {
+    pub server: TestServer,
+    trigger: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FailingCard {
+    pub fn start() -> FailingCard {
+        let dir = tempfile::tempdir().unwrap();
+        let grant = dir.path().to_str().unwrap().to_string();
+        let trigger = dir.path().join("card-0-failed");
+        let server = {
+            let grant = grant.clone();
+            TestServer::start_with(&[], move |c| c.runtime.allowed_grants.push(grant))
+        };
+        server.plugins.install_as("chaos", "chaos", |m| {
+            let m = set(m, "config", "mode", "failing-card".into());
+            let m = set(m, "config", "path", trigger.to_str().unwrap().into());
+            set(m, "grants", "read", toml::Value::Array(vec![grant.into()]))
+        });
+        assert!(wait_for(Duration::from_secs(20), || server
+            .app
+            .xpus()
+            .iter()
+            .filter(|x| x.xpu_type.as_ref() == "CHAOS_TEST")
+            .count()
+            == 2));
+        FailingCard {
+            server,
+            trigger,
+            _dir: dir,
+        }
+    }
+
+    /// Card 0 turns unhealthy at the driver's next `devices` answer.
+    pub fn fail(&self) {
+        std::fs::write(&self.trigger, b"").unwrap();
+    }
+}
