@@ -59,7 +59,10 @@ fn text(at: At<'_>, field: &str, value: &str, limits: &PluginLimits) -> Result<(
             value.len()
         ));
     }
-    if value.chars().any(char::is_control) {
+    // Printable ASCII (ids, type names, bus ids) is checked a byte at a time; only
+    // other text is decoded to find control characters (C0, DEL, C1).
+    let printable_ascii = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !printable_ascii && value.chars().any(char::is_control) {
         return Err(format!("{} contains control characters", name(at, field)));
     }
     Ok(())
