@@ -32,7 +32,8 @@ struct Card {
 /// NVML's error in words.
 pub fn describe(e: &NvmlError) -> String {
     match e {
-        NvmlError::Unavailable(m) => format!("NVML unavailable: {m}"),
+        // The host says what is unavailable and why.
+        NvmlError::Unavailable(m) => m.clone(),
         NvmlError::NoPermission(m) => format!("no permission: {m}"),
         NvmlError::NotFound(m) => format!("not found: {m}"),
         NvmlError::NotSupported(m) => format!("not supported: {m}"),
