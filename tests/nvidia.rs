@@ -209,10 +209,43 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
         other => panic!("{other:?}"),
     }
 
-    nvidia.destroy_partition(&mig.id).unwrap();
-    nvidia.destroy_partition(&shared.id).unwrap();
-    let whole = nvidia.create_partition(whole).unwrap();
+    // A new version of the driver takes over: the MIG instance the hardware kept
+    // reads as the same partition (its spec comes from its profile), so it is kept
+    // under the id callers hold, not made twice; the time-sliced share, which only
+    // the old incarnation knew, is made again.
+    plugins.install_as("nvidia", "nvidia", |m| set_top(m, "version", "0.1.1"));
+    let report = registry.scan();
+    assert_eq!(report.replaced, vec!["nvidia"], "{report:?}");
+    let upgraded = driver(&registry, "nvidia");
+    let mut ids: Vec<String> = upgraded
+        .partitions()
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    ids.sort();
+    let mut held = vec![mig.id.clone(), shared.id.clone()];
+    held.sort();
+    assert_eq!(ids, held);
+    let mig_instances = upgraded
+        .sample()
+        .unwrap()
+        .instances
+        .iter()
+        .filter(|i| i.partition_id.starts_with("mig-"))
+        .count();
+    assert_eq!(mig_instances, 1, "one MIG instance, not two");
+
+    upgraded.destroy_partition(&mig.id).unwrap();
+    upgraded.destroy_partition(&shared.id).unwrap();
+    let whole = upgraded.create_partition(whole).unwrap();
     assert_eq!(whole.spec.compute_share_pct, 100);
-    nvidia.destroy_partition(&whole.id).unwrap();
-    assert!(nvidia.partitions().unwrap().is_empty());
+    upgraded.destroy_partition(&whole.id).unwrap();
+    assert!(upgraded.partitions().unwrap().is_empty());
+}
+
+/// Sets a top-level key of a manifest table.
+fn set_top(mut table: toml::Table, key: &str, value: &str) -> toml::Table {
+    table.insert(key.to_string(), value.into());
+    table
 }
