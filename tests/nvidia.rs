@@ -41,7 +41,9 @@ fn without_nvml_the_driver_loads_and_reports_no_cards() {
     assert!(labels
         .iter()
         .any(|l| l.key == "xpu.present" && l.value == "false"));
-    assert_eq!(view(&registry, "nvidia").state, "loaded");
+    let view = view(&registry, "nvidia");
+    assert_eq!(view.state, "loaded");
+    assert_eq!(view.grants, vec!["nvml:manage"]);
 }
 
 /// NVML is granted by the manifest and allowed by the operator: a driver without

@@ -76,7 +76,8 @@ pub struct Plugin {
     pub loaded_from: LoadedFrom,
     pub load_time: Duration,
     pub loaded_at: SystemTime,
-    /// Grants actually mounted (those present on this host).
+    /// Grants in effect: the paths mounted (those present on this host), and the
+    /// native bridges (`nvml`, `nvml:manage`).
     pub mounted: Vec<String>,
     pub handle: Handle,
     /// The plugin's log rate (lines dropped past it).
@@ -401,7 +402,8 @@ impl Registry {
             );
         }
         let preopens = self.resolve_grants(&manifest)?;
-        let mounted = preopens.iter().map(|(_, guest)| guest.clone()).collect();
+        let mut mounted: Vec<String> = preopens.iter().map(|(_, guest)| guest.clone()).collect();
+        mounted.extend(manifest.grants.nvml.allowed_as().map(String::from));
         let assets = match &manifest.assets {
             None => None,
             Some(rel) => {
