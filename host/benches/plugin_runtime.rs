@@ -428,6 +428,16 @@ fn main() -> anyhow::Result<()> {
     let native_devices = measure(9, 50_000, || {
         black_box(native.devices().unwrap());
     });
+    let devices_export = measure(9, 50_000, || {
+        black_box(driver_if.devices(&mut store).unwrap().unwrap());
+    });
+    row(
+        "devices, 8 cards (export call)",
+        devices_export,
+        "SimXpu::devices",
+        Some(native_devices),
+        None,
+    );
     let devices = measure(9, 50_000, || {
         black_box(supervised.devices().unwrap());
     });
