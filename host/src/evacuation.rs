@@ -82,19 +82,23 @@ impl Evacuation {
         for (owner, index, placement) in self.scheduler.placed_on(&unhealthy) {
             let from = crate::services::card_name(&placement);
             let moved = if let Some(id) = owner.strip_prefix("service:") {
-                self.services.move_replica(id, index, xpus).map(|moved| {
-                    if let Some(old) = &moved.replaced {
-                        self.tasks.follow_moved_replica(
-                            old,
-                            &moved.from,
-                            &moved.to,
-                            "card unhealthy",
-                        );
-                    }
-                    moved.to
-                })
+                self.services
+                    .move_replica(id, index, &placement, xpus)
+                    .map(|moved| {
+                        if let Some(old) = &moved.replaced {
+                            self.tasks.follow_moved_replica(
+                                old,
+                                &moved.from,
+                                &moved.to,
+                                "card unhealthy",
+                            );
+                        }
+                        moved.to
+                    })
             } else if let Some(key) = owner.strip_prefix("workload:") {
-                self.workloads.move_pod(key, index, xpus).map(|(_, to)| to)
+                self.workloads
+                    .move_pod(key, index, &placement, xpus)
+                    .map(|(_, to)| to)
             } else {
                 continue;
             };

@@ -195,13 +195,15 @@ impl Scheduler {
         found
     }
 
-    /// Moves `owner`'s placement at `index` to another card that has room for `ask`
-    /// (one replica's worth): the new partition is made first, then the old one is
-    /// destroyed. Returns (old, new). A refusal changes nothing.
+    /// Moves `owner`'s placement at `index`, which must still be `expected`, to
+    /// another card that has room for `ask` (one replica's worth): the new partition
+    /// is made first, then the old one is destroyed. Returns (old, new). A refusal,
+    /// or a placement changed meanwhile (scaled away, moved), changes nothing.
     pub fn move_placement(
         &self,
         owner: &str,
         index: usize,
+        expected: &Placement,
         ask: &Ask<'_>,
         xpus: &[XpuSample],
     ) -> Result<(Placement, Placement)> {
@@ -211,6 +213,11 @@ impl Scheduler {
                 "{owner} holds no placement {index}"
             )));
         };
+        if old != *expected {
+            return Err(Error::Conflict(format!(
+                "{owner}'s placement {index} changed meanwhile"
+            )));
+        }
         // The old card stays counted (and is passed over: it is unhealthy) until
         // the new one is made.
         let others: Vec<XpuSample> = xpus

@@ -395,7 +395,13 @@ impl Services {
     /// another card, a new worker there, started; the service's record then holds
     /// them. Returns the replaced worker (its tasks move to the new one) and where
     /// the replica was and is. Nothing changes when no card has room.
-    pub fn move_replica(&self, id: &str, index: usize, xpus: &[XpuSample]) -> Result<Moved> {
+    pub fn move_replica(
+        &self,
+        id: &str,
+        index: usize,
+        expected: &Placement,
+        xpus: &[XpuSample],
+    ) -> Result<Moved> {
         let record = self.get(id)?;
         let algorithm = self
             .packages
@@ -418,7 +424,7 @@ impl Services {
         };
         let (old, new) =
             self.scheduler
-                .move_placement(&format!("service:{id}"), index, &ask, xpus)?;
+                .move_placement(&format!("service:{id}"), index, expected, &ask, xpus)?;
         let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
         let worker = algorithm.spawn_worker_with(Launch {
             env,

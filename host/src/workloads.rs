@@ -391,6 +391,7 @@ impl Workloads {
         &self,
         key: &str,
         index: usize,
+        expected: &crate::scheduler::Placement,
         xpus: &[XpuSample],
     ) -> Result<(String, String)> {
         let spec = {
@@ -410,9 +411,13 @@ impl Workloads {
             xpu_type: &spec.xpu_type,
             selector: &selector,
         };
-        let (old, new) =
-            self.scheduler
-                .move_placement(&format!("workload:{key}"), index, &ask, xpus)?;
+        let (old, new) = self.scheduler.move_placement(
+            &format!("workload:{key}"),
+            index,
+            expected,
+            &ask,
+            xpus,
+        )?;
         let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
         let worker = algorithm.spawn_worker_with(Launch {
             env: Vec::new(),
