@@ -157,7 +157,8 @@ impl<N: Nvml> Nvidia<N> {
             }
         };
         let processes = self.nvml.processes(card.index).unwrap_or_default();
-        let profiles = self.nvml.mig_profiles(card.index).unwrap_or_default();
+        // Profiles only for an instance whose MIG device does not say its memory.
+        let mut profiles = None;
         for instance in instances {
             let inside: Vec<u32> = processes
                 .iter()
@@ -167,13 +168,16 @@ impl<N: Nvml> Nvidia<N> {
             // No process measured: unknown, not idle (NVML has no per-instance
             // utilisation without processes to sample).
             let ai = (!inside.is_empty()).then(|| inside.iter().sum::<u32>().min(100) as f32);
-            let quota = instance
-                .memory_total_bytes
-                .map(|b| b / MIB)
-                .or_else(|| {
-                    mig::instance_spec(card.index, &instance, &profiles).map(|s| s.memory_quota_mib)
-                })
-                .unwrap_or(0);
+            let quota = match instance.memory_total_bytes {
+                Some(bytes) => bytes / MIB,
+                None => {
+                    let profiles = profiles.get_or_insert_with(|| {
+                        self.nvml.mig_profiles(card.index).unwrap_or_default()
+                    });
+                    mig::instance_spec(card.index, &instance, profiles)
+                        .map_or(0, |s| s.memory_quota_mib)
+                }
+            };
             out.push(InstanceMetrics {
                 partition_id: mig::partition_id(card.index, instance.gpu_instance_id),
                 device_index: card.index,
@@ -758,6 +762,14 @@ mod tests {
             .find(|i| i.partition_id == "mig-1-2")
             .unwrap();
         assert_eq!(second.ai_utilization_pct, None);
+        // A MIG device that does not say its memory: the quota is its profile's.
+        driver.nvml.cards[1].instances[0].memory_total_bytes = None;
+        let instances = driver.sample().unwrap().instances;
+        let first = instances
+            .iter()
+            .find(|i| i.partition_id == "mig-1-1")
+            .unwrap();
+        assert_eq!(first.memory_quota_mib, 4864);
 
         driver.destroy_partition(made.id).unwrap();
         assert_eq!(keys(&driver.partitions().unwrap()), keys(&[bigger]));
