@@ -7,6 +7,7 @@
 //! read from the live workers: `runing` while every one runs, `starting` while some
 //! start or restart, `error` (with the reason) when one cannot run.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::machine::XpuSample;
 use crate::package::Runtime;
 use crate::packages::Packages;
-use crate::plugins::algorithm::AlgorithmWorker;
+use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
 use crate::runtime::inference::Device;
 use crate::runtime::Launch;
@@ -114,6 +115,36 @@ pub struct ServiceRecord {
     pub gpu_memory_mib: Option<u64>,
     pub placements: Vec<Placement>,
     pub created_ms: u64,
+}
+
+impl ServiceRecord {
+    /// What `count` replicas of the service ask of the scheduler.
+    fn ask(&self, count: u32) -> Ask<'_> {
+        static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+        Ask {
+            count,
+            quota: self.gpu_quota,
+            memory_mib: self.gpu_memory_mib,
+            xpu_type: &self.gpu_type,
+            selector: &NO_LABELS,
+        }
+    }
+}
+
+/// A worker (not started) for a replica of `record` placed at `placement`: its
+/// models run on that card (or the CPU).
+fn replica(
+    algorithm: &AlgorithmPlugin,
+    record: &ServiceRecord,
+    placement: &Placement,
+    env: Vec<(String, String)>,
+) -> Arc<AlgorithmWorker> {
+    let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+    algorithm.spawn_worker_with(Launch {
+        env,
+        args: Vec::new(),
+        device: Device::for_card(card, &record.gpu_type),
+    })
 }
 
 /// A replica moved to another card.
@@ -403,34 +434,16 @@ impl Services {
         xpus: &[XpuSample],
     ) -> Result<Moved> {
         let record = self.get(id)?;
-        let algorithm = self
-            .packages
-            .plugin_of_algorithm(&record.algo_id)?
-            .algorithm()
-            .cloned()
-            .ok_or_else(|| {
-                Error::Conflict(format!(
-                    "algorithm {} carries no algorithm plugin",
-                    record.algo_id
-                ))
-            })?;
+        let algorithm = self.algorithm(&record)?;
         let env = self.environment(&record)?;
-        let ask = Ask {
-            count: 1,
-            quota: record.gpu_quota,
-            memory_mib: record.gpu_memory_mib,
-            xpu_type: &record.gpu_type,
-            selector: &Default::default(),
-        };
-        let (old, new) =
-            self.scheduler
-                .move_placement(&format!("service:{id}"), index, expected, &ask, xpus)?;
-        let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-        let worker = algorithm.spawn_worker_with(Launch {
-            env,
-            args: Vec::new(),
-            device: Device::for_card(card, &record.gpu_type),
-        });
+        let (old, new) = self.scheduler.move_placement(
+            &format!("service:{id}"),
+            index,
+            expected,
+            &record.ask(1),
+            xpus,
+        )?;
+        let worker = replica(&algorithm, &record, &new, env);
         if let Err(e) = worker.start() {
             tracing::warn!(service = %id, replica = index, "moved replica failed to start: {e}");
         }
@@ -459,6 +472,20 @@ impl Services {
         })
     }
 
+    /// The algorithm plugin a service runs.
+    fn algorithm(&self, record: &ServiceRecord) -> Result<AlgorithmPlugin> {
+        self.packages
+            .plugin_of_algorithm(&record.algo_id)?
+            .algorithm()
+            .cloned()
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "algorithm {} does not carry an algorithm plugin",
+                    record.algo_id
+                ))
+            })
+    }
+
     /// Places every replica, makes partitions where drivers can, starts the workers.
     /// On failure nothing stays allocated.
     fn place_and_start(
@@ -466,30 +493,11 @@ impl Services {
         record: &mut ServiceRecord,
         xpus: &[XpuSample],
     ) -> Result<Vec<Arc<AlgorithmWorker>>> {
-        let plugin = self.packages.plugin_of_algorithm(&record.algo_id)?;
-        let algorithm = plugin
-            .algorithm()
-            .ok_or_else(|| {
-                Error::Conflict(format!(
-                    "algorithm {} does not carry an algorithm plugin",
-                    record.algo_id
-                ))
-            })?
-            .clone();
+        let algorithm = self.algorithm(record)?;
         let owner = format!("service:{}", record.id);
         record.placements = self
             .scheduler
-            .reserve(
-                &owner,
-                &Ask {
-                    count: record.replicas,
-                    quota: record.gpu_quota,
-                    memory_mib: record.gpu_memory_mib,
-                    xpu_type: &record.gpu_type,
-                    selector: &Default::default(),
-                },
-                xpus,
-            )
+            .reserve(&owner, &record.ask(record.replicas), xpus)
             .map_err(|e| match e {
                 Error::Conflict(why) => {
                     Error::Conflict(format!("gpuType {:?}: {why}", record.gpu_type))
@@ -497,18 +505,10 @@ impl Services {
                 other => other,
             })?;
         let env = self.environment(record)?;
-        // Each replica's models run on its own card (or the CPU).
         let workers: Vec<Arc<AlgorithmWorker>> = record
             .placements
             .iter()
-            .map(|placement| {
-                let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-                algorithm.spawn_worker_with(Launch {
-                    env: env.clone(),
-                    args: Vec::new(),
-                    device: Device::for_card(card, &record.gpu_type),
-                })
-            })
+            .map(|placement| replica(&algorithm, record, placement, env.clone()))
             .collect();
         let failures: Vec<String> = workers
             .iter()

@@ -135,7 +135,38 @@ impl WorkloadRecord {
     }
 }
 
+/// A pod's worker, started, at `placement`: its models run on that card (or the
+/// CPU). A pod that fails to start stays, failed, for the keeper to revive.
+fn start_pod(
+    algorithm: &AlgorithmPlugin,
+    spec: &WorkloadSpec,
+    placement: &crate::scheduler::Placement,
+    args: Vec<String>,
+) -> Arc<AlgorithmWorker> {
+    let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+    let worker = algorithm.spawn_worker_with(Launch {
+        env: Vec::new(),
+        args,
+        device: Device::for_card(card, &spec.xpu_type),
+    });
+    if let Err(e) = worker.start() {
+        tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
+    }
+    worker
+}
+
 impl WorkloadSpec {
+    /// What `count` pods ask of the scheduler, on cards `selector` chooses.
+    fn ask<'a>(&'a self, count: u32, selector: &'a BTreeMap<String, String>) -> Ask<'a> {
+        Ask {
+            count,
+            quota: self.xpu,
+            memory_mib: self.xpu_memory.map(|gb| u64::from(gb) * 1024),
+            xpu_type: &self.xpu_type,
+            selector,
+        }
+    }
+
     /// The `labelSelector` pairs that select cards (keys under `xpu.`).
     pub fn card_selector(&self) -> BTreeMap<String, String> {
         self.label_selector
@@ -404,29 +435,14 @@ impl Workloads {
         };
         let (_, algorithm) = self.resolve_image(&spec.image)?;
         let selector = spec.card_selector();
-        let ask = Ask {
-            count: 1,
-            quota: spec.xpu,
-            memory_mib: spec.xpu_memory.map(|gb| u64::from(gb) * 1024),
-            xpu_type: &spec.xpu_type,
-            selector: &selector,
-        };
         let (old, new) = self.scheduler.move_placement(
             &format!("workload:{key}"),
             index,
             expected,
-            &ask,
+            &spec.ask(1, &selector),
             xpus,
         )?;
-        let card = new.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-        let worker = algorithm.spawn_worker_with(Launch {
-            env: Vec::new(),
-            args: arguments(&spec)?,
-            device: Device::for_card(card, &spec.xpu_type),
-        });
-        if let Err(e) = worker.start() {
-            tracing::warn!(workload = %key, pod = index, "moved pod failed to start: {e}");
-        }
+        let worker = start_pod(&algorithm, &spec, &new, arguments(&spec)?);
         if let Some(live) = self.write().iter_mut().find(|l| l.record.key() == key) {
             if let Some(slot) = live.workers.get_mut(index) {
                 *slot = worker;
@@ -452,30 +468,13 @@ impl Workloads {
         );
         // The placements live in the scheduler's ledger under `owner`.
         let selector = spec.card_selector();
-        let ask = Ask {
-            count,
-            quota: spec.xpu,
-            memory_mib: spec.xpu_memory.map(|gb| u64::from(gb) * 1024),
-            xpu_type: &spec.xpu_type,
-            selector: &selector,
-        };
-        let placements = self.scheduler.reserve(&owner, &ask, xpus)?;
+        let placements = self
+            .scheduler
+            .reserve(&owner, &spec.ask(count, &selector), xpus)?;
         let args = arguments(spec)?;
         Ok(placements
             .iter()
-            .map(|placement| {
-                // The pod's models run on its own card (or the CPU).
-                let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-                let worker = algorithm.spawn_worker_with(Launch {
-                    env: Vec::new(),
-                    args: args.clone(),
-                    device: Device::for_card(card, &spec.xpu_type),
-                });
-                if let Err(e) = worker.start() {
-                    tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
-                }
-                worker
-            })
+            .map(|placement| start_pod(algorithm, spec, placement, args.clone()))
             .collect())
     }
 
