@@ -70,17 +70,14 @@ impl Evacuation {
         let unhealthy: Vec<(String, u32)> = xpus
             .iter()
             .filter(|x| x.health == Health::Unhealthy)
-            .filter_map(|x| {
-                let (driver, index) = x.key.rsplit_once('/')?;
-                Some((driver.to_string(), index.parse().ok()?))
-            })
+            .filter_map(|x| x.card().map(|(driver, index)| (driver.to_string(), index)))
             .collect();
         if unhealthy.is_empty() {
             crate::sync::lock(&self.refused).clear();
             return;
         }
         for (owner, index, placement) in self.scheduler.placed_on(&unhealthy) {
-            let from = crate::services::card_name(&placement);
+            let from = placement.card_name();
             let moved = if let Some(id) = owner.strip_prefix("service:") {
                 self.services
                     .move_replica(id, index, &placement, xpus)

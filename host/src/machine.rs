@@ -58,6 +58,14 @@ pub struct XpuSample {
     pub labels: Arc<[(String, String)]>,
 }
 
+impl XpuSample {
+    /// Its driver and its index in it, read from `key`.
+    pub fn card(&self) -> Option<(&str, u32)> {
+        let (driver, index) = self.key.rsplit_once('/')?;
+        Some((driver, index.parse().ok()?))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub at_ms: u64,

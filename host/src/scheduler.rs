@@ -39,6 +39,15 @@ pub struct Placement {
     pub memory_mib: Option<u64>,
 }
 
+impl Placement {
+    /// Its card as `driver/index` (how monitors and details name cards), or "CPU".
+    pub fn card_name(&self) -> String {
+        self.card
+            .as_ref()
+            .map_or_else(|| "CPU".to_string(), |(d, i)| format!("{d}/{i}"))
+    }
+}
+
 /// What an owner asks for: `count` replicas, each `quota` of a card of `xpu_type`
 /// (or whole cards), with `memory_mib` of its memory (`None`: the same share of the
 /// card's), on cards whose drivers' labels hold every pair of `selector`.
@@ -345,8 +354,7 @@ fn choose(
         .iter()
         .filter(|x| x.health != DeviceHealth::Unhealthy && lacks(x, selector).is_none())
         .filter_map(|x| {
-            let (driver, index) = x.key.rsplit_once('/')?;
-            let index: u32 = index.parse().ok()?;
+            let (driver, index) = x.card()?;
             let (share_held, memory_held) = held
                 .get(&(driver.to_string(), index))
                 .copied()
@@ -477,11 +485,8 @@ fn considered(
                 }
             } else {
                 let (used, memory_used) = x
-                    .key
-                    .rsplit_once('/')
-                    .and_then(|(driver, index)| {
-                        held.get(&(driver.to_string(), index.parse().ok()?))
-                    })
+                    .card()
+                    .and_then(|(driver, index)| held.get(&(driver.to_string(), index)))
                     .copied()
                     .unwrap_or_default();
                 let memory = x

@@ -156,14 +156,6 @@ pub struct Moved {
     pub replaced: Option<Arc<AlgorithmWorker>>,
 }
 
-/// A placement's card as `driver/index` ("CPU" for none).
-pub fn card_name(placement: &Placement) -> String {
-    placement
-        .card
-        .as_ref()
-        .map_or_else(|| "CPU".to_string(), |(d, i)| format!("{d}/{i}"))
-}
-
 /// `k1=v1, k2=v2` (table F.6). Errors name the entry.
 pub fn parse_envs(envs: &str) -> std::result::Result<Vec<(String, String)>, String> {
     envs.split(',')
@@ -466,8 +458,8 @@ impl Services {
             old_worker
         };
         Ok(Moved {
-            from: card_name(&old),
-            to: card_name(&new),
+            from: old.card_name(),
+            to: new.card_name(),
             replaced,
         })
     }

@@ -448,10 +448,7 @@ impl Workloads {
                 *slot = worker;
             }
         }
-        Ok((
-            crate::services::card_name(&old),
-            crate::services::card_name(&new),
-        ))
+        Ok((old.card_name(), new.card_name()))
     }
 
     /// Starts `count` new pods' workers, placed for `owner`.

@@ -193,7 +193,7 @@ impl App {
     pub fn xpu_labels(&self) -> Vec<DriverLabels> {
         let mut out: Vec<DriverLabels> = Vec::new();
         for xpu in self.xpus() {
-            let driver = xpu.key.rsplit_once('/').map_or(&*xpu.key, |(d, _)| d);
+            let driver = xpu.card().map_or(&*xpu.key, |(d, _)| d);
             if out.iter().any(|l| l.driver == driver) {
                 continue;
             }

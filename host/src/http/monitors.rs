@@ -194,7 +194,7 @@ fn usage(app: &App, nodes: usize) -> Usage {
                         },
                         video_decode_utilization: xpu.decode_utilization,
                         picture_decode_utilization: xpu.picture_decode_utilization,
-                        instances: instances(app, &owners, &xpu.key),
+                        instances: instances(app, &owners, xpu),
                     }
                 })
                 .collect()
@@ -214,16 +214,13 @@ fn usage(app: &App, nodes: usize) -> Usage {
     }
 }
 
-/// The partitions on card `key` (`driver/index`) and who holds them.
+/// The partitions on card `xpu` and who holds them.
 fn instances(
     app: &App,
     owners: &std::collections::HashMap<(String, String), String>,
-    key: &str,
+    xpu: &XpuSample,
 ) -> Vec<InstanceMonitorInfo> {
-    let Some((driver, index)) = key
-        .rsplit_once('/')
-        .and_then(|(d, i)| Some((d, i.parse::<u32>().ok()?)))
-    else {
+    let Some((driver, index)) = xpu.card() else {
         return Vec::new();
     };
     app.samples
