@@ -423,6 +423,26 @@ macro_rules! out {
     }};
 }
 
+/// A runtime for a one-off command on a few plugins: no compile cache, and no
+/// model is ever loaded (the inference interface is linked, not used).
+fn command_runtime(
+    max_memory_bytes: usize,
+    nvml_library: Option<PathBuf>,
+) -> anyhow::Result<std::sync::Arc<Runtime>> {
+    Runtime::new(RuntimeOptions {
+        cache_dir: None,
+        max_instances: 4,
+        max_memory_bytes,
+        inference: InferenceOptions {
+            library: None,
+            providers: vec![],
+            batching: Default::default(),
+        },
+        limits: PluginLimits::default(),
+        nvml_library,
+    })
+}
+
 fn probe(
     plugin_dir: &Path,
     name: &str,
@@ -432,18 +452,7 @@ fn probe(
     use xpud::plugins::registry::{Registry, RegistryOptions};
     use xpud::runtime::bindings::driver_types::{Isolation, PartitionSpec, Slicing};
     let defaults = ServeConfig::default();
-    let runtime = Runtime::new(RuntimeOptions {
-        cache_dir: None,
-        max_instances: 4,
-        max_memory_bytes: 256 << 20,
-        inference: InferenceOptions {
-            library: None,
-            providers: vec![],
-            batching: Default::default(),
-        },
-        limits: PluginLimits::default(),
-        nvml_library,
-    })?;
+    let runtime = command_runtime(256 << 20, nvml_library)?;
     let registry = Registry::new(
         runtime,
         RegistryOptions {
@@ -513,19 +522,7 @@ fn probe(
 fn check_into(file: &Path, report_out: &mut String) -> anyhow::Result<()> {
     let wasm = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
     let sha256 = hex::encode(Sha256::digest(&wasm));
-    let runtime = Runtime::new(RuntimeOptions {
-        cache_dir: None,
-        max_instances: 4,
-        max_memory_bytes: 64 << 20,
-        // Checking links the inference interface; it never loads a model.
-        inference: InferenceOptions {
-            library: None,
-            providers: vec![],
-            batching: Default::default(),
-        },
-        limits: PluginLimits::default(),
-        nvml_library: None,
-    })?;
+    let runtime = command_runtime(64 << 20, None)?;
     let (component, report) = runtime
         .load_component(&wasm, &sha256)
         .context("not a valid WebAssembly component")?;
