@@ -443,6 +443,18 @@ mod tests {
             .contains("does not exist"));
     }
 
+    /// Repeats are found by a scan for a few items and by a set for many: the
+    /// same answer either way.
+    #[test]
+    fn repeats_are_found_among_few_and_many() {
+        for n in [8u32, 64, 65, 300] {
+            let mut items: Vec<u32> = (0..n).collect();
+            assert_eq!(first_repeat(&items, |i| *i), None, "{n}");
+            items.push(n / 2);
+            assert_eq!(first_repeat(&items, |i| *i), Some(&(n / 2)), "{n}");
+        }
+    }
+
     #[test]
     fn a_partition_must_cover_the_one_asked_for_on_a_real_device() {
         use crate::runtime::bindings::driver_types::{Isolation, Slicing};
