@@ -104,6 +104,34 @@ fn where_nvml_exists_its_cards_are_reported_with_figures() {
     }
 }
 
+/// Drivers from 510 on have NVML's v2 memory call, which leaves reserved memory out
+/// of the used: the bridge takes it where the library has it.
+#[test]
+fn memory_comes_from_the_v2_call_where_the_library_has_it() {
+    let library = match fake_nvml_built("libnvidia-ml-v2.so.1", &["FAKE_NVML_MEMORY_V2"]) {
+        Ok(library) => library,
+        Err(why) => {
+            eprintln!("skipped: the stand-in NVML library cannot be built: {why}");
+            return;
+        }
+    };
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = registry_nvml(
+        &plugins,
+        &no_grants(),
+        Default::default(),
+        Some(library),
+        &DEFAULT_GRANTS,
+    );
+    registry.scan();
+    let nvidia = driver(&registry, "nvidia");
+    assert_eq!(nvidia.devices().unwrap()[0].memory_total_mib, Some(15360));
+    // 345 MiB in use, of which 69 reserved (v1 says 345).
+    let sample = nvidia.sample().unwrap();
+    assert_eq!(sample.cards[0].memory_used_mib, Some(276));
+}
+
 /// The whole path on a machine without a GPU: the nvidia driver, through the host's
 /// bridge and its unsafe calls, against a stand-in library with recorded answers (a
 /// T4, and an A100-40GB in MIG mode whose GPU instances it really keeps).

@@ -1153,9 +1153,14 @@ print(json.dumps(families))
 /// The stand-in for libnvidia-ml.so.1 (tests/fixtures/fake-nvml), built with `cc`
 /// when its source is newer than the library; `None` (and why) without a compiler.
 pub fn fake_nvml() -> Result<PathBuf, String> {
+    fake_nvml_built("libnvidia-ml.so.1", &[])
+}
+
+/// The stand-in built with the C `defines` into target/fake-nvml/`name`.
+pub fn fake_nvml_built(name: &str, defines: &[&str]) -> Result<PathBuf, String> {
     let source = fixture("fake-nvml/fake_nvml.c");
     let dir = repo().join("target/fake-nvml");
-    let library = dir.join("libnvidia-ml.so.1");
+    let library = dir.join(name);
     let fresh = |lib: &Path| -> bool {
         let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         matches!((modified(lib), modified(&source)), (Some(l), Some(s)) if l >= s)
@@ -1165,9 +1170,11 @@ pub fn fake_nvml() -> Result<PathBuf, String> {
     }
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     // Built beside, then renamed: tests running at once never load half a file.
-    let partial = dir.join(format!("libnvidia-ml.so.1.{}", std::process::id()));
+    let partial = dir.join(format!("{name}.{}", std::process::id()));
     let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .args(["-shared", "-fPIC", "-O1"])
+        .args(defines.iter().map(|d| format!("-D{d}")))
+        .arg("-o")
         .arg(&partial)
         .arg(&source)
         .output()

@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -62,7 +62,6 @@ pub enum NvmlGrant {
 #[derive(Debug)]
 enum State {
     NotTried,
-    Loaded(Arc<Nvml>),
     Failed { reason: String, at: Instant },
 }
 
@@ -70,6 +69,9 @@ enum State {
 #[derive(Debug)]
 pub struct NvmlBridge {
     library: Option<PathBuf>,
+    /// Set once the library is loaded: every NVML call of every plugin reads it,
+    /// without the lock.
+    loaded: OnceLock<Arc<Nvml>>,
     state: Mutex<State>,
 }
 
@@ -78,15 +80,22 @@ impl NvmlBridge {
     pub fn new(library: Option<PathBuf>) -> Arc<NvmlBridge> {
         Arc::new(NvmlBridge {
             library,
+            loaded: OnceLock::new(),
             state: Mutex::new(State::NotTried),
         })
     }
 
     /// The loaded library, or why there is none.
     pub fn get(&self) -> Result<Arc<Nvml>, String> {
+        if let Some(nvml) = self.loaded.get() {
+            return Ok(nvml.clone());
+        }
         let mut state = crate::sync::lock(&self.state);
+        // Another caller may have loaded it while this one waited for the lock.
+        if let Some(nvml) = self.loaded.get() {
+            return Ok(nvml.clone());
+        }
         match &*state {
-            State::Loaded(nvml) => return Ok(nvml.clone()),
             State::Failed { reason, at } if at.elapsed() < RETRY_AFTER => {
                 return Err(reason.clone())
             }
@@ -101,9 +110,7 @@ impl NvmlBridge {
             Ok(nvml) => {
                 let version = nvml.sys_driver_version().unwrap_or_default();
                 tracing::info!(library = ?name, driver = %version, "NVML loaded");
-                let nvml = Arc::new(nvml);
-                *state = State::Loaded(nvml.clone());
-                Ok(nvml)
+                Ok(self.loaded.get_or_init(|| Arc::new(nvml)).clone())
             }
             Err(e) => {
                 let reason = format!("NVML ({}) is unavailable: {e}", name.to_string_lossy());
@@ -191,26 +198,33 @@ fn device(nvml: &Nvml, index: u32) -> Result<nvml_wrapper::Device<'_>, Error> {
 /// Memory through NVML's v2 call (which tells reserved memory apart), or v1 on
 /// drivers older than 510 that lack it: (total, used) bytes.
 fn memory(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> Result<(u64, u64), NvmlError> {
-    match dev.memory_info() {
-        Ok(info) => Ok((info.total, info.used)),
-        Err(NvmlError::FunctionNotFound | NvmlError::FailedToLoadSymbol(_)) => {
-            let sym = nvml_sym(nvml.lib().nvmlDeviceGetMemoryInfo.as_ref())?;
-            // SAFETY: the handle comes from this library; the struct is NVML's v1
-            // `nvmlMemory_t`, written by the call.
-            unsafe {
-                let mut info: sys::nvmlMemory_t = std::mem::zeroed();
-                nvml_try(sym(dev.handle(), &mut info))?;
-                Ok((info.total, info.used))
-            }
+    // The symbol is looked at first: asking the wrapper for a missing one formats
+    // the loader's error message, on every sample of every card.
+    if nvml.lib().nvmlDeviceGetMemoryInfo_v2.is_ok() {
+        match dev.memory_info() {
+            Ok(info) => return Ok((info.total, info.used)),
+            // The symbol exists but the driver does not implement it.
+            Err(NvmlError::FunctionNotFound) => {}
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
+    }
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetMemoryInfo.as_ref())?;
+    // SAFETY: the handle comes from this library; the struct is NVML's v1
+    // `nvmlMemory_t`, written by the call.
+    unsafe {
+        let mut info: sys::nvmlMemory_t = std::mem::zeroed();
+        nvml_try(sym(dev.handle(), &mut info))?;
+        Ok((info.total, info.used))
     }
 }
 
 /// The JPEG engines' utilisation: a call `nvml-wrapper` does not wrap (NVML 11.4+;
 /// older libraries lack the symbol, and the figure is absent).
 fn jpeg_utilization(nvml: &Nvml, dev: &nvml_wrapper::Device<'_>) -> Result<u32, NvmlError> {
-    let sym = nvml_sym(nvml.lib().nvmlDeviceGetJpgUtilization.as_ref())?;
+    // A missing symbol is not turned into the wrapper's formatted error each round.
+    let Ok(sym) = nvml.lib().nvmlDeviceGetJpgUtilization.as_ref() else {
+        return Err(NvmlError::FunctionNotFound);
+    };
     let (mut utilization, mut period) = (0, 0);
     // SAFETY: the handle is this library's; both outputs are written by the call.
     nvml_try(unsafe { sym(dev.handle(), &mut utilization, &mut period) })?;
