@@ -12,11 +12,11 @@ pub struct SimXpu {
     cards: u32,
     accelerator_type: String,
     memory_mib: u64,
-    decoders: u32,
-    encoders: u32,
     max_partitions_per_card: usize,
     partitions: BTreeMap<String, PartitionSpec>,
     next_partition: u64,
+    /// The simulated cards never change: described once, not on every call.
+    devices: Vec<Device>,
 }
 
 impl SimXpu {
@@ -31,15 +31,30 @@ impl SimXpu {
             ));
         }
         let model = model.trim().to_uppercase().replace(['-', ' '], "_");
+        let accelerator_type = format!("SIMULATED_{model}");
+        let decoders = config.parse_or("decoders", 2)?;
+        let encoders = config.parse_or("encoders", 1)?;
+        let devices = (0..cards)
+            .map(|index| Device {
+                id: format!("sim:{index}"),
+                uuid: Some(format!("SIM-00000000-0000-0000-0000-{index:012}")),
+                index,
+                accelerator_type: accelerator_type.clone(),
+                memory_total_mib: Some(memory_mib),
+                decoder_units: Some(decoders),
+                encoder_units: Some(encoders),
+                pci_bus_id: None,
+                health: Health::Healthy,
+            })
+            .collect();
         let driver = SimXpu {
             cards,
-            accelerator_type: format!("SIMULATED_{model}"),
+            accelerator_type,
             memory_mib,
-            decoders: config.parse_or("decoders", 2)?,
-            encoders: config.parse_or("encoders", 1)?,
             max_partitions_per_card: config.parse_or("max-partitions-per-card", 7)?,
             partitions: BTreeMap::new(),
             next_partition: 0,
+            devices,
         };
         let info = DriverInfo {
             vendor: "SIMULATED".into(),
@@ -96,19 +111,7 @@ impl Driver for SimXpu {
     }
 
     fn devices(&mut self) -> Result<Vec<Device>, DriverError> {
-        Ok((0..self.cards)
-            .map(|index| Device {
-                id: format!("sim:{index}"),
-                uuid: Some(format!("SIM-00000000-0000-0000-0000-{index:012}")),
-                index,
-                accelerator_type: self.accelerator_type.clone(),
-                memory_total_mib: Some(self.memory_mib),
-                decoder_units: Some(self.decoders),
-                encoder_units: Some(self.encoders),
-                pci_bus_id: None,
-                health: Health::Healthy,
-            })
-            .collect())
+        Ok(self.devices.clone())
     }
 
     fn sample(&mut self) -> Result<Metrics, DriverError> {
