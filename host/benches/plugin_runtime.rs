@@ -10,14 +10,20 @@
 //! - a metrics sample of 8 cards through the component export, beside the same
 //!   sim-xpu code compiled natively; plus an empty call, to separate the fixed cost
 //!   of crossing into the component from the work and the lifting of the result;
-//! - a full sampling round (devices, sample, labels, as the sampler calls them) of
-//!   8 cards through the supervised plugin, beside the same driver code compiled
-//!   natively: sim-xpu, and the nvidia driver over NVML (the stand-in library of
-//!   tests/fixtures/fake-nvml with 8 cards, built with `cc`: the cheapest NVML
-//!   there can be, so the plugin's share of a round is at its largest).
+//! - a full sampling round of 8 cards (`sampler::sample_one` and the cache, as the
+//!   server makes it) through the supervised plugin, beside the same sampler over
+//!   the same driver code compiled natively: sim-xpu, and the nvidia driver over
+//!   NVML, with its devices and sample calls apart. NVML is the stand-in library of
+//!   tests/fixtures/fake-nvml with 8 cards, built with `cc`: the cheapest NVML there
+//!   can be, so the plugin's share of a round is at its largest. A last line says
+//!   how much slower each NVML call must be for the round to stay within 2x native.
+//!
+//! `XPUD_BENCH_NVML=libnvidia-ml.so.1` measures the nvidia round over that library
+//! instead (scripts/device-check-nvidia does, on a GPU machine), and
+//! `XPUD_BENCH_PLUGINS` names the directory of the packed plugins.
 
 use std::hint::black_box;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -236,13 +242,7 @@ fn row(
 }
 
 fn main() -> anyhow::Result<()> {
-    let wasm_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/sim-xpu.wasm");
-    let wasm = std::fs::read(&wasm_path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e} (run scripts/build-plugins first)",
-            wasm_path.display()
-        )
-    })?;
+    let (wasm_path, wasm) = packed_plugin("sim-xpu")?;
     let sha = hex::encode(Sha256::digest(&wasm));
     let cache_dir = tempfile::tempdir()?;
     let runtime = Runtime::new(RuntimeOptions {
@@ -449,7 +449,8 @@ fn main() -> anyhow::Result<()> {
         None,
     );
     println!();
-    let (round, native_round) = rounds(&supervised, &mut native, 20_000);
+    let native = native_driver::Native::new(native);
+    let (round, native_round) = rounds(&supervised, &native, 20_000);
     row(
         "sampling round, 8 cards: sim-xpu",
         round,
@@ -461,33 +462,142 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A full sampling round as the sampler makes it (`sampler::sample_one`: devices,
-/// sample, and labels when they may have changed, at least every
-/// `LABELS_EVERY` rounds) through the supervised plugin, beside the same calls on
-/// the driver's code compiled natively: (plugin, native) per round.
+/// sample, and labels when they may have changed, then the cache), through the
+/// supervised plugin and through the same driver code compiled natively:
+/// (plugin, native) per round.
 fn rounds<D: xpud_sdk::driver::Driver>(
     plugin: &Driver,
-    native: &mut D,
+    native: &native_driver::Native<D>,
     iters: u32,
 ) -> (Duration, Duration) {
-    let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
-    let round = measure(9, iters, || {
-        let snapshot = xpud::sampler::sample_one("bench", plugin, &cache).unwrap();
+    let round_of = |driver: &dyn Fn(&xpud::sampler::SampleCache)| {
+        let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+        measure(9, iters, || driver(&cache))
+    };
+    let round = round_of(&|cache| {
+        let snapshot = xpud::sampler::sample_one("bench", plugin, cache).unwrap();
         cache.put("bench", black_box(snapshot));
     });
-    let mut n = 0u32;
-    let native_round = measure(9, iters, || {
-        black_box(native.devices().unwrap());
-        black_box(native.sample().unwrap());
-        if n.is_multiple_of(xpud::sampler::LABELS_EVERY) {
-            black_box(native.labels().unwrap());
-        }
-        n += 1;
+    let native_round = round_of(&|cache| {
+        let snapshot = xpud::sampler::sample_one("bench", native, cache).unwrap();
+        cache.put("bench", black_box(snapshot));
     });
     (round, native_round)
 }
 
+/// A driver compiled natively behind the sampler's interface, as a driver linked
+/// into xpud would be: its answers are moved into the host's types (no copies),
+/// and nothing checks them (a linked driver is trusted code).
+mod native_driver {
+    use std::cell::RefCell;
+
+    use xpud::plugins::driver::DriverFailure;
+    use xpud::runtime::bindings::driver_types as host;
+    use xpud_sdk::driver as sdk;
+
+    pub struct Native<D>(RefCell<D>);
+
+    impl<D> Native<D> {
+        pub fn new(driver: D) -> Native<D> {
+            Native(RefCell::new(driver))
+        }
+    }
+
+    fn failure(e: sdk::DriverError) -> DriverFailure {
+        DriverFailure::Driver(host::DriverError::DeviceFailure(format!("{e:?}")))
+    }
+
+    fn health(h: sdk::Health) -> host::Health {
+        match h {
+            sdk::Health::Healthy => host::Health::Healthy,
+            sdk::Health::Degraded => host::Health::Degraded,
+            sdk::Health::Unhealthy => host::Health::Unhealthy,
+            sdk::Health::Unknown => host::Health::Unknown,
+        }
+    }
+
+    impl<D: sdk::Driver> xpud::sampler::Sampled for Native<D> {
+        fn devices(&self) -> Result<Vec<host::Device>, DriverFailure> {
+            let devices = self.0.borrow_mut().devices().map_err(failure)?;
+            Ok(devices
+                .into_iter()
+                .map(|d| host::Device {
+                    id: d.id,
+                    uuid: d.uuid,
+                    index: d.index,
+                    accelerator_type: d.accelerator_type,
+                    memory_total_mib: d.memory_total_mib,
+                    decoder_units: d.decoder_units,
+                    encoder_units: d.encoder_units,
+                    pci_bus_id: d.pci_bus_id,
+                    health: health(d.health),
+                })
+                .collect())
+        }
+
+        fn sample(&self) -> Result<host::Metrics, DriverFailure> {
+            let metrics = self.0.borrow_mut().sample().map_err(failure)?;
+            Ok(host::Metrics {
+                cards: metrics
+                    .cards
+                    .into_iter()
+                    .map(|c| host::CardMetrics {
+                        device_index: c.device_index,
+                        ai_utilization_pct: c.ai_utilization_pct,
+                        memory_used_mib: c.memory_used_mib,
+                        memory_total_mib: c.memory_total_mib,
+                        video_decode_utilization_pct: c.video_decode_utilization_pct,
+                        picture_decode_utilization_pct: c.picture_decode_utilization_pct,
+                        temperature_celsius: c.temperature_celsius,
+                        power_watts: c.power_watts,
+                    })
+                    .collect(),
+                instances: metrics
+                    .instances
+                    .into_iter()
+                    .map(|i| host::InstanceMetrics {
+                        partition_id: i.partition_id,
+                        device_index: i.device_index,
+                        ai_utilization_pct: i.ai_utilization_pct,
+                        memory_used_mib: i.memory_used_mib,
+                        memory_quota_mib: i.memory_quota_mib,
+                    })
+                    .collect(),
+            })
+        }
+
+        fn labels(&self) -> Result<Vec<host::Label>, DriverFailure> {
+            let labels = self.0.borrow_mut().labels().map_err(failure)?;
+            Ok(labels
+                .into_iter()
+                .map(|l| host::Label {
+                    key: l.key,
+                    value: l.value,
+                })
+                .collect())
+        }
+
+        fn simulated(&self) -> bool {
+            false
+        }
+    }
+}
+
+/// A packed plugin from target/plugins, or from $XPUD_BENCH_PLUGINS (the device
+/// script runs this binary away from the build tree).
+fn packed_plugin(name: &str) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    let dir = std::env::var_os("XPUD_BENCH_PLUGINS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"));
+    let path = dir.join(format!("{name}.wasm"));
+    let wasm = std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!("{}: {e} (run scripts/build-plugins first)", path.display())
+    })?;
+    Ok((path, wasm))
+}
+
 /// The stand-in NVML library, built with `cc` into target/fake-nvml.
-fn fake_nvml() -> anyhow::Result<std::path::PathBuf> {
+fn fake_nvml() -> anyhow::Result<PathBuf> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let source = repo.join("tests/fixtures/fake-nvml/fake_nvml.c");
     let dir = repo.join("target/fake-nvml");
@@ -503,12 +613,19 @@ fn fake_nvml() -> anyhow::Result<std::path::PathBuf> {
     Ok(library)
 }
 
-/// The nvidia driver's sampling round over NVML (8 cards), through the plugin and
-/// natively.
+/// The nvidia driver's sampling round through the plugin and natively: over the
+/// stand-in NVML with 8 cards, or over the library $XPUD_BENCH_NVML names (the
+/// device script's real card).
 fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
-    let library = fake_nvml()?;
-    // Read by the stand-in at nvmlInit.
-    std::env::set_var("FAKE_NVML_CARDS", "8");
+    let real = std::env::var_os("XPUD_BENCH_NVML").map(PathBuf::from);
+    let library = match &real {
+        Some(library) => library.clone(),
+        None => {
+            // Read by the stand-in at nvmlInit.
+            std::env::set_var("FAKE_NVML_CARDS", "8");
+            fake_nvml()?
+        }
+    };
     let runtime = Runtime::new(RuntimeOptions {
         cache_dir: None,
         max_instances: 16,
@@ -519,15 +636,9 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
             batching: Default::default(),
         },
         limits: sim_runtime.options.limits.clone(),
-        nvml_library: Some(library),
+        nvml_library: Some(library.clone()),
     })?;
-    let wasm_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins/nvidia.wasm");
-    let wasm = std::fs::read(&wasm_path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e} (run scripts/build-plugins first)",
-            wasm_path.display()
-        )
-    })?;
+    let (_, wasm) = packed_plugin("nvidia")?;
     let (component, _) = runtime.load_component(&wasm, &hex::encode(Sha256::digest(&wasm)))?;
     let pre = DriverPre::new(Api::V0_2, runtime.linker().instantiate_pre(&component)?)?;
     let sandbox = Sandbox {
@@ -556,21 +667,94 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
         Duration::from_secs(3),
     );
     plugin.start().map_err(|e| anyhow::anyhow!("{e}"))?;
-    anyhow::ensure!(
-        plugin.devices()?.len() == 8,
-        "the stand-in NVML has 8 cards"
-    );
+    let cards = plugin.devices()?.len();
+    anyhow::ensure!(cards > 0, "no card over {}", library.display());
     let nvml = runtime.nvml().get().map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = native_nvml::LOADED.set(nvml);
-    let (mut native, _) = driver::Nvidia::<native_nvml::NativeNvml>::init(Config::new(vec![]))
+    let (native, _) = driver::Nvidia::<native_nvml::NativeNvml>::init(Config::new(vec![]))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let (round, native_round) = rounds(&plugin, &mut native, 5_000);
+    let native = native_driver::Native::new(native);
+    let over = match &real {
+        Some(_) => "NVML",
+        None => "stand-in NVML",
+    };
+    let iters = if real.is_some() { 200 } else { 5_000 };
+    let (devices, native_devices) = (
+        measure(9, iters, || {
+            black_box(plugin.devices().unwrap());
+        }),
+        measure(9, iters, || {
+            black_box(xpud::sampler::Sampled::devices(&native).unwrap());
+        }),
+    );
     row(
-        "sampling round, 8 cards: nvidia over NVML",
+        &format!("nvidia devices, {cards} cards (supervised)"),
+        devices,
+        "nvidia driver natively",
+        Some(native_devices),
+        None,
+    );
+    let (sample, native_sample) = (
+        measure(9, iters, || {
+            black_box(plugin.sample().unwrap());
+        }),
+        measure(9, iters, || {
+            black_box(xpud::sampler::Sampled::sample(&native).unwrap());
+        }),
+    );
+    row(
+        &format!("nvidia sample, {cards} cards (supervised)"),
+        sample,
+        "nvidia driver natively",
+        Some(native_sample),
+        None,
+    );
+    let (round, native_round) = rounds(&plugin, &native, iters);
+    row(
+        &format!("sampling round, {cards} cards: nvidia/{over}"),
         round,
         "nvidia driver natively",
         Some(native_round),
         Some(native_round * 2),
+    );
+    if real.is_none() {
+        break_even(&library, &plugin, round, native_round)?;
+    }
+    Ok(())
+}
+
+/// What the stand-in's ratio means for a real card. Both sides make the same NVML
+/// calls, so a slower library adds the same time to each, and the plugin stays
+/// within 2x native once each call takes (plugin - 2 x native) / calls longer
+/// than the stand-in's, which answers from memory.
+fn break_even(
+    library: &Path,
+    plugin: &Driver,
+    round: Duration,
+    native_round: Duration,
+) -> anyhow::Result<()> {
+    // SAFETY: the stand-in built above; the symbol is `unsigned long long (void)`.
+    let calls = unsafe {
+        let lib = libloading::Library::new(library)?;
+        let count: libloading::Symbol<unsafe extern "C" fn() -> u64> =
+            lib.get(b"fake_nvml_calls")?;
+        let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+        let rounds = 1_000;
+        let before = count();
+        for _ in 0..rounds {
+            let snapshot = xpud::sampler::sample_one("bench", plugin, &cache).unwrap();
+            cache.put("bench", snapshot);
+        }
+        (count() - before) as f64 / f64::from(rounds)
+    };
+    let gap = round.as_secs_f64() - 2.0 * native_round.as_secs_f64();
+    println!(
+        "  {calls:.0} NVML calls per round: within 2x native once each takes {} more than the stand-in's",
+        if gap <= 0.0 {
+            "no time".to_string()
+        } else {
+            show(Duration::from_secs_f64(gap / calls))
+        }
     );
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::plugins::driver::{Driver, DriverFailure};
 use crate::plugins::Registry;
-use crate::runtime::bindings::driver_types::{Device, InstanceMetrics, Metrics};
+use crate::runtime::bindings::driver_types::{Device, InstanceMetrics, Label, Metrics};
 
 /// Sampling intervals a driver may miss before its figures are withdrawn.
 const MISSED_INTERVALS: u32 = 3;
@@ -291,11 +291,37 @@ impl SampleCache {
     }
 }
 
+/// What a sampling round asks of a driver. The server samples plugins
+/// ([`Driver`]); the benchmark also samples the same driver code compiled natively,
+/// so that both sides of its comparison pay the sampler's own work.
+pub trait Sampled {
+    fn devices(&self) -> Result<Vec<Device>, DriverFailure>;
+    fn sample(&self) -> Result<Metrics, DriverFailure>;
+    fn labels(&self) -> Result<Vec<Label>, DriverFailure>;
+    /// The driver says its devices are simulated.
+    fn simulated(&self) -> bool;
+}
+
+impl Sampled for Driver {
+    fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
+        Driver::devices(self)
+    }
+    fn sample(&self) -> Result<Metrics, DriverFailure> {
+        Driver::sample(self)
+    }
+    fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
+        Driver::labels(self)
+    }
+    fn simulated(&self) -> bool {
+        Driver::simulated(self)
+    }
+}
+
 /// One sampling round of `driver`: its devices, their figures, and its labels when
 /// they may have changed (`LABELS_EVERY`).
 pub fn sample_one(
     name: &str,
-    driver: &Driver,
+    driver: &impl Sampled,
     cache: &SampleCache,
 ) -> Result<Snapshot, DriverFailure> {
     let devices = driver.devices()?;
@@ -326,7 +352,7 @@ pub fn sample_one(
 /// needs before the periodic sampler has run.
 pub fn sample_all_now(registry: &Registry, cache: &SampleCache) {
     for (name, driver) in registry.drivers() {
-        match sample_one(&name, &driver, cache) {
+        match sample_one(&name, driver.as_ref(), cache) {
             Ok(snapshot) => cache.put(&name, snapshot),
             Err(e) => {
                 tracing::warn!(plugin = %name, "no sample at start: {e}");
@@ -358,7 +384,7 @@ pub fn spawn(
                 }
                 let cache = cache.clone();
                 tokio::task::spawn_blocking(move || {
-                    match sample_one(&name, &driver, &cache) {
+                    match sample_one(&name, driver.as_ref(), &cache) {
                         Ok(snapshot) => cache.put(&name, snapshot),
                         // The supervisor or the contract check has logged the cause;
                         // the transition to "no figures" is logged by the cache.
