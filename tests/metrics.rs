@@ -1,5 +1,6 @@
 //! `GET /metrics`: valid OpenMetrics, token-protected, with the drivers' cards
-//! under DCGM exporter's names and labels, the host, the plugins and the tasks.
+//! under DCGM exporter's names and labels, the host, the plugins and the tasks;
+//! and Prometheus itself scraping a running server.
 
 use crate::support::*;
 
@@ -176,4 +177,109 @@ fn a_hanging_driver_delays_neither_the_status_nor_the_metrics() {
             started.elapsed()
         );
     }
+}
+
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The JSON a plain HTTP GET answers, if any.
+fn get_json(url: &str) -> Option<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async { reqwest::get(url).await.ok()?.json().await.ok() })
+}
+
+/// Prometheus itself scrapes a running xpud, configured as an operator would: a
+/// token from xpud's OAuth2 endpoint (client credentials), /metrics over HTTPS
+/// with xpud's CA. Its query API then has the cards under DCGM's names.
+#[test]
+fn prometheus_scrapes_a_running_server_with_a_token_of_its_own() {
+    let Some(prometheus) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("prometheus"))
+            .find(|p| p.is_file())
+    }) else {
+        eprintln!("skipped: no prometheus on PATH (scripts/install-prometheus installs it)");
+        return;
+    };
+    let server = TestServer::start(&["sim-xpu"]);
+    let data = server.data.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    let ca = data.join("tls/ca.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n\
+             scrape_configs:\n\
+             \x20 - job_name: xpud\n\
+             \x20   scheme: https\n\
+             \x20   tls_config: {{ ca_file: '{ca}' }}\n\
+             \x20   oauth2:\n\
+             \x20     client_id: admin\n\
+             \x20     client_secret_file: '{secret}'\n\
+             \x20     token_url: '{base}/oauth/token'\n\
+             \x20     tls_config: {{ ca_file: '{ca}' }}\n\
+             \x20   static_configs:\n\
+             \x20     - targets: ['{target}']\n",
+            ca = ca.display(),
+            secret = data.join("admin.secret").display(),
+            base = server.base,
+            target = server.base.trim_start_matches("https://"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("prometheus.log");
+    let _prometheus = Killed(
+        std::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let mut series = Vec::new();
+    let scraped = wait_for(std::time::Duration::from_secs(30), || {
+        series = get_json(&format!("{api}/query?query=DCGM_FI_DEV_GPU_UTIL"))
+            .and_then(|answer| answer["data"]["result"].as_array().cloned())
+            .unwrap_or_default();
+        series.len() == 2
+    });
+    assert!(
+        scraped,
+        "Prometheus did not scrape both cards: {series:?}\ntargets: {}\nlog: {}",
+        get_json(&format!("{api}/targets")).unwrap_or_default(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for s in &series {
+        let labels = &s["metric"];
+        assert_eq!(labels["modelName"], "SIMULATED_XPU16", "{s}");
+        assert_eq!(labels["job"], "xpud");
+        let value: f64 = s["value"][1].as_str().unwrap().parse().unwrap();
+        assert!((0.0..=100.0).contains(&value), "{s}");
+    }
+    // Its own view of the target: healthy, scraped with the token it fetched.
+    let targets = get_json(&format!("{api}/targets")).unwrap();
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{target}");
 }
