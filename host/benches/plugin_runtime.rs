@@ -678,7 +678,16 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
         Some(_) => "NVML",
         None => "stand-in NVML",
     };
-    let iters = if real.is_some() { 200 } else { 5_000 };
+    // A real library's calls may take milliseconds: as many rounds as fit in
+    // about a second per figure, whatever the library.
+    let iters = {
+        let started = Instant::now();
+        let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+        let snapshot = xpud::sampler::sample_one("probe", plugin.as_ref(), &cache)?;
+        cache.put("probe", snapshot);
+        let per_round = started.elapsed().as_secs_f64().max(1e-7);
+        ((0.1 / per_round) as u32).clamp(3, 5_000)
+    };
     let (devices, native_devices) = (
         measure(9, iters, || {
             black_box(plugin.devices().unwrap());
