@@ -282,4 +282,25 @@ fn prometheus_scrapes_a_running_server_with_a_token_of_its_own() {
     let targets = get_json(&format!("{api}/targets")).unwrap();
     let target = &targets["data"]["activeTargets"][0];
     assert_eq!(target["health"], "up", "{target}");
+
+    // Every query of the example dashboard is PromQL Prometheus accepts, and those
+    // on the cards and the host have data (the task and instance panels need tasks
+    // and partitions, which this server has none of).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("examples/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let url = reqwest::Url::parse_with_params(&format!("{api}/query"), [("query", expr)])
+                .unwrap();
+            let answer = get_json(url.as_str()).unwrap_or_default();
+            assert_eq!(answer["status"], "success", "{expr}: {answer}");
+            if expr.starts_with("DCGM_") || expr.starts_with("xpud_host_") {
+                let result = answer["data"]["result"].as_array().unwrap();
+                assert!(!result.is_empty(), "{expr}: no data");
+            }
+        }
+    }
 }
