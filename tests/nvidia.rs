@@ -22,6 +22,25 @@ fn without_nvml(plugins: &PluginDir, allowed: &[&str]) -> xpud::plugins::registr
     )
 }
 
+/// The stand-in library, or `None` (the reason printed) where it cannot be built.
+fn stand_in(built: Result<std::path::PathBuf, String>) -> Option<std::path::PathBuf> {
+    built
+        .map_err(|why| eprintln!("skipped: the stand-in NVML library cannot be built: {why}"))
+        .ok()
+}
+
+/// A registry whose NVML bridge loads `library`, the operator allowing the default
+/// grants.
+fn over(plugins: &PluginDir, library: std::path::PathBuf) -> xpud::plugins::registry::Registry {
+    registry_nvml(
+        plugins,
+        &no_grants(),
+        Default::default(),
+        Some(library),
+        &DEFAULT_GRANTS,
+    )
+}
+
 /// A machine without NVML: the driver loads, reports no cards, and nothing fails.
 #[test]
 fn without_nvml_the_driver_loads_and_reports_no_cards() {
@@ -108,22 +127,15 @@ fn where_nvml_exists_its_cards_are_reported_with_figures() {
 /// of the used: the bridge takes it where the library has it.
 #[test]
 fn memory_comes_from_the_v2_call_where_the_library_has_it() {
-    let library = match fake_nvml_built("libnvidia-ml-v2.so.1", &["FAKE_NVML_MEMORY_V2"]) {
-        Ok(library) => library,
-        Err(why) => {
-            eprintln!("skipped: the stand-in NVML library cannot be built: {why}");
-            return;
-        }
+    let Some(library) = stand_in(fake_nvml_built(
+        "libnvidia-ml-v2.so.1",
+        &["FAKE_NVML_MEMORY_V2"],
+    )) else {
+        return;
     };
     let plugins = PluginDir::new();
     plugins.install("nvidia");
-    let registry = registry_nvml(
-        &plugins,
-        &no_grants(),
-        Default::default(),
-        Some(library),
-        &DEFAULT_GRANTS,
-    );
+    let registry = over(&plugins, library);
     registry.scan();
     let nvidia = driver(&registry, "nvidia");
     assert_eq!(nvidia.devices().unwrap()[0].memory_total_mib, Some(15360));
@@ -137,25 +149,15 @@ fn memory_comes_from_the_v2_call_where_the_library_has_it() {
 /// T4, and an A100-40GB in MIG mode whose GPU instances it really keeps).
 #[test]
 fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
-    let library = match fake_nvml() {
-        Ok(library) => library,
-        Err(why) => {
-            eprintln!("skipped: the stand-in NVML library cannot be built: {why}");
-            return;
-        }
+    let Some(library) = stand_in(fake_nvml()) else {
+        return;
     };
     let plugins = PluginDir::new();
     plugins.install("nvidia");
     plugins.install_as("nvidia", "reader", |m| {
         set(m, "grants", "nvml", "read".into())
     });
-    let registry = registry_nvml(
-        &plugins,
-        &no_grants(),
-        Default::default(),
-        Some(library),
-        &DEFAULT_GRANTS,
-    );
+    let registry = over(&plugins, library);
     let report = registry.scan();
     assert_eq!(report.loaded, vec!["nvidia", "reader"], "{report:?}");
     let nvidia = driver(&registry, "nvidia");

@@ -688,36 +688,22 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
         let per_round = started.elapsed().as_secs_f64().max(1e-7);
         ((0.1 / per_round) as u32).clamp(3, 5_000)
     };
-    let (devices, native_devices) = (
-        measure(9, iters, || {
-            black_box(plugin.devices().unwrap());
-        }),
-        measure(9, iters, || {
-            black_box(xpud::sampler::Sampled::devices(&native).unwrap());
-        }),
-    );
-    row(
-        &format!("nvidia devices, {cards} cards (supervised)"),
-        devices,
-        "nvidia driver natively",
-        Some(native_devices),
-        None,
-    );
-    let (sample, native_sample) = (
-        measure(9, iters, || {
-            black_box(plugin.sample().unwrap());
-        }),
-        measure(9, iters, || {
-            black_box(xpud::sampler::Sampled::sample(&native).unwrap());
-        }),
-    );
-    row(
-        &format!("nvidia sample, {cards} cards (supervised)"),
-        sample,
-        "nvidia driver natively",
-        Some(native_sample),
-        None,
-    );
+    // Each call alone, through the plugin and natively.
+    use xpud::sampler::Sampled;
+    type Call = fn(&dyn Sampled);
+    let calls: [(&str, Call); 2] = [
+        ("devices", |d| drop(black_box(d.devices().unwrap()))),
+        ("sample", |d| drop(black_box(d.sample().unwrap()))),
+    ];
+    for (function, call) in calls {
+        row(
+            &format!("nvidia {function}, {cards} cards (supervised)"),
+            measure(9, iters, || call(plugin.as_ref())),
+            "nvidia driver natively",
+            Some(measure(9, iters, || call(&native))),
+            None,
+        );
+    }
     let (round, native_round) = rounds(&plugin, &native, iters);
     row(
         &format!("sampling round, {cards} cards: nvidia/{over}"),
