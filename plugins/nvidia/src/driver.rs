@@ -58,10 +58,11 @@ fn driver_error(e: NvmlError) -> DriverError {
 const MIB: u64 = 1 << 20;
 
 /// A card's health from its last reading: it answered with its core figures, it
-/// answered without some of them, it is gone from the bus.
-fn health_of(sample: &Result<DeviceSample, NvmlError>) -> Health {
+/// answered without some of them, it is gone from the bus. In MIG mode NVML has no
+/// whole-card utilisation (its instances have theirs), so memory alone is core.
+fn health_of(sample: &Result<DeviceSample, NvmlError>, mig: bool) -> Health {
     match sample {
-        Ok(s) if s.memory_used_bytes.is_some() && s.gpu_utilization_pct.is_some() => {
+        Ok(s) if s.memory_used_bytes.is_some() && (mig || s.gpu_utilization_pct.is_some()) => {
             Health::Healthy
         }
         Ok(_) => Health::Degraded,
@@ -111,7 +112,7 @@ impl<N: Nvml> Nvidia<N> {
                     .and_then(|s| s.memory_total_bytes)
                     .map(|b| b / MIB),
                 mig,
-                health: health_of(&sample),
+                health: health_of(&sample, mig),
                 info,
             });
         }
@@ -258,7 +259,7 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
         for at in 0..self.cards.len() {
             let index = self.cards[at].index;
             let sample = self.nvml.sample(index);
-            self.cards[at].health = health_of(&sample);
+            self.cards[at].health = health_of(&sample, self.cards[at].mig);
             // A card that did not answer has no figures this round: it is left
             // out, not reported as idle.
             let Ok(s) = sample else { continue };
@@ -648,9 +649,9 @@ mod tests {
         assert_eq!(devices[0].pci_bus_id.as_deref(), Some("00000000:3B:00.0"));
         assert_eq!(devices[0].health, Health::Healthy);
         assert_eq!(devices[1].accelerator_type, "NVIDIA_A100_40GB");
-        // In MIG mode the card has no whole-card utilisation: degraded figures,
-        // not a broken card.
-        assert_eq!(devices[1].health, Health::Degraded);
+        // In MIG mode the card has no whole-card utilisation (its instances have
+        // theirs): that figure is absent, and the card is healthy.
+        assert_eq!(devices[1].health, Health::Healthy);
 
         let metrics = driver.sample().unwrap();
         let t4 = &metrics.cards[0];
@@ -798,6 +799,16 @@ mod tests {
         driver.nvml.cards[0].sample = t4().sample;
         let devices = driver.devices().unwrap();
         assert_eq!(devices[0].health, Health::Healthy);
+    }
+
+    #[test]
+    fn a_card_outside_mig_mode_without_utilisation_is_degraded() {
+        let mut driver = driver();
+        if let Ok(s) = &mut driver.nvml.cards[0].sample {
+            s.gpu_utilization_pct = None;
+        }
+        driver.sample().unwrap();
+        assert_eq!(driver.devices().unwrap()[0].health, Health::Degraded);
     }
 
     #[test]
