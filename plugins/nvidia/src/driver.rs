@@ -384,18 +384,17 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
         };
         let capable = self.cards.iter().any(|c| c.info.mig_capable);
         let enabled = self.cards.iter().any(|c| c.mig);
+        // Cards in MIG mode share by hard partitions, the others by soft quotas: a
+        // node with both offers both.
+        let sharing = match (self.cards.iter().all(|c| c.mig), enabled) {
+            (true, true) => "hard-partition",
+            (false, true) => "soft-quota.hard-partition",
+            _ => "soft-quota",
+        };
         labels.push(label("xpu.vendor", "NVIDIA".into()));
         labels.push(label("xpu.mig-capable", capable.to_string()));
         labels.push(label("xpu.mig-enabled", enabled.to_string()));
-        labels.push(label(
-            "xpu.sharing",
-            if enabled {
-                "hard-partition"
-            } else {
-                "soft-quota"
-            }
-            .into(),
-        ));
+        labels.push(label("xpu.sharing", sharing.into()));
         Ok(labels)
     }
 }
@@ -680,6 +679,11 @@ mod tests {
         assert_eq!(value("xpu.count").as_deref(), Some("2"));
         assert_eq!(value("xpu.mig-capable").as_deref(), Some("true"));
         assert_eq!(value("xpu.mig-enabled").as_deref(), Some("true"));
+        // The T4 shares by soft quotas, the A100 by MIG instances.
+        assert_eq!(
+            value("xpu.sharing").as_deref(),
+            Some("soft-quota.hard-partition")
+        );
     }
 
     #[test]
