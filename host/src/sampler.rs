@@ -263,8 +263,11 @@ impl SampleCache {
 
     /// Logs, once, that a driver's figures are no longer served.
     fn withdraw_if_stale(&self, driver: &str) {
-        let snapshot = crate::sync::read(&self.snapshots).get(driver).cloned();
-        if snapshot.as_ref().is_some_and(|s| self.fresh(s)) {
+        // Read in place: this runs for every driver on every tick.
+        let (fresh, cards) = crate::sync::read(&self.snapshots)
+            .get(driver)
+            .map_or((false, 0), |s| (self.fresh(s), s.devices.len()));
+        if fresh {
             return;
         }
         let mut failures = crate::sync::lock(&self.failures);
@@ -273,7 +276,6 @@ impl SampleCache {
             return;
         }
         failure.withdrawn = true;
-        let cards = snapshot.map_or(0, |s| s.devices.len());
         tracing::warn!(
             plugin = %driver,
             cards,
