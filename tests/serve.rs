@@ -27,11 +27,17 @@ impl Drop for Serve {
 }
 
 fn serve(data: &std::path::Path, plugins: &PluginDir) -> Serve {
-    serve_with(data, plugins, "")
+    serve_with(data, plugins, "", &[])
 }
 
-/// `top` goes at the top of the config file (top-level keys).
-fn serve_with(data: &std::path::Path, plugins: &PluginDir, top: &str) -> Serve {
+/// `top` goes at the top of the config file (top-level keys); `env` is added to
+/// the server's environment.
+fn serve_with(
+    data: &std::path::Path,
+    plugins: &PluginDir,
+    top: &str,
+    env: &[(&str, &str)],
+) -> Serve {
     let config = data.join("xpud.toml");
     std::fs::write(
         &config,
@@ -45,7 +51,11 @@ fn serve_with(data: &std::path::Path, plugins: &PluginDir, top: &str) -> Serve {
     )
     .unwrap();
     let log = data.join("xpud.log");
-    let (child, base) = spawn_xpud(&config, Stdio::from(std::fs::File::create(&log).unwrap()));
+    let (child, base) = spawn_xpud_with(
+        &config,
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+        env,
+    );
     Serve { child, base, log }
 }
 
@@ -124,10 +134,35 @@ fn serve_lists_plugins_and_shows_a_crashing_one_as_unhealthy() {
 fn an_advertised_address_the_listener_does_not_serve_is_warned_about() {
     let data = tempfile::tempdir().unwrap();
     let plugins = PluginDir::new();
-    let server = serve_with(data.path(), &plugins, "advertise-address = \"192.0.2.2\"\n");
+    let server = serve_with(
+        data.path(),
+        &plugins,
+        "advertise-address = \"192.0.2.2\"\n",
+        &[],
+    );
     let api = ApiClient::connect(&server.base, &data.path().join("state"));
     assert_eq!(api.call(reqwest::Method::GET, "/healthz", None).0, 200);
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("not one this"), "{log}");
     assert!(log.contains("192.0.2.2"), "{log}");
+}
+
+/// Replicas are placed by NVML's card index, and run their models on that CUDA
+/// ordinal: a server whose environment numbers CUDA devices otherwise says so.
+#[test]
+fn serve_warns_when_cuda_numbers_devices_unlike_the_cards() {
+    let data = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    let server = serve_with(
+        data.path(),
+        &plugins,
+        "",
+        &[
+            ("CUDA_DEVICE_ORDER", "FASTEST_FIRST"),
+            ("CUDA_VISIBLE_DEVICES", "1,0"),
+        ],
+    );
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(log.contains("CUDA_DEVICE_ORDER=FASTEST_FIRST"), "{log}");
+    assert!(log.contains("CUDA_VISIBLE_DEVICES=1,0"), "{log}");
 }

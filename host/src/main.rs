@@ -297,6 +297,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.simulated_devices {
         config.runtime.simulated_devices = true;
     }
+    // Before any thread starts: it sets the process environment.
+    xpud::runtime::inference::number_cuda_devices_by_bus();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -665,10 +665,20 @@ pub fn partitions(server: &TestServer, driver: &str) -> usize {
 /// `xpud serve --config CONFIG` as a process, stderr to `log`; returns it with the
 /// base URL from its first stdout line.
 pub fn spawn_xpud(config: &Path, log: std::process::Stdio) -> (std::process::Child, String) {
+    spawn_xpud_with(config, log, &[])
+}
+
+/// `spawn_xpud` with `env` added to the server's environment.
+pub fn spawn_xpud_with(
+    config: &Path,
+    log: std::process::Stdio,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xpud"))
         .args(["serve", "--config"])
         .arg(config)
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
         .spawn()
