@@ -12,9 +12,9 @@ pub struct Nvidia<N> {
     nvml: N,
     /// The cards as the last discovery found them.
     cards: Vec<Card>,
-    /// Time-sliced partitions on cards not in MIG mode. The host enforces their
-    /// quotas (its ledger, and the memory and compute it gives each replica); the
-    /// hardware knows nothing of them, so after a restart the host makes them again.
+    /// Time-sliced partitions on cards not in MIG mode: quotas the host's ledger
+    /// admits replicas against. The hardware knows nothing of them, so after a
+    /// restart the host makes them again.
     shared: BTreeMap<String, PartitionSpec>,
     next_shared: u32,
 }
