@@ -264,13 +264,20 @@ impl SampleCache {
     /// Logs, once, that a driver's figures are no longer served.
     fn withdraw_if_stale(&self, driver: &str) {
         // Read in place: this runs for every driver on every tick.
-        let (fresh, cards) = crate::sync::read(&self.snapshots)
+        let (sampled, fresh, cards) = crate::sync::read(&self.snapshots)
             .get(driver)
-            .map_or((false, 0), |s| (self.fresh(s), s.devices.len()));
+            .map_or((false, false, 0), |s| {
+                (true, self.fresh(s), s.devices.len())
+            });
         if fresh {
             return;
         }
         let mut failures = crate::sync::lock(&self.failures);
+        // Never answered and never failed: not asked yet (the first tick comes before
+        // the first sample), so nothing is withdrawn.
+        if !sampled && failures.get(driver).is_none_or(|f| f.last_error.is_none()) {
+            return;
+        }
         let failure = failures.entry(driver.to_string()).or_default();
         if failure.withdrawn {
             return;
@@ -281,7 +288,7 @@ impl SampleCache {
             cards,
             max_age_ms = self.max_age.as_millis() as u64,
             "driver has no current sample: its cards are withdrawn from the figures and from placement; last error: {}",
-            failure.last_error.as_deref().unwrap_or("none (no answer yet)")
+            failure.last_error.as_deref().unwrap_or("none: its call has not returned")
         );
     }
 
@@ -440,6 +447,22 @@ mod tests {
         cache.put("a", snapshot(Duration::ZERO));
         let sampling = cache.sampling("a");
         assert!(!sampling.stale && sampling.last_error.is_none());
+    }
+
+    #[test]
+    fn a_driver_not_asked_yet_has_nothing_withdrawn() {
+        let cache = SampleCache::new(Duration::from_secs(1));
+        // The sampler's first tick comes before the first sample.
+        cache.withdraw_if_stale("a");
+        assert!(!crate::sync::lock(&cache.failures).contains_key("a"));
+        assert!(!cache.sampling("a").stale);
+        // A first call that fails withdraws it (there is nothing to serve).
+        cache.failed(
+            "a",
+            &DriverFailure::Plugin(CallError::Timeout(Duration::from_secs(1))),
+        );
+        assert!(crate::sync::lock(&cache.failures)["a"].withdrawn);
+        assert!(cache.sampling("a").stale);
     }
 
     #[test]
