@@ -281,3 +281,44 @@ fn set_top(mut table: toml::Table, key: &str, value: &str) -> toml::Table {
     table.insert(key.to_string(), value.into());
     table
 }
+
+/// A replica placed on a card in MIG mode gets a MIG instance: the ledger marks it
+/// a device of its own, which xpud's process cannot run models on, so its models
+/// run on the CPU (said in the log); on the T4 beside it, they run on the card.
+#[test]
+fn a_replica_in_a_mig_instance_runs_its_models_on_the_cpu() {
+    use std::sync::Arc;
+    use xpud::runtime::inference::Device;
+    use xpud::scheduler::{Ask, Scheduler};
+    let Some(library) = stand_in(fake_nvml()) else {
+        return;
+    };
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = Arc::new(over(&plugins, library));
+    registry.scan();
+    let samples = xpud::sampler::SampleCache::new(std::time::Duration::from_secs(60));
+    xpud::sampler::sample_all_now(&registry, &samples);
+    let xpus = xpud::machine::xpus(&samples, &["nvidia".to_string()]);
+    let scheduler = Scheduler::new(registry);
+    let labels = std::collections::BTreeMap::new();
+    let ask = |xpu_type| Ask {
+        count: 1,
+        quota: 0.5,
+        memory_mib: None,
+        xpu_type,
+        selector: &labels,
+    };
+    let mig = scheduler
+        .reserve("workload:mig", &ask("NVIDIA_A100_40GB"), &xpus)
+        .unwrap();
+    assert!(mig[0].isolated, "{mig:?}");
+    assert_eq!(mig[0].device("NVIDIA_A100_40GB"), Device::Cpu);
+    let t4 = scheduler
+        .reserve("workload:t4", &ask("NVIDIA_T4"), &xpus)
+        .unwrap();
+    assert!(!t4[0].isolated, "{t4:?}");
+    assert_eq!(t4[0].device("NVIDIA_T4"), Device::Card(0));
+    scheduler.release("workload:mig");
+    scheduler.release("workload:t4");
+}

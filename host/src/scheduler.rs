@@ -23,6 +23,7 @@ use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{
     DriverError, Health as DeviceHealth, Isolation, PartitionSpec, Slicing,
 };
+use crate::runtime::inference::Device;
 
 /// Where one replica runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,10 @@ pub struct Placement {
     /// the replica asked for some.
     #[serde(default)]
     pub memory_mib: Option<u64>,
+    /// The partition is a device of its own (hard isolation: a MIG instance), not
+    /// a quota on the card.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 impl Placement {
@@ -45,6 +50,26 @@ impl Placement {
         self.card
             .as_ref()
             .map_or_else(|| "CPU".to_string(), |(d, i)| format!("{d}/{i}"))
+    }
+
+    /// Where the replica's models run: its card's CUDA device, else the CPU. A
+    /// partition that is a device of its own (a MIG instance) is not one xpud's
+    /// process can run models on: CUDA lets a process use a single MIG device, and
+    /// not the others beside it. Until a worker process per instance exists, such
+    /// a replica's models run on the CPU, and the log says so.
+    pub fn device(&self, xpu_type: &str) -> Device {
+        let card = self.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+        let device = Device::for_card(card, xpu_type);
+        if self.isolated && device != Device::Cpu {
+            tracing::warn!(
+                card = %self.card_name(),
+                partition = self.partition.as_deref().unwrap_or_default(),
+                "the replica's partition is a device of its own (a MIG instance), which \
+                 models in xpud's process cannot run on: they run on the CPU"
+            );
+            return Device::Cpu;
+        }
+        device
     }
 }
 
@@ -167,6 +192,7 @@ impl Scheduler {
                     quota: 0.0,
                     partition: None,
                     memory_mib: None,
+                    isolated: false,
                 })
                 .collect()
         } else {
@@ -300,6 +326,7 @@ impl Scheduler {
                 if placement.memory_mib.is_some_and(|m| memory > m) {
                     placement.memory_mib = Some(memory);
                 }
+                placement.isolated = partition.spec.isolation == Isolation::Hard;
                 placement.partition = Some(partition.id)
             }
             // A whole card needs no partition; a share the driver cannot enforce
@@ -443,6 +470,7 @@ fn choose(
                 quota: per_card,
                 partition: None,
                 memory_mib,
+                isolated: false,
             });
         }
     }
@@ -657,6 +685,23 @@ mod tests {
         // A whole card holds all of its memory.
         let whole = choose(&HashMap::new(), &ask(1, 1.0, "SIM_X", &nothing), &xpus).unwrap();
         assert_eq!(whole[0].memory_mib, Some(16384));
+    }
+
+    #[test]
+    fn models_run_on_the_card_unless_the_partition_is_a_device_of_its_own() {
+        let mut placement = Placement {
+            card: Some(("nvidia".into(), 1)),
+            quota: 0.5,
+            partition: Some("ts-1-1".into()),
+            memory_mib: Some(4096),
+            isolated: false,
+        };
+        assert_eq!(placement.device("NVIDIA_T4"), Device::Card(1));
+        // Not a card an execution provider here drives.
+        assert_eq!(placement.device("SIM_X"), Device::Cpu);
+        // A MIG instance: not runnable from this process.
+        placement.isolated = true;
+        assert_eq!(placement.device("NVIDIA_A100_40GB"), Device::Cpu);
     }
 
     #[test]

@@ -18,7 +18,6 @@ use crate::package::Runtime;
 use crate::packages::Packages;
 use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
-use crate::runtime::inference::Device;
 use crate::runtime::Launch;
 use crate::scheduler::{Ask, Placement, Scheduler};
 use crate::store::{Store, Table};
@@ -139,11 +138,10 @@ fn replica(
     placement: &Placement,
     env: Vec<(String, String)>,
 ) -> Arc<AlgorithmWorker> {
-    let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
     algorithm.spawn_worker_with(Launch {
         env,
         args: Vec::new(),
-        device: Device::for_card(card, &record.gpu_type),
+        device: placement.device(&record.gpu_type),
     })
 }
 

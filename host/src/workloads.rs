@@ -21,7 +21,6 @@ use crate::machine::XpuSample;
 use crate::packages::{Packages, Status};
 use crate::plugins::algorithm::{AlgorithmPlugin, AlgorithmWorker};
 use crate::plugins::supervisor::{Phase, Status as WorkerStatus};
-use crate::runtime::inference::Device;
 use crate::runtime::Launch;
 use crate::scheduler::{Ask, Scheduler};
 use crate::store::{Store, Table};
@@ -143,11 +142,10 @@ fn start_pod(
     placement: &crate::scheduler::Placement,
     args: Vec<String>,
 ) -> Arc<AlgorithmWorker> {
-    let card = placement.card.as_ref().map(|(d, i)| (d.as_str(), *i));
     let worker = algorithm.spawn_worker_with(Launch {
         env: Vec::new(),
         args,
-        device: Device::for_card(card, &spec.xpu_type),
+        device: placement.device(&spec.xpu_type),
     });
     if let Err(e) = worker.start() {
         tracing::warn!(workload = %spec.name, "pod failed to start: {e}");
