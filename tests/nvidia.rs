@@ -322,3 +322,25 @@ fn a_replica_in_a_mig_instance_runs_its_models_on_the_cpu() {
     scheduler.release("workload:mig");
     scheduler.release("workload:t4");
 }
+
+/// CUDA sees a MIG instance and then no other GPU, so where a card is in MIG mode
+/// xpud shows CUDA the others only: the stand-in's T4 is CUDA device 0, and the
+/// A100 in MIG mode has none.
+#[test]
+fn cuda_is_shown_the_cards_outside_mig_mode() {
+    use xpud::runtime::cuda;
+    let Some(library) = stand_in(fake_nvml()) else {
+        return;
+    };
+    let nvml = xpud::runtime::nvml::NvmlBridge::new(Some(library))
+        .get()
+        .unwrap();
+    let cards = cuda::cards(&nvml).unwrap();
+    assert_eq!(cards.len(), 2);
+    let plan = cuda::plan(&cards);
+    assert_eq!(
+        plan.visible.as_deref(),
+        Some("GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e")
+    );
+    assert_eq!(plan.ordinals, [Some(0), None]);
+}

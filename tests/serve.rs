@@ -166,3 +166,40 @@ fn serve_warns_when_cuda_numbers_devices_unlike_the_cards() {
     assert!(log.contains("CUDA_DEVICE_ORDER=FASTEST_FIRST"), "{log}");
     assert!(log.contains("CUDA_VISIBLE_DEVICES=1,0"), "{log}");
 }
+
+/// On a machine with a card in MIG mode, CUDA is shown the other cards only (a
+/// process that sees a MIG instance sees no other GPU): said at start.
+#[test]
+fn serve_hides_cards_in_mig_mode_from_cuda() {
+    let Ok(library) = fake_nvml() else {
+        eprintln!("skipped: the stand-in NVML library cannot be built");
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let plugins = PluginDir::new();
+    let config = data.path().join("xpud.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
+             [runtime]\nnvml-library = {:?}\n",
+            data.path().join("state"),
+            plugins.path(),
+            library,
+        ),
+    )
+    .unwrap();
+    let log = data.path().join("xpud.log");
+    let (child, base) = spawn_xpud_with(
+        &config,
+        Stdio::from(std::fs::File::create(&log).unwrap()),
+        &[],
+    );
+    let server = Serve { child, base, log };
+    let log = std::fs::read_to_string(&server.log).unwrap();
+    assert!(
+        log.contains("cards in MIG mode (1) have no CUDA device")
+            && log.contains("GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e"),
+        "{log}"
+    );
+}

@@ -298,7 +298,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.runtime.simulated_devices = true;
     }
     // Before any thread starts: it sets the process environment.
-    xpud::runtime::inference::number_cuda_devices_by_bus();
+    xpud::runtime::cuda::number_devices(config.runtime.nvml_library.as_deref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

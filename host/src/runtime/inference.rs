@@ -60,8 +60,9 @@ pub enum Device {
     /// The CPU only (a replica placed without a card, or on a card no execution
     /// provider drives).
     Cpu,
-    /// The configured providers, the accelerator ones on this device (the CUDA
-    /// ordinal of an NVIDIA card), the CPU where the configuration falls back to it.
+    /// The configured providers, the accelerator ones on this CUDA device (an
+    /// ordinal: `cuda` maps cards to them), the CPU where the configuration falls
+    /// back to it.
     Card(u32),
 }
 
@@ -73,40 +74,23 @@ impl Default for Device {
     }
 }
 
-/// Makes a card's index its CUDA ordinal. Replicas are placed on cards by NVML's
-/// index, which follows the PCI bus; CUDA numbers devices fastest first unless
-/// `CUDA_DEVICE_ORDER=PCI_BUS_ID`, so on a machine with two kinds of card a replica
-/// placed on one would run its models on the other. Sets that where it is unset;
-/// warns where the environment says otherwise, or renumbers the devices
-/// (`CUDA_VISIBLE_DEVICES`).
-///
-/// Changes the process environment: call it before any thread starts.
-pub fn number_cuda_devices_by_bus() {
-    match std::env::var("CUDA_DEVICE_ORDER") {
-        Err(_) => std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
-        Ok(order) if order == "PCI_BUS_ID" => {}
-        Ok(order) => tracing::warn!(
-            "CUDA_DEVICE_ORDER={order}: CUDA's device numbers may not be the cards' indexes, \
-             and a replica may run its models on another card than its own; unset it or \
-             set PCI_BUS_ID"
-        ),
-    }
-    if let Ok(visible) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        tracing::warn!(
-            "CUDA_VISIBLE_DEVICES={visible}: CUDA numbers only these devices, so a card's \
-             index may not be its CUDA ordinal, and a replica may run its models on \
-             another card than its own"
-        );
-    }
-}
-
 impl Device {
     /// The device a replica on `card` (driver, index) of `xpu_type` runs models
     /// on: NVIDIA cards are the only ones an execution provider here drives.
     pub fn for_card(card: Option<(&str, u32)>, xpu_type: &str) -> Device {
         match card {
-            Some((_, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
-                Device::Card(index)
+            Some((driver, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
+                match super::cuda::ordinal(index) {
+                    Some(ordinal) => Device::Card(ordinal),
+                    None => {
+                        tracing::warn!(
+                            card = %format!("{driver}/{index}"),
+                            "the card is in MIG mode, and this process has no CUDA device \
+                             for it: models placed on it run on the CPU"
+                        );
+                        Device::Cpu
+                    }
+                }
             }
             _ => Device::Cpu,
         }
@@ -114,7 +98,7 @@ impl Device {
 
     fn ordinal(self) -> i32 {
         match self {
-            Device::Card(index) => index as i32,
+            Device::Card(ordinal) => ordinal as i32,
             Device::Cpu => 0,
         }
     }

@@ -10,6 +10,7 @@ pub mod batching;
 pub mod bindings;
 pub mod cache;
 pub mod clocks;
+pub mod cuda;
 pub mod engine;
 pub mod frames;
 pub mod inference;
