@@ -201,6 +201,30 @@ fn plugin_probe_prints_what_a_driver_reports() {
     );
     assert!(stdout.contains("made:     Partition"), "{stdout}");
     assert!(stdout.contains("left:     0 partitions"), "{stdout}");
+    // Over NVML (here the stand-in: a T4, and an A100 in MIG mode), it also says
+    // where models placed on each card would run.
+    if let Ok(library) = fake_nvml() {
+        plugins.install("nvidia");
+        let out = xpud(&[
+            "plugin",
+            "probe",
+            "--plugin-dir",
+            dir,
+            "nvidia",
+            "--nvml-library",
+            library.to_str().unwrap(),
+        ]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+        assert!(
+            stdout.contains("cuda:     card 0 -> CUDA device 0"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("cuda:     card 1 -> none: in MIG mode"),
+            "{stdout}"
+        );
+    }
     let out = xpud(&["plugin", "probe", "--plugin-dir", dir, "nothing-here"]);
     assert!(!out.status.success());
     assert!(

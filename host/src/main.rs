@@ -455,6 +455,7 @@ fn probe(
     use xpud::runtime::bindings::driver_types::{Isolation, PartitionSpec, Slicing};
     let defaults = ServeConfig::default();
     let runtime = command_runtime(256 << 20, nvml_library)?;
+    let nvml = runtime.nvml().clone();
     let registry = Registry::new(
         runtime,
         RegistryOptions {
@@ -493,6 +494,22 @@ fn probe(
     }
     for label in driver.labels()? {
         print_out(&format!("label:    {}={}", label.key, label.value))?;
+    }
+    // Where `xpud serve` would run models placed on each NVIDIA card.
+    if let Ok(nvml) = nvml.get() {
+        let plan = xpud::runtime::cuda::plan(
+            &xpud::runtime::cuda::cards(&nvml).map_err(anyhow::Error::msg)?,
+        );
+        for (index, ordinal) in plan.ordinals.iter().enumerate() {
+            let device = ordinal.map_or_else(
+                || "none: in MIG mode, models placed on it run on the CPU".to_string(),
+                |o| format!("CUDA device {o}"),
+            );
+            print_out(&format!("cuda:     card {index} -> {device}"))?;
+        }
+        if let Some(visible) = plan.visible {
+            print_out(&format!("cuda:     CUDA_VISIBLE_DEVICES={visible:?}"))?;
+        }
     }
     if partition {
         let Some(card) = devices.first() else {
