@@ -1,7 +1,8 @@
 //! Which CUDA device each card is.
 //!
-//! Replicas are placed on cards by NVML's index; ONNX Runtime's CUDA provider takes
-//! a CUDA ordinal. The two agree only where CUDA numbers devices by PCI bus, as NVML
+//! Replicas are placed on cards by NVML's index; ONNX Runtime's CUDA provider, and
+//! ffmpeg's NVDEC (`-hwaccel_device`, in a child process that inherits the
+//! environment), take a CUDA ordinal. The two agree only where CUDA numbers devices by PCI bus, as NVML
 //! does (`CUDA_DEVICE_ORDER=PCI_BUS_ID`; CUDA's default is fastest first), and sees
 //! every card. MIG breaks the second: a process that can see a MIG instance sees
 //! that one instance and no other GPU. So where a card is in MIG mode, xpud shows

@@ -91,19 +91,22 @@ pub enum HwaccelMode {
 const RENDER_NODE: &str = "/dev/dri/renderD128";
 
 impl HwaccelMode {
-    /// The decoder for a replica on `card` (driver, index) of `xpu_type`.
+    /// The decoder for a replica on `card` (driver, index) of `xpu_type`. NVDEC is
+    /// addressed by CUDA ordinal, which `runtime::cuda` maps cards to; a card in
+    /// MIG mode has none, and its streams are decoded on the CPU.
     fn choose(self, card: Option<(&str, u32)>, xpu_type: &str) -> Option<Hwaccel> {
-        let cuda = |device| Hwaccel::Cuda { device };
+        let cuda =
+            |index| crate::runtime::cuda::ordinal(index).map(|device| Hwaccel::Cuda { device });
         let vaapi = || Hwaccel::Vaapi {
             device: PathBuf::from(RENDER_NODE),
         };
         match self {
             HwaccelMode::None => None,
-            HwaccelMode::Cuda => Some(cuda(card.map_or(0, |c| c.1))),
+            HwaccelMode::Cuda => cuda(card.map_or(0, |c| c.1)),
             HwaccelMode::Vaapi => Some(vaapi()),
             HwaccelMode::Auto => match card {
                 Some((_, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
-                    Some(cuda(index))
+                    cuda(index)
                 }
                 _ if std::path::Path::new(RENDER_NODE).exists() => Some(vaapi()),
                 _ => None,
