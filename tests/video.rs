@@ -929,3 +929,92 @@ fn a_replica_on_a_card_that_turns_unhealthy_moves_and_its_task_follows() {
     assert_eq!(partitions.len(), 1, "{partitions:?}");
     assert_eq!(partitions[0].spec.device_index, 1);
 }
+
+/// An algorithm slower than the analysis rate: a live camera is not waited for.
+/// Frames it had no time for are replaced by newer ones and counted as dropped, so
+/// analysis stays near the camera's present; a file is read no faster than it is
+/// analysed, and every frame is analysed.
+#[test]
+fn a_slow_algorithm_skips_a_live_camera_s_frames_but_never_a_file_s() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use xpud::pipeline::decode::Settings;
+    use xpud::pipeline::source::Source;
+    use xpud::pipeline::{Analyse, Pipeline, Report, Spec, State};
+    use xpud::runtime::bindings::analyzer::Event;
+    use xpud::runtime::frames::Frame;
+
+    /// Takes 300 ms a frame: half the 5 fps it is fed.
+    struct Slow;
+    impl Analyse for Slow {
+        fn analyse(&self, _: &Frame) -> Result<Vec<Event>, String> {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(Vec::new())
+        }
+    }
+    struct Quiet;
+    impl Report for Quiet {
+        fn state(&self, _: State) {}
+        fn events(&self, _: &Frame, _: Vec<Event>) {}
+    }
+    let spec = |source: &str| Spec {
+        task: "slow".into(),
+        source: Source::parse(source).unwrap(),
+        settings: Settings {
+            fps: 5.0,
+            width: 160,
+            height: 120,
+            skip_unreferenced: true,
+        },
+        hwaccel: None,
+        retry_forever: false,
+        ffmpeg: "ffmpeg".into(),
+    };
+
+    let camera = RtspServer::start();
+    let mut live = Pipeline::start(spec(&camera.url), Arc::new(Slow), Arc::new(Quiet)).unwrap();
+    let stats = live.stats.clone();
+    assert!(
+        wait_for(Duration::from_secs(30), || stats
+            .frames_dropped
+            .load(Ordering::Relaxed)
+            >= 3),
+        "{stats:?}"
+    );
+    live.stop();
+    let (decoded, analysed, dropped) = (
+        stats.frames_decoded.load(Ordering::Relaxed),
+        stats.frames_analysed.load(Ordering::Relaxed),
+        stats.frames_dropped.load(Ordering::Relaxed),
+    );
+    assert!(analysed >= 2, "{stats:?}");
+    // Each decoded frame was analysed, dropped, or was the one left at the stop.
+    assert!(
+        analysed + dropped <= decoded && decoded <= analysed + dropped + 1,
+        "{stats:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let video = test_video(dir.path(), "two.mp4", 2, "320x240");
+    let mut file = Pipeline::start(
+        spec(&format!("file://{}", video.display())),
+        Arc::new(Slow),
+        Arc::new(Quiet),
+    )
+    .unwrap();
+    let stats = file.stats.clone();
+    // 2 s at 5 fps: 10 frames, 300 ms each.
+    assert!(
+        wait_for(Duration::from_secs(30), || stats
+            .frames_analysed
+            .load(Ordering::Relaxed)
+            >= 10),
+        "{stats:?}"
+    );
+    file.stop();
+    assert_eq!(stats.frames_dropped.load(Ordering::Relaxed), 0, "{stats:?}");
+    assert_eq!(
+        stats.frames_analysed.load(Ordering::Relaxed),
+        stats.frames_decoded.load(Ordering::Relaxed)
+    );
+}

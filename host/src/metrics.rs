@@ -460,6 +460,7 @@ impl Sources {
             put(&mut f.decoded, progress.frames_decoded);
             put(&mut f.analysed, progress.frames_analysed);
             put(&mut f.failed, progress.frames_failed);
+            put(&mut f.frames_dropped, progress.frames_dropped);
             put(&mut f.events, progress.events);
             put(&mut f.delivered, Some(progress.events_delivered));
             put(&mut f.dropped, Some(progress.events_dropped));
@@ -599,6 +600,7 @@ struct TaskFamilies {
     decoded: Vec<(Labels, u64)>,
     analysed: Vec<(Labels, u64)>,
     failed: Vec<(Labels, u64)>,
+    frames_dropped: Vec<(Labels, u64)>,
     events: Vec<(Labels, u64)>,
     delivered: Vec<(Labels, u64)>,
     dropped: Vec<(Labels, u64)>,
@@ -630,8 +632,14 @@ impl TaskFamilies {
         counters(
             e,
             "xpud_task_frames_failed",
-            "Frames its algorithm failed on (dropped unanalysed).",
+            "Frames its algorithm failed on (a crash, a deadline, its own error).",
             &self.failed,
+        )?;
+        counters(
+            e,
+            "xpud_task_frames_dropped",
+            "Frames of a live source skipped for a newer one: the algorithm was busy.",
+            &self.frames_dropped,
         )?;
         counters(
             e,

@@ -49,7 +49,7 @@ pub const SKIP_UNREFERENCED_UP_TO_FPS: f64 = 10.0;
 /// for the pipe either way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hwaccel {
-    /// NVDEC on the CUDA device with this index (the replica's card).
+    /// NVDEC on the CUDA device with this ordinal (the replica's card's).
     Cuda { device: u32 },
     /// VA-API on a DRM render node (`/dev/dri/renderD128`).
     Vaapi { device: std::path::PathBuf },

@@ -65,6 +65,10 @@ pub trait Report: Send + Sync {
 pub struct Stats {
     pub frames_decoded: AtomicU64,
     pub frames_analysed: AtomicU64,
+    /// Frames of a live source replaced by a newer one before the algorithm was
+    /// free to take them: analysis keeps up with the camera by skipping, instead
+    /// of falling ever further behind it.
+    pub frames_dropped: AtomicU64,
     /// Frames the algorithm failed on (a crash, a deadline, its own error).
     pub frames_failed: AtomicU64,
     pub events: AtomicU64,
@@ -168,6 +172,80 @@ impl Drop for Pipeline {
     }
 }
 
+/// One frame through the algorithm, counted, its events reported.
+fn analyse_frame(
+    task: &str,
+    frame: &Frame,
+    analyse: &dyn Analyse,
+    report: &dyn Report,
+    stats: &Stats,
+) {
+    match analyse.analyse(frame) {
+        Ok(events) => {
+            stats.frames_analysed.fetch_add(1, Ordering::Relaxed);
+            if !events.is_empty() {
+                stats
+                    .events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                report.events(frame, events);
+            }
+        }
+        Err(e) => {
+            // The worker's supervisor restarts a crashed plugin and the session
+            // reopens on the next frame: go on.
+            stats.frames_failed.fetch_add(1, Ordering::Relaxed);
+            let mut last = crate::sync::lock(&stats.last_analysis_error);
+            if last.as_deref() != Some(e.as_str()) {
+                tracing::warn!(%task, "frame not analysed: {e}");
+            }
+            *last = Some(e);
+        }
+    }
+}
+
+/// The newest frame of a live source, between the thread that reads the stream
+/// and the one that analyses: a frame not yet taken is replaced by the next.
+#[derive(Default)]
+struct Latest {
+    slot: Mutex<Slot>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    frame: Option<Frame>,
+    ended: Option<Ended>,
+}
+
+impl Latest {
+    /// Offers the newest frame; true when it replaced one never taken.
+    fn put(&self, frame: Frame) -> bool {
+        let replaced = crate::sync::lock(&self.slot).frame.replace(frame).is_some();
+        self.ready.notify_one();
+        replaced
+    }
+
+    /// No frame will come after those already offered.
+    fn end(&self, ended: Ended) {
+        crate::sync::lock(&self.slot).ended = Some(ended);
+        self.ready.notify_one();
+    }
+
+    /// The newest frame, waiting for one; why there are no more once the last
+    /// was taken.
+    fn take(&self) -> Result<Frame, Ended> {
+        let slot = crate::sync::lock(&self.slot);
+        let mut slot = self
+            .ready
+            .wait_while(slot, |s| s.frame.is_none() && s.ended.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        match slot.frame.take() {
+            Some(frame) => Ok(frame),
+            None => Err(slot.ended.clone().unwrap_or(Ended::Stopped)),
+        }
+    }
+}
+
 fn backoff(attempt: u32) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(16);
     (FIRST_BACKOFF * factor).min(MAX_BACKOFF)
@@ -220,37 +298,58 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             break;
         }
         tracing::info!(%task, %source, decoder = decoder.decoder, fps = spec.settings.fps, width = spec.settings.width, height = spec.settings.height, "decoding");
-        let ended = loop {
-            match decoder.next_frame(&mut pool) {
-                Ok(frame) => {
-                    if decoder.decoded() == 1 {
-                        attempt = 0;
-                        report.state(State::Running);
-                    }
-                    stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
-                    match analyse.analyse(&frame) {
-                        Ok(events) => {
-                            stats.frames_analysed.fetch_add(1, Ordering::Relaxed);
-                            if !events.is_empty() {
-                                stats
-                                    .events
-                                    .fetch_add(events.len() as u64, Ordering::Relaxed);
-                                report.events(&frame, events);
+        let mut first = true;
+        let mut analyse_one = |frame: Frame| {
+            if std::mem::take(&mut first) {
+                attempt = 0;
+                report.state(State::Running);
+            }
+            analyse_frame(task, &frame, analyse, report, stats);
+        };
+        let ended = if spec.source.is_live() {
+            // The camera does not wait: frames are read as they come, and the
+            // algorithm takes the newest when it is free.
+            let latest = Latest::default();
+            std::thread::scope(|scope| {
+                let reader = std::thread::Builder::new()
+                    .name(format!("read-{}", &task[..task.len().min(8)]))
+                    .spawn_scoped(scope, || {
+                        let ended = loop {
+                            match decoder.next_frame(&mut pool) {
+                                Ok(frame) => {
+                                    stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+                                    if latest.put(frame) {
+                                        stats.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                Err(ended) => break ended,
                             }
-                        }
-                        Err(e) => {
-                            // The worker's supervisor restarts a crashed plugin and
-                            // the session reopens on the next frame: go on.
-                            stats.frames_failed.fetch_add(1, Ordering::Relaxed);
-                            let mut last = crate::sync::lock(&stats.last_analysis_error);
-                            if last.as_deref() != Some(e.as_str()) {
-                                tracing::warn!(%task, "frame not analysed: {e}");
-                            }
-                            *last = Some(e);
-                        }
+                        };
+                        latest.end(ended);
+                    });
+                if let Err(e) = reader {
+                    latest.end(Ended::Failed(format!(
+                        "cannot start the reader thread: {e}"
+                    )));
+                }
+                loop {
+                    match latest.take() {
+                        Ok(frame) => analyse_one(frame),
+                        Err(ended) => break ended,
                     }
                 }
-                Err(ended) => break ended,
+            })
+        } else {
+            // A file (or what may be one) is read no faster than it is analysed:
+            // every frame is analysed.
+            loop {
+                match decoder.next_frame(&mut pool) {
+                    Ok(frame) => {
+                        stats.frames_decoded.fetch_add(1, Ordering::Relaxed);
+                        analyse_one(frame);
+                    }
+                    Err(ended) => break ended,
+                }
             }
         };
         stats
@@ -326,6 +425,22 @@ fn retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(timestamp_ms: u64) -> Frame {
+        use crate::runtime::bindings::wit_frames::PixelFormat;
+        Frame::new(1, 1, timestamp_ms, PixelFormat::Rgb8, Arc::from([0u8; 3])).unwrap()
+    }
+
+    #[test]
+    fn the_newest_frame_replaces_one_not_taken_and_the_end_comes_last() {
+        let latest = Latest::default();
+        assert!(!latest.put(frame(0)));
+        assert!(latest.put(frame(200)), "frame 0 was never taken");
+        latest.end(Ended::Finished);
+        // The frame offered before the end is still taken, then the end.
+        assert_eq!(latest.take().unwrap().timestamp_ms(), 200);
+        assert_eq!(latest.take().unwrap_err(), Ended::Finished);
+    }
 
     #[test]
     fn reconnection_backoff_doubles_and_is_capped() {

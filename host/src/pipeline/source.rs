@@ -60,6 +60,12 @@ impl Source {
         matches!(self, Source::File(_))
     }
 
+    /// A camera's stream, which goes on at its own pace whether it is read or not.
+    /// (An http source may be a file, so it is not taken for one.)
+    pub fn is_live(&self) -> bool {
+        matches!(self, Source::Rtsp(_) | Source::Rtmp(_))
+    }
+
     /// ffmpeg's input options, `-i` and the input.
     pub fn ffmpeg_input(&self) -> Vec<String> {
         let stall_us = (STALL_S * 1_000_000).to_string();

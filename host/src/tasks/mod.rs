@@ -416,6 +416,9 @@ pub struct Progress {
     pub frames_decoded: Option<u64>,
     pub frames_analysed: Option<u64>,
     pub frames_failed: Option<u64>,
+    /// Frames of a live source skipped because a newer one came before the
+    /// algorithm was free: how far analysis falls short of the analysis rate.
+    pub frames_dropped: Option<u64>,
     pub events: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_analysis_error: Option<String>,
@@ -578,6 +581,9 @@ impl Tasks {
             frames_failed: stats
                 .as_ref()
                 .map(|s| s.frames_failed.load(Ordering::Relaxed)),
+            frames_dropped: stats
+                .as_ref()
+                .map(|s| s.frames_dropped.load(Ordering::Relaxed)),
             events: stats.as_ref().map(|s| s.events.load(Ordering::Relaxed)),
             last_analysis_error: stats
                 .as_ref()
