@@ -99,11 +99,7 @@ pub fn number_devices(nvml_library: Option<&Path>) {
         );
         return;
     }
-    let library = nvml_library.unwrap_or(Path::new("libnvidia-ml.so.1"));
-    let Ok(nvml) = nvml_wrapper::Nvml::builder()
-        .lib_path(library.as_os_str())
-        .init()
-    else {
+    let Ok(nvml) = super::nvml::open(nvml_library) else {
         return;
     };
     let cards = cards(&nvml);

@@ -11,8 +11,7 @@
 //! allocate is bounded: at most `MAX_DEVICES`
 //! devices, `MAX_PROCESSES` processes and `MAX_MIG` MIG instances per answer.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,19 +100,14 @@ impl NvmlBridge {
             }
             _ => {}
         }
-        let name: OsString = self
-            .library
-            .clone()
-            .map(Into::into)
-            .unwrap_or_else(|| "libnvidia-ml.so.1".into());
-        match Nvml::builder().lib_path(&name).init() {
+        match open(self.library.as_deref()) {
             Ok(nvml) => {
                 let version = nvml.sys_driver_version().unwrap_or_default();
-                tracing::info!(library = ?name, driver = %version, "NVML loaded");
+                let library = self.library.as_deref().unwrap_or(Path::new(LIBRARY));
+                tracing::info!(library = %library.display(), driver = %version, "NVML loaded");
                 Ok(self.loaded.get_or_init(|| Arc::new(nvml)).clone())
             }
-            Err(e) => {
-                let reason = format!("NVML ({}) is unavailable: {e}", name.to_string_lossy());
+            Err(reason) => {
                 if matches!(*state, State::NotTried) {
                     tracing::info!("{reason}; NVIDIA devices cannot be read");
                 }
@@ -125,6 +119,19 @@ impl NvmlBridge {
             }
         }
     }
+}
+
+/// NVML where the configuration names no library.
+const LIBRARY: &str = "libnvidia-ml.so.1";
+
+/// Loads and initialises NVML from `library`, else [`LIBRARY`]; or says why it
+/// cannot be.
+pub fn open(library: Option<&Path>) -> Result<Nvml, String> {
+    let name = library.unwrap_or(Path::new(LIBRARY));
+    Nvml::builder()
+        .lib_path(name.as_os_str())
+        .init()
+        .map_err(|e| format!("NVML ({}) is unavailable: {e}", name.display()))
 }
 
 /// What one plugin instance may do with the bridge.
