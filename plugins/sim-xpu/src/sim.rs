@@ -9,7 +9,6 @@ use xpud_sdk::driver::*;
 /// The simulator's state. Public so that benchmarks can run the very same code
 /// natively as a baseline.
 pub struct SimXpu {
-    cards: u32,
     accelerator_type: String,
     memory_mib: u64,
     max_partitions_per_card: usize,
@@ -48,7 +47,6 @@ impl SimXpu {
             })
             .collect();
         let driver = SimXpu {
-            cards,
             accelerator_type,
             memory_mib,
             max_partitions_per_card: config.parse_or("max-partitions-per-card", 7)?,
@@ -65,13 +63,17 @@ impl SimXpu {
         Ok((driver, info))
     }
 
+    fn cards(&self) -> u32 {
+        self.devices.len() as u32
+    }
+
     fn check_device(&self, index: u32) -> Result<(), DriverError> {
-        if index < self.cards {
+        if index < self.cards() {
             Ok(())
         } else {
             Err(DriverError::NotFound(format!(
                 "device-index {index}: sim-xpu has {} cards",
-                self.cards
+                self.cards()
             )))
         }
     }
@@ -103,7 +105,7 @@ impl Driver for SimXpu {
         let (driver, info) = SimXpu::from_config(&config)?;
         xpud_sdk::info!(
             "simulating {} x {} with {} MiB each",
-            driver.cards,
+            driver.cards(),
             driver.accelerator_type,
             driver.memory_mib
         );
@@ -116,9 +118,9 @@ impl Driver for SimXpu {
 
     fn sample(&mut self) -> Result<Metrics, DriverError> {
         let t = seconds_now();
-        let mut cards = Vec::with_capacity(self.cards as usize);
+        let mut cards = Vec::with_capacity(self.devices.len());
         let mut instances = Vec::with_capacity(self.partitions.len());
-        for index in 0..self.cards {
+        for index in 0..self.cards() {
             let phase = f64::from(index) * 1.7;
             let reserved: u64 = self.on_device(index).map(|(_, s)| s.memory_quota_mib).sum();
             let load: u32 = self
