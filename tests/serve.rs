@@ -27,15 +27,16 @@ impl Drop for Serve {
 }
 
 fn serve(data: &std::path::Path, plugins: &PluginDir) -> Serve {
-    serve_with(data, plugins, "", &[])
+    serve_with(data, plugins, "", "", &[])
 }
 
-/// `top` goes at the top of the config file (top-level keys); `env` is added to
-/// the server's environment.
+/// `top` goes at the top of the config file (top-level keys), `runtime` into its
+/// `[runtime]` table; `env` is added to the server's environment.
 fn serve_with(
     data: &std::path::Path,
     plugins: &PluginDir,
     top: &str,
+    runtime: &str,
     env: &[(&str, &str)],
 ) -> Serve {
     let config = data.join("xpud.toml");
@@ -44,7 +45,7 @@ fn serve_with(
         format!(
             "{top}data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
              [restart]\nmax-restarts = 1\nbackoff-initial-ms = 20\n\
-             [sampler]\ninterval-ms = 50\n[runtime]\nsimulated-devices = true\n",
+             [sampler]\ninterval-ms = 50\n[runtime]\nsimulated-devices = true\n{runtime}",
             data.join("state"),
             plugins.path()
         ),
@@ -138,6 +139,7 @@ fn an_advertised_address_the_listener_does_not_serve_is_warned_about() {
         data.path(),
         &plugins,
         "advertise-address = \"192.0.2.2\"\n",
+        "",
         &[],
     );
     let api = ApiClient::connect(&server.base, &data.path().join("state"));
@@ -156,6 +158,7 @@ fn serve_warns_when_cuda_numbers_devices_unlike_the_cards() {
     let server = serve_with(
         data.path(),
         &plugins,
+        "",
         "",
         &[
             ("CUDA_DEVICE_ORDER", "FASTEST_FIRST"),
@@ -177,25 +180,13 @@ fn serve_hides_cards_in_mig_mode_from_cuda() {
     };
     let data = tempfile::tempdir().unwrap();
     let plugins = PluginDir::new();
-    let config = data.path().join("xpud.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data-dir = {:?}\nplugin-dir = {:?}\nlisten = \"127.0.0.1:0\"\n\
-             [runtime]\nnvml-library = {:?}\n",
-            data.path().join("state"),
-            plugins.path(),
-            library,
-        ),
-    )
-    .unwrap();
-    let log = data.path().join("xpud.log");
-    let (child, base) = spawn_xpud_with(
-        &config,
-        Stdio::from(std::fs::File::create(&log).unwrap()),
+    let server = serve_with(
+        data.path(),
+        &plugins,
+        "",
+        &format!("nvml-library = {library:?}\n"),
         &[],
     );
-    let server = Serve { child, base, log };
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(
         log.contains("cards in MIG mode (1) have no CUDA device")
