@@ -308,24 +308,7 @@ fn main() -> anyhow::Result<()> {
     // Instantiation.
     let (component, _) = runtime.load_component(&wasm, &sha)?;
     let pre = DriverPre::new(Api::V0_2, runtime.linker().instantiate_pre(&component)?)?;
-    let sandbox = Sandbox {
-        plugin: "sim-xpu".into(),
-        preopens: vec![],
-        memory_limit_bytes: 32 << 20,
-        assets: None,
-        inference: runtime.inference().clone(),
-        limits: std::sync::Arc::new(runtime.options.limits.clone()),
-        log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(
-            runtime.options.limits.log_lines_per_s,
-        )),
-        calls: Default::default(),
-        launch: Default::default(),
-        providers: Default::default(),
-        nvml: xpud::runtime::nvml::NvmlAccess {
-            bridge: runtime.nvml().clone(),
-            grant: Default::default(),
-        },
-    };
+    let sandbox = sandbox(&runtime, "sim-xpu", Default::default());
     let config = vec![("cards".to_string(), "8".to_string())];
     let native_config = Config::new(config.clone());
     let native_state = measure(7, 20_000, || {
@@ -583,6 +566,29 @@ mod native_driver {
     }
 }
 
+/// A plugin's sandbox on `runtime`, as the registry would make it, with the NVML
+/// grant `nvml`.
+fn sandbox(runtime: &Runtime, plugin: &str, nvml: xpud::runtime::nvml::NvmlGrant) -> Sandbox {
+    Sandbox {
+        plugin: plugin.into(),
+        preopens: vec![],
+        memory_limit_bytes: 32 << 20,
+        assets: None,
+        inference: runtime.inference().clone(),
+        limits: std::sync::Arc::new(runtime.options.limits.clone()),
+        log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(
+            runtime.options.limits.log_lines_per_s,
+        )),
+        calls: Default::default(),
+        launch: Default::default(),
+        providers: Default::default(),
+        nvml: xpud::runtime::nvml::NvmlAccess {
+            bridge: runtime.nvml().clone(),
+            grant: nvml,
+        },
+    }
+}
+
 /// A packed plugin from target/plugins, or from $XPUD_BENCH_PLUGINS (the device
 /// script runs this binary away from the build tree).
 fn packed_plugin(name: &str) -> anyhow::Result<(PathBuf, Vec<u8>)> {
@@ -641,22 +647,7 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
     let (_, wasm) = packed_plugin("nvidia")?;
     let (component, _) = runtime.load_component(&wasm, &hex::encode(Sha256::digest(&wasm)))?;
     let pre = DriverPre::new(Api::V0_2, runtime.linker().instantiate_pre(&component)?)?;
-    let sandbox = Sandbox {
-        plugin: "nvidia".into(),
-        preopens: vec![],
-        memory_limit_bytes: 32 << 20,
-        assets: None,
-        inference: runtime.inference().clone(),
-        limits: std::sync::Arc::new(runtime.options.limits.clone()),
-        log: std::sync::Arc::new(xpud::runtime::log::LogBudget::new(1000)),
-        calls: Default::default(),
-        launch: Default::default(),
-        providers: Default::default(),
-        nvml: xpud::runtime::nvml::NvmlAccess {
-            bridge: runtime.nvml().clone(),
-            grant: xpud::runtime::nvml::NvmlGrant::Read,
-        },
-    };
+    let sandbox = sandbox(&runtime, "nvidia", xpud::runtime::nvml::NvmlGrant::Read);
     let plugin = Driver::new(
         "nvidia",
         runtime.engine().clone(),
