@@ -97,7 +97,7 @@ fn broken_driver_answers_are_refused_with_the_reason_and_the_bystander_answers()
             assert_eq!(view.answers_refused, 1, "{mode}");
         }
         // The bystander is untouched; the host did not balloon.
-        assert_eq!(sim.sample().unwrap().cards.len(), 2, "{mode}");
+        assert_eq!(sim.sample().unwrap().metrics.cards.len(), 2, "{mode}");
         let (rss_after, threads_after) = rss_mib_and_threads();
         assert!(
             rss_after < rss_before + 256,

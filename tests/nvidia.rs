@@ -54,7 +54,7 @@ fn without_nvml_the_driver_loads_and_reports_no_cards() {
     assert_eq!(info.vendor, "NVIDIA");
     assert!(!info.simulated);
     assert!(nvidia.devices().unwrap().is_empty());
-    let sample = nvidia.sample().unwrap();
+    let sample = nvidia.sample().unwrap().metrics;
     assert!(sample.cards.is_empty() && sample.instances.is_empty());
     let labels = nvidia.labels().unwrap();
     assert!(labels
@@ -109,8 +109,8 @@ fn where_nvml_exists_its_cards_are_reported_with_figures() {
         );
         return;
     }
-    let sample = nvidia.sample().unwrap();
-    for device in &devices {
+    let sample = nvidia.sample().unwrap().metrics;
+    for device in devices.iter() {
         assert!(device.accelerator_type.starts_with("NVIDIA_"), "{device:?}");
         assert!(device.memory_total_mib.unwrap_or(0) > 0, "{device:?}");
         let card = sample
@@ -140,7 +140,7 @@ fn memory_comes_from_the_v2_call_where_the_library_has_it() {
     let nvidia = driver(&registry, "nvidia");
     assert_eq!(nvidia.devices().unwrap()[0].memory_total_mib, Some(15360));
     // 345 MiB in use, of which 69 reserved (v1 says 345).
-    let sample = nvidia.sample().unwrap();
+    let sample = nvidia.sample().unwrap().metrics;
     assert_eq!(sample.cards[0].memory_used_mib, Some(276));
 }
 
@@ -177,7 +177,7 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
     assert_eq!(t4.memory_total_mib, Some(15360));
     assert_eq!(devices[1].memory_total_mib, Some(40960));
 
-    let sample = nvidia.sample().unwrap();
+    let sample = nvidia.sample().unwrap().metrics;
     let card = &sample.cards[0];
     assert_eq!(card.ai_utilization_pct, Some(37.0));
     assert_eq!(card.memory_used_mib, Some(345));
@@ -190,6 +190,12 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
     // An A100 in MIG mode has no whole-card utilisation: absent, not 0.
     assert_eq!(sample.cards[1].ai_utilization_pct, None);
     assert_eq!(sample.cards[1].temperature_celsius, Some(33.0));
+    // Nothing changed on the cards: later samples keep the devices they have (asked
+    // for twice so far: above, and at the first sample after that).
+    for _ in 0..3 {
+        nvidia.sample().unwrap();
+    }
+    assert_eq!(calls_of(&registry, "nvidia", "devices"), 2);
 
     // A seventh of the A100: a 1g.5gb MIG instance, which covers the ask.
     let asked = PartitionSpec {
@@ -207,6 +213,7 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
     let instance = nvidia
         .sample()
         .unwrap()
+        .metrics
         .instances
         .into_iter()
         .find(|i| i.partition_id == "mig-1-1")
@@ -262,6 +269,7 @@ fn the_bridge_reads_cards_and_makes_mig_instances_through_the_library() {
     let mig_instances = upgraded
         .sample()
         .unwrap()
+        .metrics
         .instances
         .iter()
         .filter(|i| i.partition_id.starts_with("mig-"))

@@ -32,7 +32,7 @@ fn reference_plugins_load_from_the_directory() {
     let devices = driver.devices().unwrap();
     assert_eq!(devices.len(), 2);
     assert_eq!(devices[1].memory_total_mib, Some(16384));
-    let sample = driver.sample().unwrap();
+    let sample = driver.sample().unwrap().metrics;
     assert_eq!(sample.cards.len(), 2);
     for card in &sample.cards {
         let ai = card.ai_utilization_pct.unwrap();
@@ -89,12 +89,12 @@ fn plugins_built_against_0_1_keep_running_beside_0_2() {
         compute_share_pct: 25,
     };
     let partition = driver.create_partition(spec).unwrap();
-    let sample = driver.sample().unwrap();
+    let sample = driver.sample().unwrap().metrics;
     assert_eq!(sample.cards[0].ai_utilization_pct, Some(25.0));
     assert_eq!(sample.instances.len(), 1);
     assert_eq!(sample.instances[0].memory_used_mib, Some(1024));
     driver.destroy_partition(&partition.id).unwrap();
-    assert!(driver.sample().unwrap().instances.is_empty());
+    assert!(driver.sample().unwrap().metrics.instances.is_empty());
 
     let wobbly = registry.get("wobbly").unwrap();
     let worker = wobbly.algorithm().unwrap().spawn_worker();
@@ -117,6 +117,92 @@ fn plugins_built_against_0_1_keep_running_beside_0_2() {
     let events = worker.process(session, &frame).unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].label, "INTRUSION");
+}
+
+/// A sampling round asks for a driver's devices only when the version its sample
+/// gives changed: once for sim-xpu, whose cards never change; every round for a
+/// 0.1 driver, which has no version; and at each change for chaos's `versioned`
+/// mode, whose health changes come with a new version and are noted as changes.
+#[test]
+fn devices_are_asked_for_only_when_their_version_changes() {
+    let plugins = PluginDir::new();
+    plugins.install("sim-xpu");
+    plugins.install("legacy-driver");
+    plugins.install_as("chaos", "chaos", |t| {
+        set(t, "config", "mode", "versioned".into())
+    });
+    let registry = registry(&plugins, &no_grants());
+    registry.scan();
+    let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+    let mut healths = Vec::new();
+    for _ in 0..6 {
+        for name in ["sim-xpu", "legacy-driver", "chaos"] {
+            let snapshot =
+                xpud::sampler::sample_one(name, driver(&registry, name).as_ref(), &cache).unwrap();
+            if name == "chaos" {
+                healths.push(xpud::sampler::health_name(snapshot.devices[0].health));
+            }
+            cache.put(name, snapshot);
+        }
+    }
+    let devices_calls = |name: &str| calls_of(&registry, name, "devices");
+    assert_eq!(devices_calls("sim-xpu"), 1);
+    assert_eq!(devices_calls("legacy-driver"), 6);
+    // Samples 1 to 6 give versions 0, 1, 1, 2, 2, 3.
+    assert_eq!(devices_calls("chaos"), 4);
+    assert_eq!(
+        healths,
+        [
+            "healthy",
+            "degraded",
+            "degraded",
+            "unhealthy",
+            "unhealthy",
+            "healthy"
+        ]
+    );
+    let changes: Vec<_> = cache
+        .health_changes("chaos")
+        .into_iter()
+        .map(|c| (c.from, c.to))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("healthy", "degraded"),
+            ("degraded", "unhealthy"),
+            ("unhealthy", "healthy")
+        ]
+    );
+}
+
+/// A restarted driver counts its devices versions from the start again: its
+/// devices are asked for at the new incarnation's first sample, even where that
+/// sample's version is the one the host kept.
+#[test]
+fn a_restarted_driver_is_asked_for_its_devices_again() {
+    let (_plugins, registry) = chaos_beside_sim(|m| {
+        let m = set(m, "config", "mode", "versioned".into());
+        set(m, "config", "trap-at", 2.into())
+    });
+    let chaos = driver(&registry, "chaos");
+    chaos.sample().unwrap();
+    assert!(chaos.sample().is_err(), "the second sample traps");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match chaos.sample() {
+            Ok(_) => break,
+            Err(DriverFailure::Plugin(CallError::Restarting(wait)))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(wait)
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(chaos.status().restarts, 1);
+    // Both incarnations' first samples give version 0.
+    assert_eq!(calls_of(&registry, "chaos", "devices"), 2);
 }
 
 #[test]
@@ -166,7 +252,7 @@ fn sim_xpu_accounts_partitions_and_refuses_over_commit() {
         driver.create_partition(spec(8, 1024, 10, Isolation::Soft, Slicing::Space)),
         Err(DriverFailure::Driver(DriverError::NotFound(_)))
     ));
-    let sample = driver.sample().unwrap();
+    let sample = driver.sample().unwrap().metrics;
     assert_eq!(sample.instances.len(), 2);
     assert!(sample
         .instances
@@ -311,7 +397,7 @@ fn trap_is_contained_restarted_then_marked_unhealthy() {
             Ok(_) => panic!("the trap did not trap"),
         }
         // Every crash leaves the neighbour untouched.
-        assert_eq!(sim.sample().unwrap().cards.len(), 2);
+        assert_eq!(sim.sample().unwrap().metrics.cards.len(), 2);
     }
     assert_eq!(errors.len(), 4, "{errors:#?}");
     assert!(errors[0].contains("trapped"), "{}", errors[0]);
@@ -468,7 +554,7 @@ fn linux_sysfs_discovers_the_fixture_cards() {
     assert_eq!(amd.id, "amd:0000:03:00.0");
     assert_eq!(amd.memory_total_mib, Some(65520));
 
-    let sample = driver.sample().unwrap();
+    let sample = driver.sample().unwrap().metrics;
     let (nv, am) = (&sample.cards[0], &sample.cards[1]);
     // Without NVML nothing about the T4's load is readable: absent, not zero.
     assert_eq!(nv.ai_utilization_pct, None);
@@ -499,7 +585,7 @@ fn linux_sysfs_reports_nothing_on_a_machine_without_accelerators() {
         registry.scan();
         let driver = driver(&registry, "linux-sysfs");
         assert!(driver.devices().unwrap().is_empty());
-        assert!(driver.sample().unwrap().cards.is_empty());
+        assert!(driver.sample().unwrap().metrics.cards.is_empty());
     }
 }
 
@@ -767,7 +853,10 @@ fn partitions_survive_a_driver_restart_under_the_ids_callers_hold() {
     driver.destroy_partition("c0").unwrap();
 
     // First sample answers, the second traps: the incarnation and its partitions are gone.
-    assert_eq!(driver.sample().unwrap().instances[0].partition_id, "c1");
+    assert_eq!(
+        driver.sample().unwrap().metrics.instances[0].partition_id,
+        "c1"
+    );
     assert!(matches!(
         driver.sample(),
         Err(DriverFailure::Plugin(CallError::Trap(_)))
@@ -779,7 +868,7 @@ fn partitions_survive_a_driver_restart_under_the_ids_callers_hold() {
 
     // Restored: the new incarnation calls it c0, callers still say c1.
     assert_eq!(ids(driver.partitions().unwrap()), vec!["c1"]);
-    let sample = driver.sample().unwrap();
+    let sample = driver.sample().unwrap().metrics;
     assert_eq!(sample.instances[0].partition_id, "c1");
     assert_eq!(sample.instances[0].memory_quota_mib, 200);
 

@@ -277,7 +277,7 @@ pub fn xpus(samples: &SampleCache, drivers: &[String]) -> Vec<XpuSample> {
             .iter()
             .map(|c| (c.device_index, c))
             .collect();
-        for device in &snapshot.devices {
+        for device in snapshot.devices.iter() {
             let card = cards.get(&device.index);
             let total_mib = card
                 .and_then(|c| c.memory_total_mib)

@@ -482,10 +482,10 @@ fn probe(
     };
     print_out(&format!("info:     {:?}", driver.info()))?;
     let devices = driver.devices()?;
-    for device in &devices {
+    for device in devices.iter() {
         print_out(&format!("device:   {device:?}"))?;
     }
-    let sample = driver.sample()?;
+    let sample = driver.sample()?.metrics;
     for card in &sample.cards {
         print_out(&format!("card:     {card:?}"))?;
     }
@@ -525,7 +525,7 @@ fn probe(
         let made = driver.create_partition(spec)?;
         print_out(&format!("made:     {made:?}"))?;
         std::thread::sleep(std::time::Duration::from_millis(500));
-        for instance in driver.sample()?.instances {
+        for instance in driver.sample()?.metrics.instances {
             print_out(&format!("instance: {instance:?}"))?;
         }
         driver.destroy_partition(&made.id)?;

@@ -176,7 +176,7 @@ impl Sources {
                 .map(|c| (c.device_index, c))
                 .collect();
             let mut card_labels: HashMap<u32, Labels> = HashMap::new();
-            for device in &snapshot.devices {
+            for device in snapshot.devices.iter() {
                 let labels: Labels = vec![
                     ("gpu", device.index.to_string()),
                     (

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use crate::plugins::driver::{Driver, DriverFailure};
+use crate::plugins::driver::{Driver, DriverFailure, Reading};
 use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{Device, InstanceMetrics, Label, Metrics};
 
@@ -28,7 +28,8 @@ const MIN_MAX_AGE: Duration = Duration::from_secs(1);
 pub struct Snapshot {
     /// The driver says its devices are simulated.
     pub simulated: bool,
-    pub devices: Vec<Device>,
+    /// Shared with the driver and the snapshots before, while they do not change.
+    pub devices: Arc<[Device]>,
     pub metrics: Metrics,
     /// The scheduling labels the driver publishes (`xpu.model`, `xpu.count`, ...).
     pub labels: Labels,
@@ -196,7 +197,10 @@ impl SampleCache {
 
     /// Logs and keeps the devices whose health changed between two samples.
     fn note_health(&self, driver: &str, before: &Snapshot, now: &Snapshot) {
-        for device in &now.devices {
+        if Arc::ptr_eq(&before.devices, &now.devices) {
+            return;
+        }
+        for device in now.devices.iter() {
             let Some(was) = before.devices.iter().find(|d| d.id == device.id) else {
                 continue;
             };
@@ -226,16 +230,17 @@ impl SampleCache {
 
     /// The labels of `driver`'s last snapshot and their age, while they still hold
     /// for `devices` (the same devices, none changed) and are not too old.
-    fn labels_for(&self, driver: &str, devices: &[Device]) -> Option<(Labels, u32)> {
+    fn labels_for(&self, driver: &str, devices: &Arc<[Device]>) -> Option<(Labels, u32)> {
         let snapshots = crate::sync::read(&self.snapshots);
         let last = snapshots.get(driver)?;
-        let same = last.devices.len() == devices.len()
-            && last.devices.iter().zip(devices).all(|(a, b)| {
-                a.id == b.id
-                    && a.accelerator_type == b.accelerator_type
-                    && a.memory_total_mib == b.memory_total_mib
-                    && a.health == b.health
-            });
+        let same = Arc::ptr_eq(&last.devices, devices)
+            || last.devices.len() == devices.len()
+                && last.devices.iter().zip(devices.iter()).all(|(a, b)| {
+                    a.id == b.id
+                        && a.accelerator_type == b.accelerator_type
+                        && a.memory_total_mib == b.memory_total_mib
+                        && a.health == b.health
+                });
         (same && last.labels_age + 1 < LABELS_EVERY)
             .then(|| (last.labels.clone(), last.labels_age + 1))
     }
@@ -304,18 +309,16 @@ impl SampleCache {
 /// ([`Driver`]); the benchmark also samples the same driver code compiled natively,
 /// so that both sides of its comparison pay the sampler's own work.
 pub trait Sampled {
-    fn devices(&self) -> Result<Vec<Device>, DriverFailure>;
-    fn sample(&self) -> Result<Metrics, DriverFailure>;
+    /// A sample and the devices it belongs to (asked for again only when the
+    /// driver's devices version says they changed).
+    fn sample(&self) -> Result<Reading, DriverFailure>;
     fn labels(&self) -> Result<Vec<Label>, DriverFailure>;
     /// The driver says its devices are simulated.
     fn simulated(&self) -> bool;
 }
 
 impl Sampled for Driver {
-    fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
-        Driver::devices(self)
-    }
-    fn sample(&self) -> Result<Metrics, DriverFailure> {
+    fn sample(&self) -> Result<Reading, DriverFailure> {
         Driver::sample(self)
     }
     fn labels(&self) -> Result<Vec<Label>, DriverFailure> {
@@ -326,15 +329,14 @@ impl Sampled for Driver {
     }
 }
 
-/// One sampling round of `driver`: its devices, their figures, and its labels when
-/// they may have changed (`LABELS_EVERY`).
+/// One sampling round of `driver`: its figures, its devices when they changed, and
+/// its labels when they may have changed (`LABELS_EVERY`).
 pub fn sample_one(
     name: &str,
     driver: &impl Sampled,
     cache: &SampleCache,
 ) -> Result<Snapshot, DriverFailure> {
-    let devices = driver.devices()?;
-    let metrics = driver.sample()?;
+    let Reading { devices, metrics } = driver.sample()?;
     let (labels, labels_age) = match cache.labels_for(name, &devices) {
         Some(kept) => kept,
         // Labels are not figures: a driver that publishes none (or fails to) still
@@ -417,7 +419,7 @@ mod tests {
     fn snapshot(age: Duration) -> Snapshot {
         Snapshot {
             simulated: false,
-            devices: Vec::new(),
+            devices: Arc::from([]),
             metrics: Metrics {
                 cards: Vec::new(),
                 instances: Vec::new(),

@@ -41,6 +41,9 @@ pub mod bindings {
 }
 
 pub use bindings::exports::xpu::plugin::driver::Guest as __Guest;
+/// A sample with its devices' version: what the export glue answers.
+#[doc(hidden)]
+pub use bindings::exports::xpu::plugin::driver::Reading;
 pub use bindings::xpu::plugin::driver_types::{
     CardMetrics, Device, DriverError, DriverInfo, Health, InstanceMetrics, Isolation, Label,
     Metrics, Partition, PartitionSpec, Slicing,
@@ -93,6 +96,15 @@ pub trait Driver: Sized + 'static {
 
     /// Current figures of every card and every partition; unknown figures are `None`.
     fn sample(&mut self) -> Result<Metrics, DriverError>;
+
+    /// A number that changes whenever [`devices`](Driver::devices) would answer
+    /// differently: a card came or went, or changed health, type or memory. Asked
+    /// right after each [`sample`](Driver::sample); the host then asks for the
+    /// devices only when it changed. The default, `None`, has the host ask for them
+    /// before every sample.
+    fn devices_version(&self) -> Option<u64> {
+        None
+    }
 
     fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
         let _ = spec;
@@ -172,8 +184,14 @@ pub mod glue {
     pub fn devices<D: Driver>() -> Result<Vec<Device>, DriverError> {
         with_driver::<D, _>(|d| d.devices())
     }
-    pub fn sample<D: Driver>() -> Result<Metrics, DriverError> {
-        with_driver::<D, _>(|d| d.sample())
+    pub fn sample<D: Driver>() -> Result<Reading, DriverError> {
+        with_driver::<D, _>(|d| {
+            let metrics = d.sample()?;
+            Ok(Reading {
+                metrics,
+                devices_version: d.devices_version(),
+            })
+        })
     }
     pub fn create_partition<D: Driver>(spec: PartitionSpec) -> Result<Partition, DriverError> {
         with_driver::<D, _>(|d| d.create_partition(spec))
@@ -208,7 +226,7 @@ macro_rules! export_driver {
                 $crate::driver::glue::devices::<$driver>()
             }
             fn sample(
-            ) -> ::std::result::Result<$crate::driver::Metrics, $crate::driver::DriverError> {
+            ) -> ::std::result::Result<$crate::driver::Reading, $crate::driver::DriverError> {
                 $crate::driver::glue::sample::<$driver>()
             }
             fn create_partition(

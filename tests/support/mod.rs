@@ -186,6 +186,18 @@ pub fn driver(registry: &Registry, name: &str) -> Arc<xpud::plugins::driver::Dri
         .clone()
 }
 
+/// How many times plugin `name`'s exported `function` was called.
+pub fn calls_of(registry: &Registry, name: &str, function: &str) -> u64 {
+    registry
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} is not loaded"))
+        .calls
+        .snapshot()
+        .into_iter()
+        .find(|(f, _)| *f == function)
+        .map_or(0, |(_, figures)| figures.calls)
+}
+
 /// Polls `check` until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

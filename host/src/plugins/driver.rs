@@ -55,11 +55,29 @@ pub struct Driver {
     limits: Arc<PluginLimits>,
     /// The devices of the last good `devices()` answer: what samples and partitions
     /// are checked against.
-    devices: std::sync::Mutex<Option<Arc<[contract::Known]>>>,
+    devices: std::sync::Mutex<Option<Kept>>,
     /// The last answer that broke the contract, while no good one has come since.
     violation: std::sync::Mutex<Option<Violation>>,
     /// Answers refused since the plugin was loaded.
     refused: std::sync::atomic::AtomicU64,
+}
+
+/// The devices of a driver's last good `devices()` answer.
+#[derive(Clone)]
+struct Kept {
+    /// The devices version the driver gave with them; none: ask again before the
+    /// next sample.
+    version: Option<u64>,
+    devices: Arc<[Device]>,
+    /// What samples and partitions are checked against.
+    known: Arc<[contract::Known]>,
+}
+
+/// A sample, and the devices it belongs to.
+#[derive(Clone, Debug)]
+pub struct Reading {
+    pub devices: Arc<[Device]>,
+    pub metrics: Metrics,
 }
 
 /// A partition created through the host.
@@ -158,6 +176,11 @@ impl Driver {
                     .map_err(|v| CallError::Start(format!("init answer refused: {v}")))?;
                 if let Some(driver) = weak.upgrade() {
                     *lock(&driver.info) = Some(info);
+                    // A new incarnation counts its devices versions afresh: the kept
+                    // devices are asked for again at its first sample.
+                    if let Some(kept) = lock(&driver.devices).as_mut() {
+                        kept.version = None;
+                    }
                     let ledger = lock(&driver.ledger).clone();
                     if !ledger.is_empty() {
                         let kept = reconcile(&plugin, &mut store, &bindings, ledger)?;
@@ -262,47 +285,61 @@ impl Driver {
             .map_err(DriverFailure::Driver)
     }
 
-    pub fn devices(&self) -> Result<Vec<Device>, DriverFailure> {
+    /// Asks the driver for its devices now (and keeps them for the next sample).
+    pub fn devices(&self) -> Result<Arc<[Device]>, DriverFailure> {
+        Ok(self.refresh_devices(None)?.devices)
+    }
+
+    /// Asks for the devices, checks them, and keeps them under `version`.
+    fn refresh_devices(&self, version: Option<u64>) -> Result<Kept, DriverFailure> {
         let devices = self.call("devices", |s, b| b.devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
         let mut kept = lock(&self.devices);
-        // The same cards as last round (the usual case) keep what is kept.
-        let same = kept.as_deref().is_some_and(|known| {
-            known.len() == devices.len()
-                && known
-                    .iter()
-                    .zip(&devices)
-                    .all(|(k, d)| k.index == d.index && k.memory_total_mib == d.memory_total_mib)
-        });
-        if !same {
-            *kept = Some(Arc::from(contract::known(&devices)));
-        }
-        drop(kept);
-        Ok(devices)
+        // The same cards as before (what a driver without a version answers round
+        // after round) keep what was checked.
+        let known = match kept.as_ref() {
+            Some(k)
+                if k.known.len() == devices.len()
+                    && k.known.iter().zip(&devices).all(|(k, d)| {
+                        k.index == d.index && k.memory_total_mib == d.memory_total_mib
+                    }) =>
+            {
+                k.known.clone()
+            }
+            _ => Arc::from(contract::known(&devices)),
+        };
+        let fresh = Kept {
+            version,
+            devices: Arc::from(devices),
+            known,
+        };
+        *kept = Some(fresh.clone());
+        Ok(fresh)
     }
 
-    /// Samples the cards and partitions, checked against the devices of the last
-    /// `devices()` answer (asked for first if there is none).
-    pub fn sample(&self) -> Result<Metrics, DriverFailure> {
-        let known = lock(&self.devices).clone();
-        let devices = match known {
-            Some(devices) => devices,
-            None => {
-                self.devices()?;
-                lock(&self.devices).clone().unwrap_or_else(|| Arc::from([]))
-            }
+    /// Samples the cards and partitions, with the devices the sample belongs to:
+    /// the kept ones while the driver's devices version says they did not change,
+    /// else asked for again. The sample is checked against them.
+    pub fn sample(&self) -> Result<Reading, DriverFailure> {
+        let (metrics, version) = self.call("sample", |s, b| b.sample(s))?;
+        let kept = lock(&self.devices).clone();
+        let kept = match kept {
+            Some(kept) if version.is_some() && kept.version == version => kept,
+            _ => self.refresh_devices(version)?,
         };
-        let metrics = self.call("sample", |s, b| b.sample(s))?;
-        let mut metrics = self.vet(metrics, |m| contract::metrics(m, &devices, &self.limits))?;
+        let mut metrics = self.vet(metrics, |m| contract::metrics(m, &kept.known, &self.limits))?;
         for instance in &mut metrics.instances {
             instance.partition_id = self.stable_id(&instance.partition_id);
         }
-        Ok(metrics)
+        Ok(Reading {
+            devices: kept.devices,
+            metrics,
+        })
     }
 
     pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
         let partition = self.call("create-partition", |s, b| b.create_partition(s, spec))?;
-        let known = lock(&self.devices).clone();
+        let known = lock(&self.devices).as_ref().map(|k| k.known.clone());
         let checked = contract::created(&spec, &partition, known.as_deref(), &self.limits);
         if let Err(violation) = checked {
             // Whatever the driver made is not what was asked for: undo it.

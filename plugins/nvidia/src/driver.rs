@@ -17,6 +17,9 @@ pub struct Nvidia<N> {
     /// restart the host makes them again.
     shared: BTreeMap<String, PartitionSpec>,
     next_shared: u32,
+    /// Changes whenever `devices` would answer differently (a discovery, a card's
+    /// health): the host asks for the devices only then.
+    devices_version: u64,
 }
 
 struct Card {
@@ -78,6 +81,7 @@ impl<N: Nvml> Nvidia<N> {
             cards: Vec::new(),
             shared: BTreeMap::new(),
             next_shared: 0,
+            devices_version: 0,
         }
     }
 
@@ -117,6 +121,27 @@ impl<N: Nvml> Nvidia<N> {
             });
         }
         self.cards = cards;
+        self.devices_version = self.devices_version.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Discovers the cards again when their number changed or one stopped
+    /// answering (it may be back, or replaced).
+    fn rediscover_if_changed(&mut self) -> Result<(), DriverError> {
+        let changed = match self.nvml.device_count() {
+            Ok(count) => count as usize != self.cards.len(),
+            Err(_) => !self.cards.is_empty(),
+        };
+        if changed || self.cards.iter().any(|c| c.health == Health::Unhealthy) {
+            if let Err(e) = self.discover() {
+                if matches!(e, NvmlError::Unavailable(_)) {
+                    self.cards.clear();
+                    self.devices_version = self.devices_version.wrapping_add(1);
+                } else {
+                    return Err(driver_error(e));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -216,20 +241,9 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
         Ok((driver, info))
     }
 
+    /// The cards as the last sample left them: discovery and health are kept up
+    /// to date by `sample`, which the host calls every round.
     fn devices(&mut self) -> Result<Vec<Device>, DriverError> {
-        let changed = match self.nvml.device_count() {
-            Ok(count) => count as usize != self.cards.len(),
-            Err(_) => !self.cards.is_empty(),
-        };
-        if changed || self.cards.iter().any(|c| c.health == Health::Unhealthy) {
-            if let Err(e) = self.discover() {
-                if matches!(e, NvmlError::Unavailable(_)) {
-                    self.cards.clear();
-                } else {
-                    return Err(driver_error(e));
-                }
-            }
-        }
         Ok(self
             .cards
             .iter()
@@ -254,12 +268,17 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
     }
 
     fn sample(&mut self) -> Result<Metrics, DriverError> {
+        self.rediscover_if_changed()?;
         let mut cards = Vec::with_capacity(self.cards.len());
         let mut instances = Vec::new();
         for at in 0..self.cards.len() {
             let index = self.cards[at].index;
             let sample = self.nvml.sample(index);
-            self.cards[at].health = health_of(&sample, self.cards[at].mig);
+            let health = health_of(&sample, self.cards[at].mig);
+            if health != self.cards[at].health {
+                self.cards[at].health = health;
+                self.devices_version = self.devices_version.wrapping_add(1);
+            }
             // A card that did not answer has no figures this round: it is left
             // out, not reported as idle.
             let Ok(s) = sample else { continue };
@@ -289,6 +308,10 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
             });
         }
         Ok(Metrics { cards, instances })
+    }
+
+    fn devices_version(&self) -> Option<u64> {
+        Some(self.devices_version)
     }
 
     fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
@@ -797,12 +820,28 @@ mod tests {
         let metrics = driver.sample().unwrap();
         assert_eq!(metrics.cards.len(), 1);
         assert_eq!(metrics.cards[0].device_index, 1);
+        let lost = driver.devices_version();
         let devices = driver.devices().unwrap();
         assert_eq!(devices[0].health, Health::Unhealthy);
         assert_eq!(devices[0].accelerator_type, "NVIDIA_T4");
+        // Back on the next sample, which says the devices changed again.
         driver.nvml.cards[0].sample = t4().sample;
+        driver.sample().unwrap();
+        assert_ne!(driver.devices_version(), lost);
         let devices = driver.devices().unwrap();
         assert_eq!(devices[0].health, Health::Healthy);
+    }
+
+    #[test]
+    fn the_devices_version_changes_with_health_only() {
+        let mut driver = driver();
+        driver.sample().unwrap();
+        let steady = driver.devices_version();
+        driver.sample().unwrap();
+        assert_eq!(driver.devices_version(), steady, "nothing changed");
+        driver.nvml.cards[0].sample = Err(NvmlError::GpuLost("GPU is lost".into()));
+        driver.sample().unwrap();
+        assert_ne!(driver.devices_version(), steady, "a card became unhealthy");
     }
 
     #[test]

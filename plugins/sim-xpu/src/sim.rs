@@ -116,6 +116,11 @@ impl Driver for SimXpu {
         Ok(self.devices.clone())
     }
 
+    /// The simulated cards are made at init and never change.
+    fn devices_version(&self) -> Option<u64> {
+        Some(0)
+    }
+
     fn sample(&mut self) -> Result<Metrics, DriverError> {
         let t = seconds_now();
         let mut cards = Vec::with_capacity(self.devices.len());

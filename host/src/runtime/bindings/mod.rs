@@ -95,7 +95,7 @@ impl DriverPre {
 }
 
 /// A driver instance. Its `driver` interface has the same types in every version,
-/// so a call is the same call on either.
+/// so a call is the same call on either; only 0.2's `sample` answers more.
 pub enum DriverBindings {
     V0_1(driver::DriverPlugin),
     V0_2(v0_2::driver::DriverPlugin),
@@ -123,8 +123,22 @@ impl DriverBindings {
     pub fn devices(&self, store: &mut Store<PluginState>) -> Answer<Vec<Device>, DriverError> {
         driver_call!(self, call_devices(store))
     }
-    pub fn sample(&self, store: &mut Store<PluginState>) -> Answer<Metrics, DriverError> {
-        driver_call!(self, call_sample(store))
+    /// The figures, and the version of the devices they belong to (0.1 drivers keep
+    /// none).
+    pub fn sample(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> Answer<(Metrics, Option<u64>), DriverError> {
+        Ok(match self {
+            DriverBindings::V0_1(b) => b
+                .xpu_plugin_driver()
+                .call_sample(store)?
+                .map(|metrics| (metrics, None)),
+            DriverBindings::V0_2(b) => b
+                .xpu_plugin_driver()
+                .call_sample(store)?
+                .map(|reading| (reading.metrics, reading.devices_version)),
+        })
     }
     pub fn create_partition(
         &self,

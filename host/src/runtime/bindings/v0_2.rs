@@ -1,5 +1,5 @@
 //! `xpu:plugin@0.2.0` (`wit/v0.2.0`): the 0.1 contract plus the `nvml` bridge a
-//! driver may import.
+//! driver may import, and a `sample` that says which devices it belongs to.
 //!
 //! The driver's types did not change, so they are the 0.1 types (`with:`) and a 0.2
 //! driver's answers need no conversion. The interfaces imported under the new

@@ -32,7 +32,11 @@
 //! - `health-cycle`: its card goes healthy, degraded, unhealthy, healthy, ... one
 //!   step every 4 `devices` calls;
 //! - `failing-card`: two cards; card 0 is unhealthy while the file at config
-//!   `path` exists (a granted path), card 1 always healthy.
+//!   `path` exists (a granted path), card 1 always healthy;
+//! - `versioned`: keeps a devices version, which changes every 2 samples, each
+//!   time with the next health (healthy, degraded, unhealthy, healthy, ...).
+//!
+//! In any mode, config `trap-at` = N has the Nth sample of each incarnation trap.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
@@ -43,6 +47,7 @@ struct Chaos {
     mode: String,
     path: String,
     samples: u32,
+    trap_at: u32,
     devices_calls: u32,
     partitions: Vec<Partition>,
     next_partition: u32,
@@ -58,6 +63,7 @@ impl Driver for Chaos {
                 .unwrap_or("")
                 .to_string(),
             samples: 0,
+            trap_at: config.parse_or("trap-at", 0)?,
             devices_calls: 0,
             partitions: Vec::new(),
             next_partition: 0,
@@ -128,11 +134,11 @@ impl Driver for Chaos {
             _ => {}
         }
         self.devices_calls += 1;
-        let health = if self.mode == "health-cycle" {
-            [Health::Healthy, Health::Degraded, Health::Unhealthy]
-                [(self.devices_calls / 4 % 3) as usize]
-        } else {
-            Health::Healthy
+        const CYCLE: [Health; 3] = [Health::Healthy, Health::Degraded, Health::Unhealthy];
+        let health = match self.mode.as_str() {
+            "health-cycle" => CYCLE[(self.devices_calls / 4 % 3) as usize],
+            "versioned" => CYCLE[(self.samples / 2 % 3) as usize],
+            _ => Health::Healthy,
         };
         Ok(vec![Device {
             id: "chaos:0".into(),
@@ -149,6 +155,9 @@ impl Driver for Chaos {
 
     fn sample(&mut self) -> Result<Metrics, DriverError> {
         self.samples += 1;
+        if self.samples == self.trap_at {
+            core::arch::wasm32::unreachable();
+        }
         match self.mode.as_str() {
             "trap" => core::arch::wasm32::unreachable(),
             "flaky" | "unlisted" if self.samples == 2 => core::arch::wasm32::unreachable(),
@@ -197,6 +206,10 @@ impl Driver for Chaos {
             }
             _ => self.healthy_metrics(),
         }
+    }
+
+    fn devices_version(&self) -> Option<u64> {
+        (self.mode == "versioned").then_some(u64::from(self.samples / 2))
     }
 
     fn create_partition(&mut self, spec: PartitionSpec) -> Result<Partition, DriverError> {
