@@ -101,7 +101,7 @@ pub trait Driver: Sized + 'static {
     /// differently: a card came or went, or changed health, type or memory. Asked
     /// right after each [`sample`](Driver::sample); the host then asks for the
     /// devices only when it changed. The default, `None`, has the host ask for them
-    /// before every sample.
+    /// after every sample.
     fn devices_version(&self) -> Option<u64> {
         None
     }
