@@ -111,24 +111,6 @@ fn memory(at: At<'_>, field: &str, value: Option<u64>) -> Result<(), Violation> 
     }
 }
 
-/// What later answers are checked against from a good `devices()` answer: each
-/// device's index and memory (no strings to copy every round).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Known {
-    pub index: u32,
-    pub memory_total_mib: Option<u64>,
-}
-
-pub fn known(devices: &[Device]) -> Vec<Known> {
-    devices
-        .iter()
-        .map(|d| Known {
-            index: d.index,
-            memory_total_mib: d.memory_total_mib,
-        })
-        .collect()
-}
-
 pub fn info(info: &DriverInfo, limits: &PluginLimits) -> Result<(), Violation> {
     text(At::Answer, "vendor", &info.vendor, limits)?;
     text(At::Answer, "version", &info.version, limits)?;
@@ -190,7 +172,7 @@ pub fn devices(devices: &[Device], limits: &PluginLimits) -> Result<(), Violatio
 
 pub fn metrics(
     metrics: &Metrics,
-    devices: &[Known],
+    devices: &[Device],
     limits: &PluginLimits,
 ) -> Result<(), Violation> {
     count(
@@ -287,7 +269,7 @@ pub fn partitions(partitions: &[Partition], limits: &PluginLimits) -> Result<(),
 pub fn created(
     asked: &PartitionSpec,
     made: &Partition,
-    devices: Option<&[Known]>,
+    devices: Option<&[Device]>,
     limits: &PluginLimits,
 ) -> Result<(), Violation> {
     text(At::Answer, "partition id", &made.id, limits)?;
@@ -382,7 +364,7 @@ mod tests {
     fn figures_out_of_range_or_not_numbers_are_violations() {
         let limits = PluginLimits::default();
         let devices = [device(0)];
-        assert!(metrics(&sample(vec![card(0)]), &known(&devices), &limits).is_ok());
+        assert!(metrics(&sample(vec![card(0)]), &devices, &limits).is_ok());
         type Spoil = fn(&mut CardMetrics);
         let cases: Vec<(Spoil, &str)> = vec![
             (
@@ -404,10 +386,10 @@ mod tests {
         for (spoil, expected) in cases {
             let mut c = card(0);
             spoil(&mut c);
-            let err = metrics(&sample(vec![c]), &known(&devices), &limits).unwrap_err();
+            let err = metrics(&sample(vec![c]), &devices, &limits).unwrap_err();
             assert!(err.contains(expected), "{err} / {expected}");
         }
-        let err = metrics(&sample(vec![card(0), card(0)]), &known(&devices), &limits).unwrap_err();
+        let err = metrics(&sample(vec![card(0), card(0)]), &devices, &limits).unwrap_err();
         assert!(err.contains("sampled twice"), "{err}");
     }
 
@@ -438,7 +420,7 @@ mod tests {
             cards: vec![],
             instances: vec![instance],
         };
-        assert!(metrics(&with_instance, &known(&[device(0)]), &limits)
+        assert!(metrics(&with_instance, &[device(0)], &limits)
             .unwrap_err()
             .contains("does not exist"));
     }
@@ -470,7 +452,7 @@ mod tests {
             id: "p0".into(),
             spec,
         };
-        let devices = known(&[device(0)]);
+        let devices = [device(0)];
         assert!(created(&asked, &made(asked), Some(&devices), &limits).is_ok());
         let other = PartitionSpec {
             memory_quota_mib: 1 << 30,

@@ -69,8 +69,6 @@ struct Kept {
     /// next sample.
     version: Option<u64>,
     devices: Arc<[Device]>,
-    /// What samples and partitions are checked against.
-    known: Arc<[contract::Known]>,
 }
 
 /// A sample, and the devices it belongs to.
@@ -294,26 +292,11 @@ impl Driver {
     fn refresh_devices(&self, version: Option<u64>) -> Result<Kept, DriverFailure> {
         let devices = self.call("devices", |s, b| b.devices(s))?;
         let devices = self.vet(devices, |d| contract::devices(d, &self.limits))?;
-        let mut kept = lock(&self.devices);
-        // The same cards as before (what a driver without a version answers round
-        // after round) keep what was checked.
-        let known = match kept.as_ref() {
-            Some(k)
-                if k.known.len() == devices.len()
-                    && k.known.iter().zip(&devices).all(|(k, d)| {
-                        k.index == d.index && k.memory_total_mib == d.memory_total_mib
-                    }) =>
-            {
-                k.known.clone()
-            }
-            _ => Arc::from(contract::known(&devices)),
-        };
         let fresh = Kept {
             version,
             devices: Arc::from(devices),
-            known,
         };
-        *kept = Some(fresh.clone());
+        *lock(&self.devices) = Some(fresh.clone());
         Ok(fresh)
     }
 
@@ -327,7 +310,9 @@ impl Driver {
             Some(kept) if version.is_some() && kept.version == version => kept,
             _ => self.refresh_devices(version)?,
         };
-        let mut metrics = self.vet(metrics, |m| contract::metrics(m, &kept.known, &self.limits))?;
+        let mut metrics = self.vet(metrics, |m| {
+            contract::metrics(m, &kept.devices, &self.limits)
+        })?;
         for instance in &mut metrics.instances {
             instance.partition_id = self.stable_id(&instance.partition_id);
         }
@@ -339,8 +324,8 @@ impl Driver {
 
     pub fn create_partition(&self, spec: PartitionSpec) -> Result<Partition, DriverFailure> {
         let partition = self.call("create-partition", |s, b| b.create_partition(s, spec))?;
-        let known = lock(&self.devices).as_ref().map(|k| k.known.clone());
-        let checked = contract::created(&spec, &partition, known.as_deref(), &self.limits);
+        let devices = lock(&self.devices).as_ref().map(|k| k.devices.clone());
+        let checked = contract::created(&spec, &partition, devices.as_deref(), &self.limits);
         if let Err(violation) = checked {
             // Whatever the driver made is not what was asked for: undo it.
             let id = partition.id.clone();
