@@ -352,3 +352,37 @@ fn cuda_is_shown_the_cards_outside_mig_mode() {
     );
     assert_eq!(plan.ordinals, [Some(0), None]);
 }
+
+/// A round's cards are read in one bridge call, each with its own answer; a list
+/// longer than any machine's cards is refused before NVML is asked anything.
+#[test]
+fn the_bridge_reads_many_devices_in_one_call_and_bounds_the_list() {
+    use xpud::runtime::bindings::v0_2::driver::xpu::plugin::nvml::NvmlError;
+    use xpud::runtime::nvml::{samples, MAX_DEVICES};
+    let Some(library) = stand_in(fake_nvml()) else {
+        return;
+    };
+    let nvml = xpud::runtime::nvml::NvmlBridge::new(Some(library))
+        .get()
+        .unwrap();
+    let answers = samples(&nvml, &[1, 7, 0]).unwrap();
+    assert_eq!(answers.len(), 3);
+    assert_eq!(
+        answers[0].as_ref().unwrap().memory_total_bytes,
+        Some(40960 << 20)
+    );
+    assert!(
+        matches!(answers[1], Err(NvmlError::NotFound(_))),
+        "{:?}",
+        answers[1]
+    );
+    assert_eq!(
+        answers[2].as_ref().unwrap().memory_total_bytes,
+        Some(15360 << 20)
+    );
+    let too_many = vec![0; MAX_DEVICES as usize + 1];
+    match samples(&nvml, &too_many) {
+        Err(NvmlError::NotFound(why)) => assert!(why.contains("at most 64"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}

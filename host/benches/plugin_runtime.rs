@@ -76,6 +76,21 @@ mod native_nvml {
         }
     }
 
+    fn sample(s: host::DeviceSample) -> DeviceSample {
+        DeviceSample {
+            memory_total_bytes: s.memory_total_bytes,
+            memory_used_bytes: s.memory_used_bytes,
+            gpu_utilization_pct: s.gpu_utilization_pct,
+            memory_utilization_pct: s.memory_utilization_pct,
+            decoder_utilization_pct: s.decoder_utilization_pct,
+            encoder_utilization_pct: s.encoder_utilization_pct,
+            jpeg_utilization_pct: s.jpeg_utilization_pct,
+            temperature_celsius: s.temperature_celsius,
+            power_draw_milliwatts: s.power_draw_milliwatts,
+            power_limit_milliwatts: s.power_limit_milliwatts,
+        }
+    }
+
     fn error(e: host::NvmlError) -> NvmlError {
         match e {
             host::NvmlError::Unavailable(m) => NvmlError::Unavailable(m),
@@ -118,20 +133,15 @@ mod native_nvml {
                 mig_capable: i.mig_capable,
             })
         }
-        fn sample(&self, device: u32) -> Result<DeviceSample, NvmlError> {
-            let s = calls::sample(&self.0, device).map_err(error)?;
-            Ok(DeviceSample {
-                memory_total_bytes: s.memory_total_bytes,
-                memory_used_bytes: s.memory_used_bytes,
-                gpu_utilization_pct: s.gpu_utilization_pct,
-                memory_utilization_pct: s.memory_utilization_pct,
-                decoder_utilization_pct: s.decoder_utilization_pct,
-                encoder_utilization_pct: s.encoder_utilization_pct,
-                jpeg_utilization_pct: s.jpeg_utilization_pct,
-                temperature_celsius: s.temperature_celsius,
-                power_draw_milliwatts: s.power_draw_milliwatts,
-                power_limit_milliwatts: s.power_limit_milliwatts,
-            })
+        fn sample(
+            &self,
+            devices: &[u32],
+        ) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
+            let answers = calls::samples(&self.0, devices).map_err(error)?;
+            Ok(answers
+                .into_iter()
+                .map(|answer| answer.map(sample).map_err(error))
+                .collect())
         }
         fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
             let found = calls::processes(&self.0, device).map_err(error)?;

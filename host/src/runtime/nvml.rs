@@ -270,6 +270,19 @@ pub fn sample(nvml: &Nvml, index: u32) -> Result<DeviceSample, Error> {
     })
 }
 
+/// A reading of each of `devices`, in that order: a round's cards in one call. At
+/// most `MAX_DEVICES`, which bounds the NVML calls and the answer a plugin's list
+/// can make the host spend.
+pub fn samples(nvml: &Nvml, devices: &[u32]) -> Result<Vec<Result<DeviceSample, Error>>, Error> {
+    if devices.len() > MAX_DEVICES as usize {
+        return Err(Error::NotFound(format!(
+            "{} devices asked for in one call; there are at most {MAX_DEVICES}",
+            devices.len()
+        )));
+    }
+    Ok(devices.iter().map(|&device| sample(nvml, device)).collect())
+}
+
 /// One process's NVML figures: what `running_compute_processes` says (memory, MIG
 /// instance) joined with its newest utilisation sample.
 pub(crate) fn join_processes(
@@ -570,11 +583,14 @@ impl wit::Host for PluginState {
             .nvml(NvmlGrant::Read)
             .and_then(|n| info(&n, device)))
     }
-    fn sample(&mut self, device: u32) -> wasmtime::Result<Result<DeviceSample, Error>> {
+    fn sample(
+        &mut self,
+        devices: Vec<u32>,
+    ) -> wasmtime::Result<Result<Vec<Result<DeviceSample, Error>>, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| sample(&n, device)))
+            .and_then(|n| samples(&n, &devices)))
     }
     fn processes(&mut self, device: u32) -> wasmtime::Result<Result<Vec<ProcessUsage>, Error>> {
         Ok(self

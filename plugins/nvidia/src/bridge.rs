@@ -8,7 +8,8 @@ use xpud_sdk::driver::nvml::{
 pub trait Nvml {
     fn device_count(&self) -> Result<u32, NvmlError>;
     fn info(&self, device: u32) -> Result<DeviceInfo, NvmlError>;
-    fn sample(&self, device: u32) -> Result<DeviceSample, NvmlError>;
+    /// Each device's reading, in the order asked, from one call.
+    fn sample(&self, devices: &[u32]) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError>;
     fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError>;
     fn mig_mode(&self, device: u32) -> Result<MigState, NvmlError>;
     fn mig_profiles(&self, device: u32) -> Result<Vec<MigProfile>, NvmlError>;
@@ -28,8 +29,8 @@ impl Nvml for HostNvml {
     fn info(&self, device: u32) -> Result<DeviceInfo, NvmlError> {
         nvml::info(device)
     }
-    fn sample(&self, device: u32) -> Result<DeviceSample, NvmlError> {
-        nvml::sample(device)
+    fn sample(&self, devices: &[u32]) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
+        nvml::sample(devices)
     }
     fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
         nvml::processes(device)

@@ -90,19 +90,22 @@ impl<N: Nvml> Nvidia<N> {
     pub fn discover(&mut self) -> Result<(), NvmlError> {
         let count = self.nvml.device_count()?;
         let mut cards = Vec::with_capacity(count as usize);
+        let mut answering = Vec::with_capacity(count as usize);
         for index in 0..count {
-            let info = match self.nvml.info(index) {
-                Ok(info) => info,
+            match self.nvml.info(index) {
+                Ok(info) => answering.push((index, info)),
                 Err(e) => {
                     if let Some(mut known) = self.take_card(index) {
                         xpud_sdk::warn!("card {index} stopped answering: {}", describe(&e));
                         known.health = Health::Unhealthy;
                         cards.push(known);
                     }
-                    continue;
                 }
-            };
-            let sample = self.nvml.sample(index);
+            }
+        }
+        let indices: Vec<u32> = answering.iter().map(|(index, _)| *index).collect();
+        let samples = self.read(&indices);
+        for ((index, info), sample) in answering.into_iter().zip(samples) {
             let mig = match self.nvml.mig_mode(index) {
                 Ok(mode) => mode.current,
                 Err(_) => false,
@@ -120,9 +123,29 @@ impl<N: Nvml> Nvidia<N> {
                 info,
             });
         }
+        cards.sort_by_key(|c| c.index);
         self.cards = cards;
         self.devices_version = self.devices_version.wrapping_add(1);
         Ok(())
+    }
+
+    /// A reading of each of `indices`, in that order, from one call into NVML's
+    /// bridge (each call crosses the sandbox's boundary): where the call as a whole
+    /// failed, each card has its error.
+    fn read(&self, indices: &[u32]) -> Vec<Result<DeviceSample, NvmlError>> {
+        if indices.is_empty() {
+            return Vec::new();
+        }
+        let mut samples = match self.nvml.sample(indices) {
+            Ok(samples) => samples,
+            Err(e) => vec![Err(e); indices.len()],
+        };
+        samples.resize_with(indices.len(), || {
+            Err(NvmlError::Failed(
+                "the bridge answered for fewer devices than asked".into(),
+            ))
+        });
+        samples
     }
 
     /// Discovers the cards again when their number changed or one stopped
@@ -269,11 +292,12 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
 
     fn sample(&mut self) -> Result<Metrics, DriverError> {
         self.rediscover_if_changed()?;
+        let indices: Vec<u32> = self.cards.iter().map(|c| c.index).collect();
+        let samples = self.read(&indices);
         let mut cards = Vec::with_capacity(self.cards.len());
         let mut instances = Vec::new();
-        for at in 0..self.cards.len() {
+        for (at, sample) in samples.into_iter().enumerate() {
             let index = self.cards[at].index;
-            let sample = self.nvml.sample(index);
             let health = health_of(&sample, self.cards[at].mig);
             if health != self.cards[at].health {
                 self.cards[at].health = health;
@@ -432,6 +456,9 @@ mod tests {
     struct Recorded {
         cards: Vec<RecordedCard>,
         next_instance: u32,
+        /// What the whole `sample` call answers instead of the cards' readings.
+        sample_refused: Option<NvmlError>,
+        sample_calls: std::cell::Cell<u32>,
     }
 
     struct RecordedCard {
@@ -513,6 +540,8 @@ mod tests {
             Recorded {
                 cards: vec![t4(), a100_mig()],
                 next_instance: 1,
+                sample_refused: None,
+                sample_calls: Default::default(),
             }
         }
     }
@@ -538,8 +567,18 @@ mod tests {
             card.sample.as_ref().map_err(Clone::clone)?;
             Ok(card.info.clone())
         }
-        fn sample(&self, device: u32) -> Result<DeviceSample, NvmlError> {
-            self.card(device)?.sample.clone()
+        fn sample(
+            &self,
+            devices: &[u32],
+        ) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
+            self.sample_calls.set(self.sample_calls.get() + 1);
+            if let Some(refused) = &self.sample_refused {
+                return Err(refused.clone());
+            }
+            Ok(devices
+                .iter()
+                .map(|&device| self.card(device)?.sample.clone())
+                .collect())
         }
         fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
             Ok(self.card(device)?.processes.clone())
@@ -845,6 +884,28 @@ mod tests {
     }
 
     #[test]
+    fn a_round_reads_every_card_in_one_call() {
+        let mut driver = driver();
+        let before = driver.nvml.sample_calls.get();
+        let metrics = driver.sample().unwrap();
+        assert_eq!(metrics.cards.len(), 2);
+        assert_eq!(driver.nvml.sample_calls.get() - before, 1);
+    }
+
+    #[test]
+    fn a_sample_call_that_fails_leaves_every_card_without_figures() {
+        let mut driver = driver();
+        driver.nvml.sample_refused = Some(NvmlError::Failed("Unknown Error".into()));
+        let metrics = driver.sample().unwrap();
+        assert!(metrics.cards.is_empty(), "{:?}", metrics.cards);
+        let devices = driver.devices().unwrap();
+        assert!(devices.iter().all(|d| d.health == Health::Unknown));
+        driver.nvml.sample_refused = None;
+        assert_eq!(driver.sample().unwrap().cards.len(), 2);
+        assert_eq!(driver.devices().unwrap()[0].health, Health::Healthy);
+    }
+
+    #[test]
     fn a_card_outside_mig_mode_without_utilisation_is_degraded() {
         let mut driver = driver();
         if let Ok(s) = &mut driver.nvml.cards[0].sample {
@@ -867,7 +928,7 @@ mod tests {
             fn info(&self, _: u32) -> Result<DeviceInfo, NvmlError> {
                 unreachable!()
             }
-            fn sample(&self, _: u32) -> Result<DeviceSample, NvmlError> {
+            fn sample(&self, _: &[u32]) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
                 unreachable!()
             }
             fn processes(&self, _: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
