@@ -29,6 +29,16 @@ fn stand_in(built: Result<std::path::PathBuf, String>) -> Option<std::path::Path
         .ok()
 }
 
+/// The stand-in library, loaded through the host's bridge.
+fn stand_in_loaded() -> Option<std::sync::Arc<nvml_wrapper::Nvml>> {
+    let library = stand_in(fake_nvml())?;
+    Some(
+        xpud::runtime::nvml::NvmlBridge::new(Some(library))
+            .get()
+            .unwrap(),
+    )
+}
+
 /// A registry whose NVML bridge loads `library`, the operator allowing the default
 /// grants.
 fn over(plugins: &PluginDir, library: std::path::PathBuf) -> xpud::plugins::registry::Registry {
@@ -337,12 +347,9 @@ fn a_replica_in_a_mig_instance_runs_its_models_on_the_cpu() {
 #[test]
 fn cuda_is_shown_the_cards_outside_mig_mode() {
     use xpud::runtime::cuda;
-    let Some(library) = stand_in(fake_nvml()) else {
+    let Some(nvml) = stand_in_loaded() else {
         return;
     };
-    let nvml = xpud::runtime::nvml::NvmlBridge::new(Some(library))
-        .get()
-        .unwrap();
     let cards = cuda::cards(&nvml).unwrap();
     assert_eq!(cards.len(), 2);
     let plan = cuda::plan(&cards);
@@ -359,12 +366,9 @@ fn cuda_is_shown_the_cards_outside_mig_mode() {
 fn the_bridge_reads_many_devices_in_one_call_and_bounds_the_list() {
     use xpud::runtime::bindings::v0_2::driver::xpu::plugin::nvml::NvmlError;
     use xpud::runtime::nvml::{samples, MAX_DEVICES};
-    let Some(library) = stand_in(fake_nvml()) else {
+    let Some(nvml) = stand_in_loaded() else {
         return;
     };
-    let nvml = xpud::runtime::nvml::NvmlBridge::new(Some(library))
-        .get()
-        .unwrap();
     let answers = samples(&nvml, &[1, 7, 0]).unwrap();
     assert_eq!(answers.len(), 3);
     assert_eq!(
