@@ -205,6 +205,35 @@ fn a_restarted_driver_is_asked_for_its_devices_again() {
     assert_eq!(calls_of(&registry, "chaos", "devices"), 2);
 }
 
+/// A restarted plugin gets its predecessor's pool slot back, whose memory the
+/// engine resets partly by `memset` (the pages it keeps resident) and partly by
+/// giving pages back: nothing the last instance wrote, in static memory or heap,
+/// is seen by the next.
+#[test]
+fn a_new_instance_sees_nothing_of_the_last_one_s_memory() {
+    let (_plugins, registry) = chaos_beside_sim(|m| {
+        let m = set(m, "config", "mode", "remember".into());
+        set(m, "config", "trap-at", 2.into())
+    });
+    let chaos = driver(&registry, "chaos");
+    for incarnation in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match chaos.sample() {
+                Ok(_) => break,
+                Err(DriverFailure::Plugin(CallError::Restarting(wait)))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(wait)
+                }
+                Err(e) => panic!("incarnation {incarnation}: {e}"),
+            }
+        }
+        assert!(chaos.sample().is_err(), "the second sample traps");
+    }
+    assert_eq!(chaos.status().restarts, 2);
+}
+
 #[test]
 fn sim_xpu_accounts_partitions_and_refuses_over_commit() {
     let plugins = PluginDir::new();

@@ -36,12 +36,40 @@
 //! - `versioned`: keeps a devices version, which changes every 2 samples, each
 //!   time with the next health (healthy, degraded, unhealthy, healthy, ...).
 //!
+//! - `remember`: the first sample of each incarnation looks for what an earlier
+//!   instance left in its memory (a static buffer, and fresh heap that the
+//!   allocator takes to be zero) and fails naming the bytes it found; then it
+//!   leaves a pattern in both for the next instance to find.
+//!
 //! In any mode, config `trap-at` = N has the Nth sample of each incarnation trap.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
 //! incarnation, like a simulator that starts empty after a restart.
 
 use xpud_sdk::driver::*;
+
+/// Static memory `remember` marks: zero in a fresh instance.
+static MARKED: std::sync::Mutex<[u8; 4096]> = std::sync::Mutex::new([0; 4096]);
+
+/// Bytes of an earlier instance seen in this one's static buffer and fresh heap;
+/// then marks both. The heap comes zeroed from the allocator, which assumes memory
+/// the instance grew is zero: it is, unless the host's reset of a reused slot left
+/// the last instance's pages.
+fn remember() -> usize {
+    const HEAP: usize = 2 << 20;
+    let mut marked = MARKED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fresh = vec![0u8; HEAP];
+    let stale = marked
+        .iter()
+        .chain(fresh.iter())
+        .filter(|&&b| b != 0)
+        .count();
+    marked.fill(0xa5);
+    // Marked and never freed: the next instance's first allocation lies here.
+    fresh.fill(0x5a);
+    std::mem::forget(std::hint::black_box(fresh));
+    stale
+}
 
 struct Chaos {
     mode: String,
@@ -194,6 +222,15 @@ impl Driver for Chaos {
                 xpud_sdk::error!("forged\n2026-12-01T00:00:00Z ERROR xpud: plugin marked unhealthy plugin=sim-xpu");
                 for i in 1..3000 {
                     xpud_sdk::info!("flood line {i}");
+                }
+                self.healthy_metrics()
+            }
+            "remember" if self.samples == 1 => {
+                let stale = remember();
+                if stale > 0 {
+                    return Err(DriverError::DeviceFailure(format!(
+                        "{stale} bytes left by an earlier instance"
+                    )));
                 }
                 self.healthy_metrics()
             }
