@@ -188,17 +188,8 @@ fn a_restarted_driver_is_asked_for_its_devices_again() {
     let chaos = driver(&registry, "chaos");
     chaos.sample().unwrap();
     assert!(chaos.sample().is_err(), "the second sample traps");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match chaos.sample() {
-            Ok(_) => break,
-            Err(DriverFailure::Plugin(CallError::Restarting(wait)))
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(wait)
-            }
-            Err(e) => panic!("{e}"),
-        }
+    if let Err(e) = sample_past_restarts(&chaos) {
+        panic!("{e}");
     }
     assert_eq!(chaos.status().restarts, 1);
     // Both incarnations' first samples give version 0.
@@ -217,17 +208,8 @@ fn a_new_instance_sees_nothing_of_the_last_one_s_memory() {
     });
     let chaos = driver(&registry, "chaos");
     for incarnation in 0..3 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match chaos.sample() {
-                Ok(_) => break,
-                Err(DriverFailure::Plugin(CallError::Restarting(wait)))
-                    if Instant::now() < deadline =>
-                {
-                    std::thread::sleep(wait)
-                }
-                Err(e) => panic!("incarnation {incarnation}: {e}"),
-            }
+        if let Err(e) = sample_past_restarts(&chaos) {
+            panic!("incarnation {incarnation}: {e}");
         }
         assert!(chaos.sample().is_err(), "the second sample traps");
     }
@@ -395,6 +377,24 @@ fn bad_plugins_are_refused_with_the_reason() {
 }
 
 /// sim-xpu and a chaos plugin whose manifest `edit` sets up, both loaded.
+/// The driver's next sample once a restart in progress is over (waiting at most
+/// 10 s for it).
+fn sample_past_restarts(
+    driver: &xpud::plugins::driver::Driver,
+) -> Result<xpud::plugins::driver::Reading, DriverFailure> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match driver.sample() {
+            Err(DriverFailure::Plugin(CallError::Restarting(wait)))
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(wait)
+            }
+            answer => return answer,
+        }
+    }
+}
+
 fn chaos_beside_sim(
     edit: impl FnOnce(toml::Table) -> toml::Table,
 ) -> (PluginDir, xpud::plugins::Registry) {
