@@ -376,7 +376,6 @@ fn bad_plugins_are_refused_with_the_reason() {
     assert!(driver(&registry, "sim-xpu").sample().is_ok());
 }
 
-/// sim-xpu and a chaos plugin whose manifest `edit` sets up, both loaded.
 /// The driver's next sample once a restart in progress is over (waiting at most
 /// 10 s for it).
 fn sample_past_restarts(
@@ -395,6 +394,7 @@ fn sample_past_restarts(
     }
 }
 
+/// sim-xpu and a chaos plugin whose manifest `edit` sets up, both loaded.
 fn chaos_beside_sim(
     edit: impl FnOnce(toml::Table) -> toml::Table,
 ) -> (PluginDir, xpud::plugins::Registry) {

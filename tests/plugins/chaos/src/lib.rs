@@ -34,8 +34,7 @@
 //! - `failing-card`: two cards; card 0 is unhealthy while the file at config
 //!   `path` exists (a granted path), card 1 always healthy;
 //! - `versioned`: keeps a devices version, which changes every 2 samples, each
-//!   time with the next health (healthy, degraded, unhealthy, healthy, ...).
-//!
+//!   time with the next health (healthy, degraded, unhealthy, healthy, ...);
 //! - `remember`: the first sample of each incarnation looks for what an earlier
 //!   instance left in its memory (a static buffer, and fresh heap that the
 //!   allocator takes to be zero) and fails naming the bytes it found; then it
