@@ -35,7 +35,8 @@ fn stand_in_loaded() -> Option<std::sync::Arc<nvml_wrapper::Nvml>> {
     Some(
         xpud::runtime::nvml::NvmlBridge::new(Some(library))
             .get()
-            .unwrap(),
+            .unwrap()
+            .clone(),
     )
 }
 
@@ -360,32 +361,77 @@ fn cuda_is_shown_the_cards_outside_mig_mode() {
     assert_eq!(plan.ordinals, [Some(0), None]);
 }
 
-/// A round's cards are read in one bridge call, each with its own answer; a list
-/// longer than any machine's cards is refused before NVML is asked anything.
+/// A round's cards are read in one bridge call, each with the fields asked (blank
+/// where NVML has no figure) or its error; NVML is asked for nothing else; lists
+/// longer than any machine's cards, or than the fields there are, are refused
+/// before NVML is asked anything.
 #[test]
-fn the_bridge_reads_many_devices_in_one_call_and_bounds_the_list() {
-    use xpud::runtime::bindings::v0_2::driver::xpu::plugin::nvml::NvmlError;
-    use xpud::runtime::nvml::{samples, MAX_DEVICES};
+fn the_bridge_reads_the_fields_asked_of_many_devices_in_one_call_and_bounds_the_lists() {
+    use xpud::runtime::bindings::v0_2::driver::xpu::plugin::nvml::{Field, NvmlError};
+    use xpud::runtime::nvml::{samples, BLANK, MAX_DEVICES, MAX_FIELDS};
     let Some(nvml) = stand_in_loaded() else {
         return;
     };
-    let answers = samples(&nvml, &[1, 7, 0]).unwrap();
-    assert_eq!(answers.len(), 3);
+    let fields = [
+        Field::MemoryTotalBytes,
+        Field::JpegUtilizationPct,
+        Field::TemperatureCelsius,
+    ];
+    let readings = samples(&nvml, &[1, 7, 0], &fields).unwrap();
+    // The A100, the missing device, the T4 (which has no JPEG engine).
     assert_eq!(
-        answers[0].as_ref().unwrap().memory_total_bytes,
-        Some(40960 << 20)
+        readings.values,
+        [
+            40960 << 20,
+            4,
+            33,
+            BLANK,
+            BLANK,
+            BLANK,
+            15360 << 20,
+            BLANK,
+            48
+        ]
     );
+    assert_eq!(readings.failed.len(), 1);
     assert!(
-        matches!(answers[1], Err(NvmlError::NotFound(_))),
+        matches!(readings.failed[0], (1, NvmlError::NotFound(_))),
         "{:?}",
-        answers[1]
+        readings.failed
+    );
+
+    // What each answer cost in NVML calls (the stand-in counts this thread's).
+    // SAFETY: the stand-in built above; the symbol is `unsigned long long (void)`.
+    let library = stand_in(fake_nvml()).unwrap();
+    let calls = unsafe { libloading::Library::new(&library).unwrap() };
+    let count = unsafe {
+        *calls
+            .get::<unsafe extern "C" fn() -> u64>(b"fake_nvml_calls")
+            .unwrap()
+    };
+    let cost = |fields: &[Field]| {
+        let before = unsafe { count() };
+        samples(&nvml, &[0], fields).unwrap();
+        unsafe { count() - before }
+    };
+    let one = cost(&[Field::MemoryUsedBytes]);
+    // Memory is read once for both of its fields.
+    assert_eq!(
+        cost(&[Field::MemoryUsedBytes, Field::MemoryTotalBytes]),
+        one
     );
     assert_eq!(
-        answers[2].as_ref().unwrap().memory_total_bytes,
-        Some(15360 << 20)
+        cost(&[Field::MemoryUsedBytes, Field::PowerDrawMilliwatts]),
+        one + 1
     );
+
+    let too_many = vec![Field::MemoryUsedBytes; MAX_FIELDS + 1];
+    match samples(&nvml, &[0], &too_many) {
+        Err(NvmlError::NotFound(why)) => assert!(why.contains("at most 32"), "{why}"),
+        other => panic!("{other:?}"),
+    }
     let too_many = vec![0; MAX_DEVICES as usize + 1];
-    match samples(&nvml, &too_many) {
+    match samples(&nvml, &too_many, &fields) {
         Err(NvmlError::NotFound(why)) => assert!(why.contains("at most 64"), "{why}"),
         other => panic!("{other:?}"),
     }

@@ -43,7 +43,7 @@ use xpud_sdk::driver::{Config, Driver as _};
 mod sim;
 
 /// The nvidia driver's own code, compiled natively over the host's NVML calls.
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../../plugins/nvidia/src/bridge.rs"]
 mod bridge;
 #[allow(dead_code)]
@@ -65,6 +65,8 @@ mod native_nvml {
     use xpud::runtime::nvml as calls;
     use xpud_sdk::driver::nvml::*;
 
+    use super::bridge::{samples, Sample, FIELDS};
+
     pub struct NativeNvml(pub Arc<nvml_wrapper::Nvml>);
 
     /// The library the bench loaded: what `init` (through `Default`) opens.
@@ -76,18 +78,19 @@ mod native_nvml {
         }
     }
 
-    fn sample(s: host::DeviceSample) -> DeviceSample {
-        DeviceSample {
-            memory_total_bytes: s.memory_total_bytes,
-            memory_used_bytes: s.memory_used_bytes,
-            gpu_utilization_pct: s.gpu_utilization_pct,
-            memory_utilization_pct: s.memory_utilization_pct,
-            decoder_utilization_pct: s.decoder_utilization_pct,
-            encoder_utilization_pct: s.encoder_utilization_pct,
-            jpeg_utilization_pct: s.jpeg_utilization_pct,
-            temperature_celsius: s.temperature_celsius,
-            power_draw_milliwatts: s.power_draw_milliwatts,
-            power_limit_milliwatts: s.power_limit_milliwatts,
+    /// The guest's field, as the host names it.
+    fn field(f: Field) -> host::Field {
+        match f {
+            Field::MemoryTotalBytes => host::Field::MemoryTotalBytes,
+            Field::MemoryUsedBytes => host::Field::MemoryUsedBytes,
+            Field::GpuUtilizationPct => host::Field::GpuUtilizationPct,
+            Field::MemoryUtilizationPct => host::Field::MemoryUtilizationPct,
+            Field::DecoderUtilizationPct => host::Field::DecoderUtilizationPct,
+            Field::EncoderUtilizationPct => host::Field::EncoderUtilizationPct,
+            Field::JpegUtilizationPct => host::Field::JpegUtilizationPct,
+            Field::TemperatureCelsius => host::Field::TemperatureCelsius,
+            Field::PowerDrawMilliwatts => host::Field::PowerDrawMilliwatts,
+            Field::PowerLimitMilliwatts => host::Field::PowerLimitMilliwatts,
         }
     }
 
@@ -133,15 +136,18 @@ mod native_nvml {
                 mig_capable: i.mig_capable,
             })
         }
-        fn sample(
-            &self,
-            devices: &[u32],
-        ) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
-            let answers = calls::samples(&self.0, devices).map_err(error)?;
-            Ok(answers
-                .into_iter()
-                .map(|answer| answer.map(sample).map_err(error))
-                .collect())
+        fn sample(&self, devices: &[u32]) -> Result<Vec<Result<Sample, NvmlError>>, NvmlError> {
+            let fields: Vec<host::Field> = FIELDS.iter().map(|&f| field(f)).collect();
+            let answer = calls::samples(&self.0, devices, &fields).map_err(error)?;
+            let readings = Readings {
+                values: answer.values,
+                failed: answer
+                    .failed
+                    .into_iter()
+                    .map(|(position, e)| (position, error(e)))
+                    .collect(),
+            };
+            Ok(samples(&readings, devices.len()))
         }
         fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
             let found = calls::processes(&self.0, device).map_err(error)?;
@@ -701,7 +707,7 @@ fn nvidia_round(sim_runtime: &Runtime) -> anyhow::Result<()> {
     let cards = plugin.devices()?.len();
     anyhow::ensure!(cards > 0, "no card over {}", library.display());
     let nvml = runtime.nvml().get().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let _ = native_nvml::LOADED.set(nvml);
+    let _ = native_nvml::LOADED.set(nvml.clone());
     let (native, _) = driver::Nvidia::<native_nvml::NativeNvml>::init(Config::new(vec![]))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let native = native_driver::Native::new(native);

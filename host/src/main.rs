@@ -498,7 +498,7 @@ fn probe(
     // Where `xpud serve` would run models placed on each NVIDIA card.
     if let Ok(nvml) = nvml.get() {
         let plan = xpud::runtime::cuda::plan(
-            &xpud::runtime::cuda::cards(&nvml).map_err(anyhow::Error::msg)?,
+            &xpud::runtime::cuda::cards(nvml).map_err(anyhow::Error::msg)?,
         );
         for (index, ordinal) in plan.ordinals.iter().enumerate() {
             let device = ordinal.map_or_else(

@@ -56,6 +56,32 @@ pub use bindings::xpu::plugin::driver_types::{
 /// [`NvmlError::Unavailable`](nvml::NvmlError::Unavailable).
 pub mod nvml {
     pub use super::bindings::xpu::plugin::nvml::*;
+
+    /// A figure NVML could not read, in [`Readings::values`].
+    pub const BLANK: u64 = u64::MAX;
+
+    /// A value of [`Readings::values`]: `None` where it is blank.
+    pub fn figure(value: u64) -> Option<u64> {
+        (value != BLANK).then_some(value)
+    }
+
+    impl Readings {
+        /// The values of the device at `position` in the list asked (one per field
+        /// asked, `fields` of them, in that order), or why it could not be read.
+        pub fn device(&self, position: usize, fields: usize) -> Result<&[u64], NvmlError> {
+            if let Some((_, e)) = self.failed.iter().find(|(p, _)| *p as usize == position) {
+                return Err(e.clone());
+            }
+            position
+                .checked_mul(fields)
+                .and_then(|start| self.values.get(start..start.checked_add(fields)?))
+                .ok_or_else(|| {
+                    NvmlError::Failed(format!(
+                        "the bridge answered no figures for device {position}"
+                    ))
+                })
+        }
+    }
 }
 
 /// The `[config]` table of the plugin's manifest, as the host passed it.

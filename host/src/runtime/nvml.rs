@@ -8,8 +8,8 @@
 //!
 //! The calls are public for native callers too (the benchmarks' baseline runs the
 //! nvidia driver's code natively over them). What a plugin can make the host
-//! allocate is bounded: at most `MAX_DEVICES`
-//! devices, `MAX_PROCESSES` processes and `MAX_MIG` MIG instances per answer.
+//! allocate is bounded: at most `MAX_DEVICES` devices (and `MAX_FIELDS` fields of
+//! each), `MAX_PROCESSES` processes and `MAX_MIG` MIG instances per answer.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,12 +22,16 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper_sys::bindings as sys;
 
 use super::bindings::v0_2::driver::xpu::plugin::nvml::{
-    self as wit, DeviceInfo, DeviceSample, MigInstance, MigProfile, MigState, NvmlError as Error,
-    ProcessUsage,
+    self as wit, DeviceInfo, Field, MigInstance, MigProfile, MigState, NvmlError as Error,
+    ProcessUsage, Readings,
 };
 use super::PluginState;
 
 pub const MAX_DEVICES: u32 = 64;
+/// Fields one `sample` call may ask for (there are 10; a field may be repeated).
+pub const MAX_FIELDS: usize = 32;
+/// A figure NVML could not read, in `sample`'s flat list of values.
+pub const BLANK: u64 = u64::MAX;
 pub const MAX_PROCESSES: usize = 256;
 pub const MAX_MIG: usize = 64;
 /// How long a failed load is remembered before the library is tried again.
@@ -84,15 +88,16 @@ impl NvmlBridge {
         })
     }
 
-    /// The loaded library, or why there is none.
-    pub fn get(&self) -> Result<Arc<Nvml>, String> {
+    /// The loaded library, or why there is none. Borrowed: a plugin's NVML call
+    /// reads it without touching a shared count.
+    pub fn get(&self) -> Result<&Arc<Nvml>, String> {
         if let Some(nvml) = self.loaded.get() {
-            return Ok(nvml.clone());
+            return Ok(nvml);
         }
         let mut state = crate::sync::lock(&self.state);
         // Another caller may have loaded it while this one waited for the lock.
         if let Some(nvml) = self.loaded.get() {
-            return Ok(nvml.clone());
+            return Ok(nvml);
         }
         match &*state {
             State::Failed { reason, at } if at.elapsed() < RETRY_AFTER => {
@@ -105,7 +110,7 @@ impl NvmlBridge {
                 let version = nvml.sys_driver_version().unwrap_or_default();
                 let library = self.library.as_deref().unwrap_or(Path::new(LIBRARY));
                 tracing::info!(library = %library.display(), driver = %version, "NVML loaded");
-                Ok(self.loaded.get_or_init(|| Arc::new(nvml)).clone())
+                Ok(self.loaded.get_or_init(|| Arc::new(nvml)))
             }
             Err(reason) => {
                 if matches!(*state, State::NotTried) {
@@ -153,7 +158,7 @@ impl NvmlGrant {
 }
 
 impl NvmlAccess {
-    fn nvml(&self, needs: NvmlGrant) -> Result<Arc<Nvml>, Error> {
+    fn nvml(&self, needs: NvmlGrant) -> Result<&Nvml, Error> {
         if self.grant < needs {
             return Err(Error::NoPermission(match needs {
                 NvmlGrant::Manage => {
@@ -162,7 +167,10 @@ impl NvmlAccess {
                 _ => "NVML needs the manifest's [grants] nvml = \"read\"".into(),
             }));
         }
-        self.bridge.get().map_err(Error::Unavailable)
+        self.bridge
+            .get()
+            .map(|nvml| &**nvml)
+            .map_err(Error::Unavailable)
     }
 }
 
@@ -252,35 +260,76 @@ pub fn info(nvml: &Nvml, index: u32) -> Result<DeviceInfo, Error> {
     })
 }
 
-pub fn sample(nvml: &Nvml, index: u32) -> Result<DeviceSample, Error> {
+/// Appends `fields` of device `index` to `values`, one value each, `BLANK` where
+/// NVML could not read it. NVML is asked once per figure it reads, memory and
+/// utilisation once for both of their fields, and not at all for a figure not asked
+/// for.
+fn sample(nvml: &Nvml, index: u32, fields: &[Field], values: &mut Vec<u64>) -> Result<(), Error> {
     let dev = device(nvml, index)?;
-    let memory = figure(memory(nvml, &dev))?;
-    let utilization = figure(dev.utilization_rates())?;
-    Ok(DeviceSample {
-        memory_total_bytes: memory.map(|m| m.0),
-        memory_used_bytes: memory.map(|m| m.1),
-        gpu_utilization_pct: utilization.as_ref().map(|u| u.gpu),
-        memory_utilization_pct: utilization.map(|u| u.memory),
-        decoder_utilization_pct: figure(dev.decoder_utilization())?.map(|u| u.utilization),
-        encoder_utilization_pct: figure(dev.encoder_utilization())?.map(|u| u.utilization),
-        jpeg_utilization_pct: figure(jpeg_utilization(nvml, &dev))?,
-        temperature_celsius: figure(dev.temperature(TemperatureSensor::Gpu))?,
-        power_draw_milliwatts: figure(dev.power_usage())?,
-        power_limit_milliwatts: figure(dev.enforced_power_limit())?,
-    })
+    let wants = |any: &[Field]| fields.iter().any(|f| any.contains(f));
+    let memory = if wants(&[Field::MemoryTotalBytes, Field::MemoryUsedBytes]) {
+        figure(memory(nvml, &dev))?
+    } else {
+        None
+    };
+    let utilization = if wants(&[Field::GpuUtilizationPct, Field::MemoryUtilizationPct]) {
+        figure(dev.utilization_rates())?
+    } else {
+        None
+    };
+    for field in fields {
+        let value = match field {
+            Field::MemoryTotalBytes => memory.map(|m| m.0),
+            Field::MemoryUsedBytes => memory.map(|m| m.1),
+            Field::GpuUtilizationPct => utilization.as_ref().map(|u| u.gpu.into()),
+            Field::MemoryUtilizationPct => utilization.as_ref().map(|u| u.memory.into()),
+            Field::DecoderUtilizationPct => {
+                figure(dev.decoder_utilization())?.map(|u| u.utilization.into())
+            }
+            Field::EncoderUtilizationPct => {
+                figure(dev.encoder_utilization())?.map(|u| u.utilization.into())
+            }
+            Field::JpegUtilizationPct => figure(jpeg_utilization(nvml, &dev))?.map(u64::from),
+            Field::TemperatureCelsius => {
+                figure(dev.temperature(TemperatureSensor::Gpu))?.map(u64::from)
+            }
+            Field::PowerDrawMilliwatts => figure(dev.power_usage())?.map(u64::from),
+            Field::PowerLimitMilliwatts => figure(dev.enforced_power_limit())?.map(u64::from),
+        };
+        values.push(value.unwrap_or(BLANK));
+    }
+    Ok(())
 }
 
-/// A reading of each of `devices`, in that order: a round's cards in one call. At
-/// most `MAX_DEVICES`, which bounds the NVML calls and the answer a plugin's list
-/// can make the host spend.
-pub fn samples(nvml: &Nvml, devices: &[u32]) -> Result<Vec<Result<DeviceSample, Error>>, Error> {
+/// `fields` of each of `devices`, in that order, flat: a round's cards in one
+/// call. At most `MAX_DEVICES` devices and `MAX_FIELDS` fields, which bound the
+/// NVML calls and the answer a plugin's lists can make the host spend.
+pub fn samples(nvml: &Nvml, devices: &[u32], fields: &[Field]) -> Result<Readings, Error> {
     if devices.len() > MAX_DEVICES as usize {
         return Err(Error::NotFound(format!(
             "{} devices asked for in one call; there are at most {MAX_DEVICES}",
             devices.len()
         )));
     }
-    Ok(devices.iter().map(|&device| sample(nvml, device)).collect())
+    if fields.len() > MAX_FIELDS {
+        return Err(Error::NotFound(format!(
+            "{} fields asked for in one call; at most {MAX_FIELDS}",
+            fields.len()
+        )));
+    }
+    let mut readings = Readings {
+        values: Vec::with_capacity(devices.len() * fields.len()),
+        failed: Vec::new(),
+    };
+    for (position, &device) in (0u32..).zip(devices) {
+        let start = readings.values.len();
+        if let Err(e) = sample(nvml, device, fields, &mut readings.values) {
+            readings.values.truncate(start);
+            readings.values.resize(start + fields.len(), BLANK);
+            readings.failed.push((position, e));
+        }
+    }
+    Ok(readings)
 }
 
 /// One process's NVML figures: what `running_compute_processes` says (memory, MIG
@@ -581,40 +630,41 @@ impl wit::Host for PluginState {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| info(&n, device)))
+            .and_then(|n| info(n, device)))
     }
     fn sample(
         &mut self,
         devices: Vec<u32>,
-    ) -> wasmtime::Result<Result<Vec<Result<DeviceSample, Error>>, Error>> {
+        fields: Vec<Field>,
+    ) -> wasmtime::Result<Result<Readings, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| samples(&n, &devices)))
+            .and_then(|n| samples(n, &devices, &fields)))
     }
     fn processes(&mut self, device: u32) -> wasmtime::Result<Result<Vec<ProcessUsage>, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| processes(&n, device)))
+            .and_then(|n| processes(n, device)))
     }
     fn mig_mode(&mut self, device: u32) -> wasmtime::Result<Result<MigState, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| mig_mode(&n, device)))
+            .and_then(|n| mig_mode(n, device)))
     }
     fn mig_profiles(&mut self, device: u32) -> wasmtime::Result<Result<Vec<MigProfile>, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| mig_profiles(&n, device)))
+            .and_then(|n| mig_profiles(n, device)))
     }
     fn mig_instances(&mut self, device: u32) -> wasmtime::Result<Result<Vec<MigInstance>, Error>> {
         Ok(self
             .nvml
             .nvml(NvmlGrant::Read)
-            .and_then(|n| mig_instances(&n, device)))
+            .and_then(|n| mig_instances(n, device)))
     }
     fn create_mig_instance(
         &mut self,
@@ -624,7 +674,7 @@ impl wit::Host for PluginState {
         let answer = self
             .nvml
             .nvml(NvmlGrant::Manage)
-            .and_then(|n| create_mig_instance(&n, device, profile_id));
+            .and_then(|n| create_mig_instance(n, device, profile_id));
         if let Ok(made) = &answer {
             tracing::info!(
                 plugin = &*self.plugin,
@@ -644,7 +694,7 @@ impl wit::Host for PluginState {
         let answer = self
             .nvml
             .nvml(NvmlGrant::Manage)
-            .and_then(|n| destroy_mig_instance(&n, device, gpu_instance_id));
+            .and_then(|n| destroy_mig_instance(n, device, gpu_instance_id));
         if answer.is_ok() {
             tracing::info!(
                 plugin = &*self.plugin,

@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use xpud_sdk::driver::nvml::{DeviceInfo, DeviceSample, NvmlError};
+use xpud_sdk::driver::nvml::{DeviceInfo, NvmlError};
 use xpud_sdk::driver::*;
 
-use crate::bridge::Nvml;
+use crate::bridge::{Nvml, Sample};
 use crate::{mig, models};
 
 pub struct Nvidia<N> {
@@ -63,7 +63,7 @@ const MIB: u64 = 1 << 20;
 /// A card's health from its last reading: it answered with its core figures, it
 /// answered without some of them, it is gone from the bus. In MIG mode NVML has no
 /// whole-card utilisation (its instances have theirs), so memory alone is core.
-fn health_of(sample: &Result<DeviceSample, NvmlError>, mig: bool) -> Health {
+fn health_of(sample: &Result<Sample, NvmlError>, mig: bool) -> Health {
     match sample {
         Ok(s) if s.memory_used_bytes.is_some() && (mig || s.gpu_utilization_pct.is_some()) => {
             Health::Healthy
@@ -132,7 +132,7 @@ impl<N: Nvml> Nvidia<N> {
     /// A reading of each of `indices`, in that order, from one call into NVML's
     /// bridge (each call crosses the sandbox's boundary): where the call as a whole
     /// failed, each card has its error.
-    fn read(&self, indices: &[u32]) -> Vec<Result<DeviceSample, NvmlError>> {
+    fn read(&self, indices: &[u32]) -> Vec<Result<Sample, NvmlError>> {
         if indices.is_empty() {
             return Vec::new();
         }
@@ -463,7 +463,7 @@ mod tests {
 
     struct RecordedCard {
         info: DeviceInfo,
-        sample: Result<DeviceSample, NvmlError>,
+        sample: Result<Sample, NvmlError>,
         mig: Option<MigState>,
         profiles: Vec<MigProfile>,
         instances: Vec<MigInstance>,
@@ -481,18 +481,15 @@ mod tests {
                 pci_subsystem_id: Some(0x12a2_10de),
                 mig_capable: false,
             },
-            sample: Ok(DeviceSample {
+            sample: Ok(Sample {
                 memory_total_bytes: Some(15360 * MIB),
                 memory_used_bytes: Some(345 * MIB),
                 gpu_utilization_pct: Some(37),
-                memory_utilization_pct: Some(12),
                 decoder_utilization_pct: Some(18),
-                encoder_utilization_pct: Some(0),
                 // A T4 has no JPEG engine.
                 jpeg_utilization_pct: None,
                 temperature_celsius: Some(48),
                 power_draw_milliwatts: Some(27_512),
-                power_limit_milliwatts: Some(70_000),
             }),
             mig: None,
             profiles: vec![],
@@ -512,18 +509,15 @@ mod tests {
                 pci_subsystem_id: Some(0x134f_10de),
                 mig_capable: true,
             },
-            sample: Ok(DeviceSample {
+            sample: Ok(Sample {
                 memory_total_bytes: Some(40960 * MIB),
                 memory_used_bytes: Some(38 * MIB),
                 // In MIG mode NVML has no whole-card utilisation.
                 gpu_utilization_pct: None,
-                memory_utilization_pct: None,
                 decoder_utilization_pct: None,
-                encoder_utilization_pct: None,
                 jpeg_utilization_pct: Some(4),
                 temperature_celsius: Some(33),
                 power_draw_milliwatts: Some(54_221),
-                power_limit_milliwatts: Some(400_000),
             }),
             mig: Some(MigState {
                 current: true,
@@ -567,10 +561,7 @@ mod tests {
             card.sample.as_ref().map_err(Clone::clone)?;
             Ok(card.info.clone())
         }
-        fn sample(
-            &self,
-            devices: &[u32],
-        ) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
+        fn sample(&self, devices: &[u32]) -> Result<Vec<Result<Sample, NvmlError>>, NvmlError> {
             self.sample_calls.set(self.sample_calls.get() + 1);
             if let Some(refused) = &self.sample_refused {
                 return Err(refused.clone());
@@ -928,7 +919,7 @@ mod tests {
             fn info(&self, _: u32) -> Result<DeviceInfo, NvmlError> {
                 unreachable!()
             }
-            fn sample(&self, _: &[u32]) -> Result<Vec<Result<DeviceSample, NvmlError>>, NvmlError> {
+            fn sample(&self, _: &[u32]) -> Result<Vec<Result<Sample, NvmlError>>, NvmlError> {
                 unreachable!()
             }
             fn processes(&self, _: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
