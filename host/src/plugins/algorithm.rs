@@ -101,7 +101,7 @@ impl AlgorithmPlugin {
                 .sandbox
                 .new_store(&template.engine)
                 .map_err(|e| CallError::Start(format!("{e:#}")))?;
-            PluginState::set_deadline(&mut store, template.timeout);
+            PluginState::set_deadline(&mut store, std::time::Instant::now(), template.timeout);
             let bindings = template
                 .pre
                 .instantiate(&mut store)

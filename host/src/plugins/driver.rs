@@ -164,7 +164,7 @@ impl Driver {
                 let mut store = sandbox
                     .new_store(&engine)
                     .map_err(|e| CallError::Start(format!("{e:#}")))?;
-                PluginState::set_deadline(&mut store, timeout);
+                PluginState::set_deadline(&mut store, std::time::Instant::now(), timeout);
                 let bindings = pre.instantiate(&mut store).map_err(start_error)?;
                 let info = bindings
                     .init(&mut store, &config)

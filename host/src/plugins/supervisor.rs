@@ -187,17 +187,28 @@ struct GateState {
 struct Ticket<'a> {
     gate: &'a Gate,
     generation: u64,
+    /// When the turn began: the call's deadline counts from here.
+    entered: Instant,
     /// The previous call was stuck this long and has been abandoned.
     abandoned: Option<Duration>,
 }
 
 impl Gate {
-    fn enter(&self, wait: Duration, abandon_after: Duration) -> Result<Ticket<'_>, Duration> {
-        let give_up = Instant::now() + wait;
+    /// Waits at most `wait` from `now` for the turn. The clock is read again only
+    /// where the turn was busy: an uncontended call reads it once, in its caller.
+    fn enter(
+        &self,
+        now: Instant,
+        wait: Duration,
+        abandon_after: Duration,
+    ) -> Result<Ticket<'_>, Duration> {
+        let give_up = now + wait;
+        let mut entered = now;
         let mut state = lock(&self.state);
         let mut abandoned = None;
         while let Some(since) = state.busy_since {
             let now = Instant::now();
+            entered = now;
             if now - since >= abandon_after {
                 state.generation += 1;
                 state.busy_since = None;
@@ -214,11 +225,13 @@ impl Gate {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
             state.waiting -= 1;
+            entered = Instant::now();
         }
-        state.busy_since = Some(Instant::now());
+        state.busy_since = Some(entered);
         Ok(Ticket {
             gate: self,
             generation: state.generation,
+            entered,
             abandoned,
         })
     }
@@ -369,7 +382,7 @@ impl<I: Incarnation> Supervised<I> {
         f: impl FnOnce(&mut I) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let started = Instant::now();
-        let result = self.call_unrecorded(f);
+        let result = self.call_unrecorded(started, f);
         self.calls
             .record(function, started.elapsed(), result.as_ref().map(|_| ()));
         result
@@ -377,11 +390,12 @@ impl<I: Incarnation> Supervised<I> {
 
     fn call_unrecorded<R>(
         &self,
+        started: Instant,
         f: impl FnOnce(&mut I) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let turn = self
             .gate
-            .enter(self.timeout, self.abandon_after())
+            .enter(started, self.timeout, self.abandon_after())
             .map_err(|busy_for| {
                 if busy_for > self.timeout * 2 {
                     tracing::warn!(plugin = %self.plugin, busy_ms = busy_for.as_millis() as u64, "plugin call is far past its deadline: blocked in a host call");
@@ -397,6 +411,8 @@ impl<I: Incarnation> Supervised<I> {
         if let Some(reason) = &inner.unhealthy {
             return Err(CallError::Unhealthy(reason.clone()));
         }
+        // The call's time counts from its turn, or from after a start it waited for.
+        let mut began = turn.entered;
         if inner.incarnation.is_none() {
             if let Some(at) = inner.retry_at {
                 let now = Instant::now();
@@ -404,7 +420,9 @@ impl<I: Incarnation> Supervised<I> {
                     return Err(CallError::Restarting(at - now));
                 }
             }
-            match (self.start)() {
+            let start = (self.start)();
+            began = Instant::now();
+            match start {
                 Ok(incarnation) => {
                     inner.incarnation = Some(incarnation);
                     inner.retry_at = None;
@@ -428,7 +446,7 @@ impl<I: Incarnation> Supervised<I> {
         };
         drop(inner);
         let store = incarnation.store();
-        PluginState::set_deadline(store, self.timeout);
+        PluginState::set_deadline(store, began, self.timeout);
         store.data_mut().limiter.denied = false;
         let result = f(&mut incarnation);
         let mut inner = lock(&self.inner);

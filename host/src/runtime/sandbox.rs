@@ -92,10 +92,11 @@ pub struct PluginState {
 }
 
 impl PluginState {
-    /// Arms the deadline of the next call: epochs for wasm code, this for sleeps.
-    pub fn set_deadline(store: &mut Store<PluginState>, timeout: Duration) {
+    /// Arms the deadline of the next call, `timeout` from `from` (when its turn
+    /// began): epochs for wasm code, this for sleeps.
+    pub fn set_deadline(store: &mut Store<PluginState>, from: Instant, timeout: Duration) {
         store.set_epoch_deadline(Runtime::deadline_ticks(timeout));
-        store.data_mut().call_deadline = Some(Instant::now() + timeout);
+        store.data_mut().call_deadline = Some(from + timeout);
     }
 
     pub(crate) fn table(&mut self) -> &mut ResourceTable {
