@@ -196,6 +196,10 @@ fn plugin_probe_prints_what_a_driver_reports() {
     assert_eq!(stdout.matches("device:   ").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("card:     ").count(), 2, "{stdout}");
     assert!(
+        stdout.contains("models:   on the card (the partition is a share of it)"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("label:    xpu.model=SIMULATED_XPU16"),
         "{stdout}"
     );

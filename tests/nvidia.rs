@@ -302,10 +302,11 @@ fn set_top(mut table: toml::Table, key: &str, value: &str) -> toml::Table {
 }
 
 /// A replica placed on a card in MIG mode gets a MIG instance: the ledger marks it
-/// a device of its own, which xpud's process cannot run models on, so its models
-/// run on the CPU (said in the log); on the T4 beside it, they run on the card.
+/// a device of its own, which xpud's process cannot run models on, and keeps the
+/// device's uuid the driver names, so its models run in a worker that sees only
+/// it; on the T4 beside it, they run on the card.
 #[test]
-fn a_replica_in_a_mig_instance_runs_its_models_on_the_cpu() {
+fn a_replica_in_a_mig_instance_runs_its_models_in_that_instance_s_worker() {
     use std::sync::Arc;
     use xpud::runtime::inference::Device;
     use xpud::scheduler::{Ask, Scheduler};
@@ -332,7 +333,10 @@ fn a_replica_in_a_mig_instance_runs_its_models_on_the_cpu() {
         .reserve("workload:mig", &ask("NVIDIA_A100_40GB"), &xpus)
         .unwrap();
     assert!(mig[0].isolated, "{mig:?}");
-    assert_eq!(mig[0].device("NVIDIA_A100_40GB"), Device::Cpu);
+    let Device::Isolated(uuid) = mig[0].device("NVIDIA_A100_40GB") else {
+        panic!("{mig:?}");
+    };
+    assert!(uuid.starts_with("MIG-"), "{uuid}");
     let t4 = scheduler
         .reserve("workload:t4", &ask("NVIDIA_T4"), &xpus)
         .unwrap();

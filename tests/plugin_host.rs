@@ -1113,6 +1113,107 @@ fn the_sandbox_has_no_network_no_environment_no_arguments() {
     assert!(listener.accept().is_err(), "a connection reached the host");
 }
 
+/// A model placed on a device of its own (a MIG instance) runs in a worker process
+/// started for that device, which CUDA lets see only it; its outputs are the same
+/// as in xpud's own process. A worker that dies is started again after a backoff,
+/// and its models are loaded into it again.
+#[test]
+fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
+    use xpud::runtime::batching::Batching;
+    use xpud::runtime::bindings::wit_frames::PixelFormat;
+    use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
+    use xpud::runtime::frames::Frame;
+    use xpud::runtime::inference::Device;
+
+    assert!(
+        onnxruntime().is_some(),
+        "XPUD_ONNXRUNTIME is not set: scripts/test sets it"
+    );
+    let inference = runtime().inference().clone();
+    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
+        .expect("scripts/test builds the models");
+    let here = inference
+        .load_native(
+            "conv_grid.onnx",
+            bytes.clone(),
+            Batching {
+                max: 1,
+                on_cpu: false,
+            },
+        )
+        .unwrap();
+    // A name no other test uses: each device has its own worker.
+    let device = format!("MIG-test-{}", std::process::id());
+    let there = inference
+        .load_native_on(
+            Device::Isolated(device.as_str().into()),
+            "conv_grid.onnx",
+            bytes,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let pid = there.worker_pid().expect("the model runs in a worker");
+    assert_ne!(pid, std::process::id());
+    let environment = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        environment
+            .split(|b| *b == 0)
+            .any(|var| var == format!("CUDA_VISIBLE_DEVICES={device}").as_bytes()),
+        "the worker sees the device alone"
+    );
+    let pre = Preprocess {
+        crop: None,
+        width: 512,
+        height: 288,
+        layout: Layout::Nchw,
+        channel_order: ChannelOrder::Rgb,
+        mean: (0.0, 0.0, 0.0),
+        std: (1.0, 1.0, 1.0),
+    };
+    let pixels: Vec<u8> = (0..512 * 288 * 3).map(|i| (i % 251) as u8).collect();
+    let frame = Frame::new(512, 288, 0, PixelFormat::Rgb8, pixels.into()).unwrap();
+    let soon = || Instant::now() + Duration::from_secs(30);
+    let expected = here.run(&frame, &pre, soon()).unwrap();
+    let same = |outputs: Vec<xpud::runtime::bindings::wit_inference::Tensor>| {
+        assert_eq!(outputs.len(), expected.len());
+        for (got, want) in outputs.iter().zip(&expected) {
+            assert_eq!((&got.name, &got.shape), (&want.name, &want.shape));
+            let worst = got
+                .data
+                .iter()
+                .zip(&want.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{}: off by {worst}", got.name);
+        }
+    };
+    same(there.run(&frame, &pre, soon()).unwrap());
+    assert_eq!(there.runs(), (1, 1));
+
+    // The worker dies: the run in flight (or the next) fails and says so, the
+    // worker is started again after its backoff, with the model loaded again.
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let failed = there.run(&frame, &pre, soon()).unwrap_err();
+    assert!(format!("{failed:?}").contains(&device), "{failed:?}");
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let outputs = loop {
+        match there.run(&frame, &pre, soon()) {
+            Ok(outputs) => break outputs,
+            Err(e) if Instant::now() < give_up => {
+                assert!(format!("{e:?}").contains("starts again"), "{e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the worker did not come back: {e:?}"),
+        }
+    };
+    same(outputs);
+    let again = there.worker_pid().unwrap();
+    assert_ne!(again, pid, "a new worker process");
+}
+
 /// Runs of one batchable model from several streams at once (batched when they
 /// queue behind each other: how often depends on timing, which the unit tests of
 /// `batching` pin down) each get the outputs of their own frame: the same as

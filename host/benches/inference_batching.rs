@@ -104,6 +104,7 @@ fn main() {
         library: Some(library),
         providers: vec![Provider::Cuda, Provider::Cpu],
         batching: Batching::default(),
+        worker: None,
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cross-stream batching: {cores} cores, {SECONDS} s per measure, median of {RUNS}");

@@ -124,6 +124,9 @@ pub struct InferenceConfig {
     pub providers: Vec<Provider>,
     /// Most runs of one model (from different instances) batched together; 1: none.
     pub max_batch: usize,
+    /// The executable started as the inference worker of each device of its own (a
+    /// MIG instance): `xpud serve` uses itself unless this names another.
+    pub worker: Option<PathBuf>,
 }
 
 impl Default for InferenceConfig {
@@ -133,6 +136,7 @@ impl Default for InferenceConfig {
             onnxruntime: None,
             providers: vec![Provider::Cuda, Provider::Cpu],
             max_batch: batching.max,
+            worker: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use xpud::config::ServeConfig;
 use xpud::plugins::inspect::inspect;
 use xpud::plugins::{Kind, Manifest};
 use xpud::runtime::bindings::{AlgorithmPre, DriverPre};
-use xpud::runtime::inference::InferenceOptions;
+use xpud::runtime::inference::{InferenceOptions, Provider};
 use xpud::runtime::{PluginLimits, Runtime, RuntimeOptions};
 use xpud::server::Server;
 
@@ -23,7 +23,13 @@ use xpud::server::Server;
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "XPUD_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -54,6 +60,17 @@ enum Command {
     /// Manage the access tokens' signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run models for `xpud serve` on one device of its own (started by it, with
+    /// `CUDA_VISIBLE_DEVICES` naming the device and a socket as standard input).
+    #[command(hide = true)]
+    InferenceWorker {
+        /// The ONNX Runtime library.
+        #[arg(long)]
+        onnxruntime: PathBuf,
+        /// Execution providers to try, in order, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        providers: Vec<Provider>,
+    },
 }
 
 /// Where the state is: the data directory, from the configuration file or a flag.
@@ -228,6 +245,13 @@ fn print_out(text: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Inherited by inference workers, which then log as this process does. Set while
+    // the process has one thread.
+    let format = match cli.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    std::env::set_var("XPUD_LOG_FORMAT", format);
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Plugin(PluginCommand::Check { file }) => check(&file),
@@ -251,6 +275,10 @@ fn main() -> ExitCode {
         Command::Openapi => print_out(&xpud::http::openapi_json()),
         Command::Client(command) => client(command),
         Command::Keys(command) => keys(command),
+        Command::InferenceWorker {
+            onnxruntime,
+            providers,
+        } => xpud::runtime::worker::serve(onnxruntime, providers),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -290,6 +318,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(library) = args.onnxruntime {
         config.inference.onnxruntime = Some(library);
+    }
+    if config.inference.worker.is_none() {
+        // Models on a device of their own run in workers: this same executable.
+        config.inference.worker = std::env::current_exe().ok();
     }
     if args.insecure_http {
         config.tls.insecure_http = true;
@@ -439,6 +471,7 @@ fn command_runtime(
             library: None,
             providers: vec![],
             batching: Default::default(),
+            worker: None,
         },
         limits: PluginLimits::default(),
         nvml_library,
@@ -502,7 +535,7 @@ fn probe(
         );
         for (index, ordinal) in plan.ordinals.iter().enumerate() {
             let device = ordinal.map_or_else(
-                || "none: in MIG mode, models placed on it run on the CPU".to_string(),
+                || "none: in MIG mode, models run in their MIG instance's worker".to_string(),
                 |o| format!("CUDA device {o}"),
             );
             print_out(&format!("cuda:     card {index} -> {device}"))?;
@@ -524,6 +557,12 @@ fn probe(
         };
         let made = driver.create_partition(spec)?;
         print_out(&format!("made:     {made:?}"))?;
+        // Where its replicas' models would run: a device of its own has a worker.
+        let models = match driver.partition_device(&made.id)? {
+            Some(name) => format!("in a worker that sees {name} alone (a device of its own)"),
+            None => "on the card (the partition is a share of it)".to_string(),
+        };
+        print_out(&format!("models:   {models}"))?;
         std::thread::sleep(std::time::Duration::from_millis(500));
         for instance in driver.sample()?.metrics.instances {
             print_out(&format!("instance: {instance:?}"))?;

@@ -42,6 +42,10 @@ pub struct Placement {
     /// a quota on the card.
     #[serde(default)]
     pub isolated: bool,
+    /// That device, as a process is given it to see it alone (a MIG instance's
+    /// uuid), where the driver said.
+    #[serde(default)]
+    pub partition_device: Option<String>,
 }
 
 impl Placement {
@@ -53,23 +57,29 @@ impl Placement {
     }
 
     /// Where the replica's models run: its card's CUDA device, else the CPU. A
-    /// partition that is a device of its own (a MIG instance) is not one xpud's
-    /// process can run models on: CUDA lets a process use a single MIG device, and
-    /// not the others beside it. Until a worker process per instance exists, such
-    /// a replica's models run on the CPU, and the log says so.
+    /// partition that is a device of its own (a MIG instance) is one xpud's
+    /// process cannot use: CUDA lets a process use a single MIG device, and no
+    /// other GPU beside it. Its models run in a worker process that sees only it,
+    /// or, where the driver did not name the device, on the CPU (the log says so).
     pub fn device(&self, xpu_type: &str) -> Device {
-        let card = self.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-        let device = Device::for_card(card, xpu_type);
-        if self.isolated && device != Device::Cpu {
-            tracing::warn!(
-                card = %self.card_name(),
-                partition = self.partition.as_deref().unwrap_or_default(),
-                "the replica's partition is a device of its own (a MIG instance), which \
-                 models in xpud's process cannot run on: they run on the CPU"
-            );
-            return Device::Cpu;
+        if self.isolated {
+            return match &self.partition_device {
+                Some(name) if Device::drives(xpu_type) => Device::Isolated(name.as_str().into()),
+                _ => {
+                    if Device::drives(xpu_type) {
+                        tracing::warn!(
+                            card = %self.card_name(),
+                            partition = self.partition.as_deref().unwrap_or_default(),
+                            "the replica's partition is a device of its own (a MIG \
+                             instance) its driver did not name: its models run on the CPU"
+                        );
+                    }
+                    Device::Cpu
+                }
+            };
         }
-        device
+        let card = self.card.as_ref().map(|(d, i)| (d.as_str(), *i));
+        Device::for_card(card, xpu_type)
     }
 }
 
@@ -193,6 +203,7 @@ impl Scheduler {
                     partition: None,
                     memory_mib: None,
                     isolated: false,
+                    partition_device: None,
                 })
                 .collect()
         } else {
@@ -327,6 +338,15 @@ impl Scheduler {
                     placement.memory_mib = Some(memory);
                 }
                 placement.isolated = partition.spec.isolation == Isolation::Hard;
+                if placement.isolated {
+                    placement.partition_device = driver
+                        .partition_device(&partition.id)
+                        .map_err(|e| {
+                            tracing::warn!(%owner, partition = %partition.id, "the driver does not name the partition's device: {e}");
+                        })
+                        .ok()
+                        .flatten();
+                }
                 placement.partition = Some(partition.id)
             }
             // A whole card needs no partition; a share the driver cannot enforce
@@ -471,6 +491,7 @@ fn choose(
                 partition: None,
                 memory_mib,
                 isolated: false,
+                partition_device: None,
             });
         }
     }
@@ -688,20 +709,27 @@ mod tests {
     }
 
     #[test]
-    fn models_run_on_the_card_unless_the_partition_is_a_device_of_its_own() {
+    fn models_run_on_the_card_or_in_the_worker_of_a_partition_s_own_device() {
         let mut placement = Placement {
             card: Some(("nvidia".into(), 1)),
             quota: 0.5,
             partition: Some("ts-1-1".into()),
             memory_mib: Some(4096),
             isolated: false,
+            partition_device: None,
         };
         assert_eq!(placement.device("NVIDIA_T4"), Device::Card(1));
         // Not a card an execution provider here drives.
         assert_eq!(placement.device("SIM_X"), Device::Cpu);
-        // A MIG instance: not runnable from this process.
+        // A MIG instance: not runnable from this process; in a worker that sees it
+        // alone where the driver named it, else on the CPU.
         placement.isolated = true;
         assert_eq!(placement.device("NVIDIA_A100_40GB"), Device::Cpu);
+        placement.partition_device = Some("MIG-1".into());
+        assert_eq!(
+            placement.device("NVIDIA_A100_40GB"),
+            Device::Isolated("MIG-1".into())
+        );
     }
 
     #[test]

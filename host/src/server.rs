@@ -52,6 +52,7 @@ impl Server {
                 library: config.inference.onnxruntime.clone(),
                 providers: config.inference.providers.clone(),
                 batching: config.inference.batching(),
+                worker: config.inference.worker.clone(),
             },
             limits: config.plugin_limits.clone(),
             nvml_library: config.runtime.nvml_library.clone(),

@@ -151,6 +151,16 @@ pub trait Driver: Sized + 'static {
     fn labels(&mut self) -> Result<Vec<Label>, DriverError> {
         Ok(standard_labels(&self.devices()?))
     }
+
+    /// The device a process is given to run on partition `id` alone, as the
+    /// vendor's runtime names it (for NVIDIA, a MIG instance's `CUDA_VISIBLE_DEVICES`
+    /// value): the host runs the models of the partition's replicas in a process
+    /// that sees only it. The default, `None`, says the partition is a share of a
+    /// card, not a device of its own.
+    fn partition_device(&mut self, id: &str) -> Result<Option<String>, DriverError> {
+        let _ = id;
+        Ok(None)
+    }
 }
 
 /// Labels every driver should publish for its devices (§10.3: the node's scheduling
@@ -231,6 +241,9 @@ pub mod glue {
     pub fn labels<D: Driver>() -> Result<Vec<Label>, DriverError> {
         with_driver::<D, _>(|d| d.labels())
     }
+    pub fn partition_device<D: Driver>(id: String) -> Result<Option<String>, DriverError> {
+        with_driver::<D, _>(|d| d.partition_device(&id))
+    }
 }
 
 /// Exports a [`Driver`] implementation as the plugin's `xpu:plugin/driver` interface.
@@ -277,6 +290,14 @@ macro_rules! export_driver {
                 $crate::driver::DriverError,
             > {
                 $crate::driver::glue::labels::<$driver>()
+            }
+            fn partition_device(
+                id: ::std::string::String,
+            ) -> ::std::result::Result<
+                ::std::option::Option<::std::string::String>,
+                $crate::driver::DriverError,
+            > {
+                $crate::driver::glue::partition_device::<$driver>(id)
             }
         }
 

@@ -127,6 +127,8 @@ pub fn runtime_nvml(limits: PluginLimits, nvml_library: Option<PathBuf>) -> Arc<
             library: onnxruntime(),
             providers: vec![Provider::Cuda, Provider::Cpu],
             batching: Default::default(),
+            // Models on a device of their own run in workers: the xpud binary.
+            worker: Some(PathBuf::from(env!("CARGO_BIN_EXE_xpud"))),
         },
         limits,
         nvml_library,
@@ -250,6 +252,7 @@ impl TestServer {
         // The tests place on sim-xpu's cards.
         config.runtime.simulated_devices = true;
         config.inference.onnxruntime = onnxruntime();
+        config.inference.worker = Some(PathBuf::from(env!("CARGO_BIN_EXE_xpud")));
         // Tests probe with bad tokens on purpose; the limit has a test of its own.
         config.auth.failed_auth_limit = u32::MAX;
         edit(&mut config);

@@ -321,6 +321,17 @@ pub fn labels(labels: &[Label], limits: &PluginLimits) -> Result<(), Violation> 
     Ok(())
 }
 
+/// The device of partition `id`: one name a process is given to see it alone
+/// (`CUDA_VISIBLE_DEVICES`), not a list of them.
+pub fn partition_device(id: &str, device: &str, limits: &PluginLimits) -> Result<(), Violation> {
+    let at = At::Instance(id);
+    text(at, "device", device, limits)?;
+    if device.is_empty() || device.contains(|c: char| c == ',' || c.is_whitespace()) {
+        return Err(format!("{at}: device {device:?} is not one device's name"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -380,4 +380,18 @@ impl Driver {
         let labels = self.call("labels", |s, b| b.labels(s))?;
         self.vet(labels, |l| contract::labels(l, &self.limits))
     }
+
+    /// The device a process is given to run on partition `id` alone (a MIG
+    /// instance's uuid); `None` for a share of a card.
+    pub fn partition_device(&self, id: &str) -> Result<Option<String>, DriverFailure> {
+        let driver_id = lock(&self.ledger)
+            .iter()
+            .find(|e| e.id == id)
+            .map_or_else(|| id.to_string(), |e| e.driver_id.clone());
+        let device = self.call("partition-device", |s, b| b.partition_device(s, &driver_id))?;
+        self.vet(device, |d| match d {
+            Some(device) => contract::partition_device(id, device, &self.limits),
+            None => Ok(()),
+        })
+    }
 }

@@ -7,8 +7,8 @@
 //! every card. MIG breaks the second: a process that can see a MIG instance sees
 //! that one instance and no other GPU. So where a card is in MIG mode, xpud shows
 //! CUDA only the cards that are not (`CUDA_VISIBLE_DEVICES`, by UUID), and a card
-//! in MIG mode has no CUDA device in this process: its replicas' models run on the
-//! CPU, and the log says why.
+//! in MIG mode has no CUDA device in this process: its replicas' models run in the
+//! worker process of their MIG instance (`worker`), which sees that instance alone.
 
 use std::path::Path;
 use std::sync::OnceLock;

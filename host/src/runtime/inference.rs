@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ort::session::{RunOptions, Session};
@@ -25,8 +25,9 @@ use wasmtime::component::Resource;
 use super::batching::{split, stack, Batching};
 use super::bindings::wit_inference::{Host, HostModel, InferenceError, Layout, Preprocess, Tensor};
 use super::frames::Frame;
-use super::models::{Build, ModelCache, SharedModel, Watchdog};
+use super::models::{Backend, Build, ModelCache, Remote, SharedModel, Watchdog};
 use super::preprocess::{input_tensor, InputTensor};
+use super::worker::{Launcher, Worker, Workers};
 use super::PluginState;
 use crate::files::{read_open_file, FileError};
 
@@ -43,6 +44,17 @@ pub enum Provider {
     Cpu,
 }
 
+impl std::str::FromStr for Provider {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Provider, String> {
+        [Provider::Tensorrt, Provider::Cuda, Provider::Cpu]
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| format!("no execution provider {name:?} (tensorrt, cuda, cpu)"))
+    }
+}
+
 impl Provider {
     pub fn name(self) -> &'static str {
         match self {
@@ -55,7 +67,7 @@ impl Provider {
 
 /// Where an instance's models run: its replica's card, or the CPU. One session per
 /// (model, device): instances on different cards never share one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     /// The CPU only (a replica placed without a card, or on a card no execution
     /// provider drives).
@@ -64,6 +76,10 @@ pub enum Device {
     /// ordinal: `cuda` maps cards to them), the CPU where the configuration falls
     /// back to it.
     Card(u32),
+    /// A device of its own, as `CUDA_VISIBLE_DEVICES` names it (a MIG instance's
+    /// uuid): no process can use it beside other GPUs, so its models run in a
+    /// worker process that sees only it (`worker`).
+    Isolated(Arc<str>),
 }
 
 /// The first card: where an instance placed by no scheduler runs (a process with
@@ -74,19 +90,30 @@ impl Default for Device {
     }
 }
 
+/// As the figures name it: `cpu`, `cuda:N`, or the device's own name (`MIG-…`).
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Card(ordinal) => write!(f, "cuda:{ordinal}"),
+            Device::Isolated(name) => f.write_str(name),
+        }
+    }
+}
+
 impl Device {
     /// The device a replica on `card` (driver, index) of `xpu_type` runs models
     /// on: NVIDIA cards are the only ones an execution provider here drives.
     pub fn for_card(card: Option<(&str, u32)>, xpu_type: &str) -> Device {
         match card {
-            Some((driver, index)) if xpu_type.to_ascii_uppercase().starts_with("NVIDIA") => {
+            Some((driver, index)) if Device::drives(xpu_type) => {
                 match super::cuda::ordinal(index) {
                     Some(ordinal) => Device::Card(ordinal),
                     None => {
                         tracing::warn!(
                             card = %format!("{driver}/{index}"),
                             "the card is in MIG mode, and this process has no CUDA device \
-                             for it: models placed on it run on the CPU"
+                             for it: models placed on it outside a MIG instance run on the CPU"
                         );
                         Device::Cpu
                     }
@@ -96,10 +123,15 @@ impl Device {
         }
     }
 
-    fn ordinal(self) -> i32 {
+    /// Whether an execution provider here drives cards of `xpu_type`: NVIDIA's.
+    pub fn drives(xpu_type: &str) -> bool {
+        xpu_type.to_ascii_uppercase().starts_with("NVIDIA")
+    }
+
+    fn ordinal(&self) -> i32 {
         match self {
-            Device::Card(ordinal) => ordinal as i32,
-            Device::Cpu => 0,
+            Device::Card(ordinal) => *ordinal as i32,
+            Device::Cpu | Device::Isolated(_) => 0,
         }
     }
 }
@@ -112,6 +144,10 @@ pub struct InferenceOptions {
     pub providers: Vec<Provider>,
     /// How runs of one model from several instances are batched.
     pub batching: Batching,
+    /// The executable that runs inference workers (`xpud`, which has the
+    /// `inference-worker` command). `None`: models placed on a device of their own
+    /// run on the CPU, in this process.
+    pub worker: Option<PathBuf>,
 }
 
 /// What one model session has done.
@@ -130,6 +166,9 @@ pub struct Inference {
     providers: Vec<Provider>,
     batching: Batching,
     models: Arc<ModelCache>,
+    /// How to start a worker process, where one can be.
+    launcher: Option<Launcher>,
+    workers: Workers,
 }
 
 /// ONNX Runtime can be loaded once per process: the first configuration wins.
@@ -174,11 +213,21 @@ impl Inference {
                         "inference unavailable: {reason}; algorithm plugins cannot run models"
                     ),
                 }
+                let launcher = match (&options.worker, &options.library) {
+                    (Some(executable), Some(library)) => Some(Launcher {
+                        executable: executable.clone(),
+                        library: library.clone(),
+                        providers: options.providers.clone(),
+                    }),
+                    _ => None,
+                };
                 Arc::new(Inference {
                     backend,
                     providers: options.providers.clone(),
                     batching: options.batching,
                     models: Arc::default(),
+                    launcher,
+                    workers: Workers::default(),
                 })
             })
             .clone()
@@ -227,22 +276,76 @@ impl Inference {
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?
             .clone();
+        let device = match (device, &self.launcher) {
+            (Device::Isolated(name), None) => {
+                tracing::warn!(
+                    device = %name,
+                    "no inference worker can be started (no executable or no library \
+                     configured): models placed on this device of its own run on the CPU"
+                );
+                Device::Cpu
+            }
+            (device, _) => device,
+        };
         // One session per (model, device): instances on other cards have their own.
-        let key = format!("{}@{device:?}", hex::encode(Sha256::digest(&bytes)));
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let key = format!("{hash}@{device}");
         let (providers, batching) = (self.providers.clone(), self.batching);
+        let worker = match (&device, &self.launcher) {
+            (Device::Isolated(name), Some(launcher)) => Some(self.workers.get(launcher, name)),
+            _ => None,
+        };
         let build = move || -> Build {
-            Box::new(move || build_model(&env, &providers, device, &bytes, batching))
+            Box::new(move || match worker {
+                Some(worker) => worker_model(worker, hash, bytes.into(), batching, build_timeout),
+                None => build_model(&env, &providers, &device, &bytes, batching),
+            })
         };
         self.models
             .get_or_build(&key, build, wait_until, build_timeout)
     }
+
+    /// A session of `bytes` in this process, on the first device its providers
+    /// drive: what an inference worker holds.
+    pub(crate) fn in_process(&self, bytes: &[u8]) -> Result<SharedModel, InferenceError> {
+        let env = self
+            .backend
+            .as_ref()
+            .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
+        build_model(env, &self.providers, &Device::Card(0), bytes, self.batching)
+    }
+}
+
+/// A model loaded into `worker`, named there by its hash.
+fn worker_model(
+    worker: Arc<Worker>,
+    key: String,
+    bytes: Arc<[u8]>,
+    batching: Batching,
+    load_timeout: Duration,
+) -> Result<SharedModel, InferenceError> {
+    let loaded = worker.load(&key, &bytes, Instant::now() + load_timeout)?;
+    tracing::info!(device = %worker.device(), provider = loaded.provider.name(), "model loaded in the device's inference worker");
+    Ok(SharedModel::new(
+        loaded.provider,
+        loaded.input,
+        loaded.input_shape,
+        Backend::Worker(Remote {
+            worker,
+            key,
+            bytes,
+            load_timeout,
+        }),
+        false,
+        batching,
+    ))
 }
 
 /// A session for `bytes`, with what runs need to know of its input and outputs.
 fn build_model(
     env: &ort::environment::Environment,
     providers: &[Provider],
-    device: Device,
+    device: &Device,
     bytes: &[u8],
     batching: Batching,
 ) -> Result<SharedModel, InferenceError> {
@@ -269,7 +372,7 @@ fn build_model(
         provider,
         input,
         input_shape,
-        session,
+        Backend::InProcess(Mutex::new(session)),
         batchable,
         batching,
     ))
@@ -289,14 +392,14 @@ fn global_thread_pool() -> ort::Result<ort::environment::GlobalThreadPoolOptions
 fn session(
     env: &ort::environment::Environment,
     providers: &[Provider],
-    device: Device,
+    device: &Device,
     bytes: &[u8],
 ) -> Result<(Session, Provider), InferenceError> {
     let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
     let mut refusals = Vec::new();
     let ordinal = device.ordinal();
     for &provider in providers {
-        if device == Device::Cpu && provider != Provider::Cpu {
+        if *device == Device::Cpu && provider != Provider::Cpu {
             continue;
         }
         let builder = Session::builder(env).map_err(runtime)?;
@@ -388,13 +491,14 @@ impl HostModel for PluginState {
             Err(e) => return Ok(Err(InferenceError::ModelNotFound(e.to_string()))),
         };
         let build_timeout = Duration::from_millis(self.limits.model_load_timeout_ms);
-        let shared = match self
-            .inference
-            .model(bytes, self.device, self.deadline(), build_timeout)
-        {
-            Ok(shared) => shared,
-            Err(e) => return Ok(Err(prefixed(&path, e))),
-        };
+        let shared =
+            match self
+                .inference
+                .model(bytes, self.device.clone(), self.deadline(), build_timeout)
+            {
+                Ok(shared) => shared,
+                Err(e) => return Ok(Err(prefixed(&path, e))),
+            };
         tracing::info!(plugin = &*self.plugin, model = %path, provider = shared.provider.name(), "model loaded");
         crate::sync::lock(&self.providers).insert(shared.provider.name());
         self.models_loaded += 1;
@@ -443,8 +547,23 @@ impl Inference {
             .backend
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
-        let shared = build_model(env, &self.providers, Device::default(), &bytes, batching)?;
+        let shared = build_model(env, &self.providers, &Device::default(), &bytes, batching)?;
         Ok(NativeModel(Model::new(name.to_string(), Arc::new(shared))))
+    }
+
+    /// Loads `bytes` (named `name` in errors) as a plugin instance on `device`
+    /// would: the session shared with the plugins on that device, in its worker
+    /// process where it is a device of its own.
+    pub fn load_native_on(
+        &self,
+        device: Device,
+        name: &str,
+        bytes: Vec<u8>,
+        build_timeout: Duration,
+    ) -> Result<NativeModel, InferenceError> {
+        let deadline = Instant::now() + build_timeout;
+        let shared = self.model(bytes, device, deadline, build_timeout)?;
+        Ok(NativeModel(Model::new(name.to_string(), shared)))
     }
 }
 
@@ -470,6 +589,14 @@ impl NativeModel {
     /// Which execution provider runs it.
     pub fn provider(&self) -> &'static str {
         self.0.shared.provider.name()
+    }
+
+    /// The process its session runs in, where that is a worker's.
+    pub fn worker_pid(&self) -> Option<u32> {
+        match &self.0.shared.backend {
+            Backend::Worker(remote) => remote.worker.pid(),
+            Backend::InProcess(_) => None,
+        }
     }
 
     /// Runs the model on `frame`, stopped at `deadline`.
@@ -546,20 +673,16 @@ fn run(
             model.path
         )));
     }
-    let outputs = match &shared.combiner {
-        Some(combiner) => combiner.run(
-            &shared.session,
+    let outputs = match (&shared.backend, &shared.combiner) {
+        (Backend::Worker(remote), _) => shared.run_in_worker(remote, &input, deadline),
+        (Backend::InProcess(session), Some(combiner)) => combiner.run(
+            session,
             shared.batching.max,
             &|session, inputs, deadline| shared.execute(session, inputs, deadline),
             input,
             deadline,
         ),
-        None => {
-            let mut session = crate::sync::lock(&shared.session);
-            shared
-                .execute(&mut session, &[&input], deadline)
-                .map(|mut per_input| per_input.swap_remove(0))
-        }
+        (Backend::InProcess(_), None) => shared.run_alone(&input, deadline),
     }
     .map_err(|e| prefixed(&model.path, e))?;
     let bytes: usize = outputs.iter().map(|t| t.data.len() * 4).sum();
@@ -579,6 +702,43 @@ fn run(
 const MAX_OUTPUT_BYTES: usize = 256 << 20;
 
 impl SharedModel {
+    /// Runs the model in this process on `input` alone.
+    pub(crate) fn run_alone(
+        &self,
+        input: &InputTensor,
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        let Backend::InProcess(session) = &self.backend else {
+            return Err(InferenceError::Runtime(
+                "the model's session is in a worker process".into(),
+            ));
+        };
+        let mut session = crate::sync::lock(session);
+        self.execute(&mut session, &[input], deadline)
+            .map(|mut per_input| per_input.swap_remove(0))
+    }
+
+    /// Runs the model in its device's worker process, counted as a run here.
+    fn run_in_worker(
+        &self,
+        remote: &Remote,
+        input: &InputTensor,
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        let started = Instant::now();
+        let outputs = remote.worker.run(
+            &remote.key,
+            &remote.bytes,
+            remote.load_timeout,
+            input,
+            deadline,
+        )?;
+        crate::sync::lock(&self.latency).observe(started.elapsed());
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(outputs)
+    }
+
     /// Runs `session` (this model's, locked by the caller: another run of it ends
     /// at its own deadline at most) once on `inputs` stacked along the first dimension,
     /// stopped a tenth before `deadline` (so that callers get the error back with
@@ -676,6 +836,8 @@ mod tests {
             providers: vec![Provider::Cuda, Provider::Cpu],
             batching: Batching::default(),
             models: Arc::default(),
+            launcher: None,
+            workers: Workers::default(),
         };
         assert!(!inference.available());
         let soon = Instant::now() + Duration::from_secs(1);

@@ -21,6 +21,7 @@ pub mod nvml;
 pub mod preprocess;
 pub mod sandbox;
 pub mod stderr;
+pub mod worker;
 
 pub use engine::{Runtime, RuntimeOptions};
 pub use limits::PluginLimits;

@@ -21,6 +21,7 @@ use ort::session::{RunOptions, Session};
 use super::batching::{Batching, Combiner};
 use super::bindings::wit_inference::InferenceError;
 use super::inference::Provider;
+use super::worker::Worker;
 use crate::plugins::calls::Latency;
 use crate::sync::lock;
 
@@ -36,17 +37,34 @@ const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 /// A session nobody holds stays cached this long (a plugin restarting reloads it).
 const IDLE_KEEP: Duration = Duration::from_secs(60);
 
+/// Where a model's session lives.
+pub enum Backend {
+    /// In this process.
+    InProcess(Mutex<Session>),
+    /// In the worker process of a device of its own (`worker`).
+    Worker(Remote),
+}
+
+/// A model loaded into a worker: the worker, the model's name there, and its bytes
+/// and load timeout (it is loaded again into a worker that was restarted).
+pub struct Remote {
+    pub worker: Arc<Worker>,
+    pub key: String,
+    pub bytes: Arc<[u8]>,
+    pub load_timeout: Duration,
+}
+
 /// A loaded model, shared by every instance that loaded the same file.
 pub struct SharedModel {
     pub provider: Provider,
     pub input: String,
     /// The input's declared shape (-1 where dynamic).
     pub input_shape: Vec<i64>,
-    pub session: Mutex<Session>,
+    pub backend: Backend,
     pub batching: Batching,
     /// Runs waiting to be batched, when the model batches (its input and every
-    /// output have a dynamic first dimension, it runs on an accelerator, and
-    /// batching is on).
+    /// output have a dynamic first dimension, it runs on an accelerator in this
+    /// process, and batching is on).
     pub combiner: Option<Combiner>,
     /// Session runs, and the requests they served (more requests than runs: batches).
     pub runs: AtomicU64,
@@ -60,17 +78,19 @@ impl SharedModel {
         provider: Provider,
         input: String,
         input_shape: Vec<i64>,
-        session: Session,
+        backend: Backend,
         batchable: bool,
         batching: Batching,
     ) -> SharedModel {
+        let in_process = matches!(backend, Backend::InProcess(_));
         SharedModel {
             provider,
             input,
             input_shape,
-            session: Mutex::new(session),
+            backend,
             batching,
-            combiner: (batchable
+            combiner: (in_process
+                && batchable
                 && batching.max > 1
                 && (provider != Provider::Cpu || batching.on_cpu))
                 .then(Combiner::default),

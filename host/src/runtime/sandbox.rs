@@ -197,7 +197,7 @@ impl Sandbox {
             limits: self.limits.clone(),
             log: self.log.clone(),
             providers: self.providers.clone(),
-            device: self.launch.device,
+            device: self.launch.device.clone(),
             models_loaded: 0,
             clock,
             call_deadline: None,

@@ -423,6 +423,31 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
         Ok(out)
     }
 
+    /// A MIG instance's device: its uuid, once NVML gave it a compute instance.
+    /// A time-sliced partition is a share of its card.
+    fn partition_device(&mut self, id: &str) -> Result<Option<String>, DriverError> {
+        let Some((device, gpu_instance)) = mig::parse_partition_id(id) else {
+            return match self.shared.contains_key(id) {
+                true => Ok(None),
+                false => Err(DriverError::NotFound(format!("no partition {id}"))),
+            };
+        };
+        let instance = self
+            .nvml
+            .mig_instances(device)
+            .map_err(driver_error)?
+            .into_iter()
+            .find(|i| i.gpu_instance_id == gpu_instance)
+            .ok_or_else(|| DriverError::NotFound(format!("no partition {id}")))?;
+        match instance.uuid {
+            Some(uuid) => Ok(Some(uuid)),
+            None => Err(DriverError::DeviceFailure(format!(
+                "partition {id}: NVML gives its MIG instance no device uuid (no compute \
+                 instance in it)"
+            ))),
+        }
+    }
+
     fn labels(&mut self) -> Result<Vec<Label>, DriverError> {
         let mut labels = standard_labels(&self.devices()?);
         let label = |key: &str, value: String| Label {
@@ -841,6 +866,33 @@ mod tests {
             matches!(err, DriverError::InsufficientResources(_)),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_mig_partition_is_a_device_of_its_own_and_a_time_slice_is_not() {
+        let mut driver = driver();
+        let mig = driver.create_partition(soft(1, 14, 4096)).unwrap();
+        assert_eq!(
+            driver.partition_device(&mig.id).unwrap().as_deref(),
+            Some("MIG-00000001-aaaa-bbbb-cccc-dddddddddddd")
+        );
+        let shared = driver.create_partition(soft(0, 50, 1024)).unwrap();
+        assert_eq!(driver.partition_device(&shared.id).unwrap(), None);
+        for unknown in ["mig-1-77", "ts-0-99", "anything"] {
+            assert!(
+                matches!(
+                    driver.partition_device(unknown),
+                    Err(DriverError::NotFound(_))
+                ),
+                "{unknown}"
+            );
+        }
+        // A GPU instance without a compute instance has no CUDA device yet.
+        driver.nvml.cards[1].instances[0].uuid = None;
+        assert!(matches!(
+            driver.partition_device(&mig.id),
+            Err(DriverError::DeviceFailure(m)) if m.contains("no device uuid")
+        ));
     }
 
     #[test]

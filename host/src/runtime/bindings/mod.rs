@@ -163,6 +163,17 @@ impl DriverBindings {
     pub fn labels(&self, store: &mut Store<PluginState>) -> Answer<Vec<Label>, DriverError> {
         driver_call!(self, call_labels(store))
     }
+    /// The device of a partition of its own; API 0.1 has none to tell.
+    pub fn partition_device(
+        &self,
+        store: &mut Store<PluginState>,
+        id: &str,
+    ) -> Answer<Option<String>, DriverError> {
+        match self {
+            DriverBindings::V0_1(_) => Ok(Ok(None)),
+            DriverBindings::V0_2(b) => b.xpu_plugin_driver().call_partition_device(store, id),
+        }
+    }
 }
 
 /// An algorithm component, linked and type-checked against its API version's world.
