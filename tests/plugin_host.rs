@@ -1113,6 +1113,44 @@ fn the_sandbox_has_no_network_no_environment_no_arguments() {
     assert!(listener.accept().is_err(), "a connection reached the host");
 }
 
+/// The conv_grid test model (three convolutions over a 512x288 RGB input), with
+/// the process's inference backend.
+fn conv_grid() -> (Arc<xpud::runtime::inference::Inference>, Vec<u8>) {
+    assert!(
+        onnxruntime().is_some(),
+        "XPUD_ONNXRUNTIME is not set: scripts/test sets it"
+    );
+    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
+        .expect("scripts/test builds the models");
+    (runtime().inference().clone(), bytes)
+}
+
+/// conv_grid's input: a 512x288 frame of stream `stream`'s pixels, as is.
+fn conv_grid_input(
+    stream: usize,
+) -> (
+    xpud::runtime::frames::Frame,
+    xpud::runtime::bindings::wit_inference::Preprocess,
+) {
+    use xpud::runtime::bindings::wit_frames::PixelFormat;
+    use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
+    let pixels: Vec<u8> = (0..512 * 288 * 3)
+        .map(|i| ((i / 3 * (stream + 1)) % 251) as u8)
+        .collect();
+    let frame =
+        xpud::runtime::frames::Frame::new(512, 288, 0, PixelFormat::Rgb8, pixels.into()).unwrap();
+    let pre = Preprocess {
+        crop: None,
+        width: 512,
+        height: 288,
+        layout: Layout::Nchw,
+        channel_order: ChannelOrder::Rgb,
+        mean: (0.0, 0.0, 0.0),
+        std: (1.0, 1.0, 1.0),
+    };
+    (frame, pre)
+}
+
 /// A model placed on a device of its own (a MIG instance) runs in a worker process
 /// started for that device, which CUDA lets see only it; its outputs are the same
 /// as in xpud's own process. A worker that dies is started again after a backoff,
@@ -1120,18 +1158,9 @@ fn the_sandbox_has_no_network_no_environment_no_arguments() {
 #[test]
 fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
     use xpud::runtime::batching::Batching;
-    use xpud::runtime::bindings::wit_frames::PixelFormat;
-    use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
-    use xpud::runtime::frames::Frame;
     use xpud::runtime::inference::Device;
 
-    assert!(
-        onnxruntime().is_some(),
-        "XPUD_ONNXRUNTIME is not set: scripts/test sets it"
-    );
-    let inference = runtime().inference().clone();
-    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
-        .expect("scripts/test builds the models");
+    let (inference, bytes) = conv_grid();
     let here = inference
         .load_native(
             "conv_grid.onnx",
@@ -1161,17 +1190,7 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
             .any(|var| var == format!("CUDA_VISIBLE_DEVICES={device}").as_bytes()),
         "the worker sees the device alone"
     );
-    let pre = Preprocess {
-        crop: None,
-        width: 512,
-        height: 288,
-        layout: Layout::Nchw,
-        channel_order: ChannelOrder::Rgb,
-        mean: (0.0, 0.0, 0.0),
-        std: (1.0, 1.0, 1.0),
-    };
-    let pixels: Vec<u8> = (0..512 * 288 * 3).map(|i| (i % 251) as u8).collect();
-    let frame = Frame::new(512, 288, 0, PixelFormat::Rgb8, pixels.into()).unwrap();
+    let (frame, pre) = conv_grid_input(0);
     let soon = || Instant::now() + Duration::from_secs(30);
     let expected = here.run(&frame, &pre, soon()).unwrap();
     let same = |outputs: Vec<xpud::runtime::bindings::wit_inference::Tensor>| {
@@ -1221,18 +1240,9 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
 #[test]
 fn runs_from_several_streams_are_batched_and_each_gets_its_own_outputs() {
     use xpud::runtime::batching::Batching;
-    use xpud::runtime::bindings::wit_frames::PixelFormat;
-    use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
-    use xpud::runtime::frames::Frame;
 
-    assert!(
-        onnxruntime().is_some(),
-        "XPUD_ONNXRUNTIME is not set: scripts/test sets it"
-    );
-    let inference = runtime().inference().clone();
     // Three convolutions: a run long enough that the others queue behind it.
-    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
-        .expect("scripts/test builds the models");
+    let (inference, bytes) = conv_grid();
     let load = |max| {
         inference
             .load_native(
@@ -1244,21 +1254,8 @@ fn runs_from_several_streams_are_batched_and_each_gets_its_own_outputs() {
             .unwrap()
     };
     let (alone, batched) = (load(1), load(8));
-    let pre = Preprocess {
-        crop: None,
-        width: 512,
-        height: 288,
-        layout: Layout::Nchw,
-        channel_order: ChannelOrder::Rgb,
-        mean: (0.0, 0.0, 0.0),
-        std: (1.0, 1.0, 1.0),
-    };
-    let frame = |stream: usize| {
-        let pixels: Vec<u8> = (0..512 * 288 * 3)
-            .map(|i| ((i / 3 * (stream + 1)) % 251) as u8)
-            .collect();
-        Frame::new(512, 288, 0, PixelFormat::Rgb8, pixels.into()).unwrap()
-    };
+    let pre = conv_grid_input(0).1;
+    let frame = |stream: usize| conv_grid_input(stream).0;
     let soon = || Instant::now() + Duration::from_secs(30);
     let expected: Vec<Vec<f32>> = (0..4)
         .map(|stream| {
