@@ -1231,6 +1231,12 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
     same(outputs);
     let again = there.worker_pid().unwrap();
     assert_ne!(again, pid, "a new worker process");
+    // What /metrics tells of it.
+    let figures = inference.worker_figures();
+    let ours = figures.iter().find(|w| w.device == device).unwrap();
+    assert!(ours.up);
+    assert_eq!(ours.starts, 2);
+    assert!(ours.failures >= 1, "{ours:?}");
 }
 
 /// Runs of one batchable model from several streams at once (batched when they

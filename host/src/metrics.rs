@@ -503,6 +503,31 @@ impl Sources {
             "xpud_inference_requests",
             "Model runs asked for by plugins (more than runs: batching).",
             &requests,
+        )?;
+        let (mut up, mut starts, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+        for worker in self.registry.runtime().inference().worker_figures() {
+            let labels: Labels = vec![("device", worker.device)];
+            up.push((labels.clone(), if worker.up { 1.0 } else { 0.0 }));
+            starts.push((labels.clone(), worker.starts));
+            failures.push((labels, worker.failures));
+        }
+        gauges(
+            encoder,
+            "xpud_inference_worker_up",
+            "Whether the inference worker of a device of its own (a MIG instance) runs.",
+            &up,
+        )?;
+        counters(
+            encoder,
+            "xpud_inference_worker_starts",
+            "Inference worker processes started for the device, the first included.",
+            &starts,
+        )?;
+        counters(
+            encoder,
+            "xpud_inference_worker_failures",
+            "Inference workers of the device that failed to start, exited or stopped answering.",
+            &failures,
         )
     }
 }

@@ -242,6 +242,11 @@ impl Inference {
         self.models.sessions()
     }
 
+    /// The inference workers of the devices of their own models are placed on.
+    pub fn worker_figures(&self) -> Vec<super::worker::WorkerFigures> {
+        self.workers.figures()
+    }
+
     /// Each session's model (its hash's first 12 digits), device, provider, runs
     /// and the requests they served.
     pub fn session_figures(&self) -> Vec<SessionFigures> {

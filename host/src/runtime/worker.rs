@@ -189,7 +189,41 @@ pub struct Workers {
     by_device: Mutex<HashMap<String, Weak<Worker>>>,
 }
 
+/// What one device's worker has been through, for `/metrics`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerFigures {
+    pub device: String,
+    /// A worker process runs now.
+    pub up: bool,
+    /// Processes started for the device, the first one included.
+    pub starts: u64,
+    /// Starts that failed, and workers that exited or stopped answering.
+    pub failures: u64,
+}
+
 impl Workers {
+    /// Each device's worker, while a model placed on it is loaded.
+    pub fn figures(&self) -> Vec<WorkerFigures> {
+        let workers: Vec<Arc<Worker>> = lock(&self.by_device)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut figures: Vec<WorkerFigures> = workers
+            .iter()
+            .map(|worker| {
+                let state = lock(&worker.state);
+                WorkerFigures {
+                    device: worker.device.clone(),
+                    up: state.running.is_some(),
+                    starts: state.starts,
+                    failures: state.failures_total,
+                }
+            })
+            .collect();
+        figures.sort_by(|a, b| a.device.cmp(&b.device));
+        figures
+    }
+
     /// The worker of `device`, started on its first run.
     pub fn get(&self, launcher: &Launcher, device: &str) -> Arc<Worker> {
         let mut by_device = lock(&self.by_device);
@@ -220,6 +254,8 @@ struct State {
     /// Failures in a row, for the backoff; none since the last good answer.
     failures: u32,
     retry_at: Option<Instant>,
+    starts: u64,
+    failures_total: u64,
 }
 
 struct Running {
@@ -349,6 +385,7 @@ impl Worker {
                     )));
                 }
             }
+            state.starts += 1;
             match self.launcher.spawn(&self.device) {
                 Ok((child, socket)) => {
                     tracing::info!(device = %self.device, pid = child.id(), "inference worker started");
@@ -425,6 +462,7 @@ impl Worker {
     fn failed(&self, state: &mut State, reason: String) -> InferenceError {
         state.running = None;
         state.failures += 1;
+        state.failures_total += 1;
         let backoff = FIRST_BACKOFF
             .saturating_mul(1 << (state.failures - 1).min(16))
             .min(MAX_BACKOFF);
@@ -569,7 +607,8 @@ mod tests {
 
     #[test]
     fn a_worker_that_cannot_start_fails_the_run_and_backs_off() {
-        let worker = Workers::default().get(
+        let workers = Workers::default();
+        let worker = workers.get(
             &Launcher {
                 executable: "/nonexistent/xpud".into(),
                 library: "/nonexistent/libonnxruntime.so".into(),
@@ -587,6 +626,17 @@ mod tests {
         };
         assert!(why.contains("starts again in"), "{why}");
         assert_eq!(worker.pid(), None);
+        assert_eq!(
+            workers.figures(),
+            [WorkerFigures {
+                device: "MIG-none".into(),
+                up: false,
+                starts: 1,
+                failures: 1,
+            }]
+        );
+        drop(worker);
+        assert_eq!(workers.figures(), [], "gone with its last model");
     }
 
     #[test]
