@@ -11,6 +11,11 @@
 //! their ratio, the mean batch size, and the latency of one run (median and p99
 //! over all streams' runs).
 //!
+//! Last, the price of a device of its own (a MIG instance): one stream running each
+//! model in xpud's process beside the same run in an inference worker (the input
+//! tensor and the outputs cross a socket; `runtime/worker.rs`), on the same
+//! provider.
+//!
 //! `cargo bench --bench inference_batching` (after scripts/test, which builds the
 //! test models; XPUD_ONNXRUNTIME names the ONNX Runtime library). The providers
 //! tried are CUDA then CPU: the one that runs is printed. BENCHMARKS.md records a
@@ -23,7 +28,7 @@ use xpud::runtime::batching::Batching;
 use xpud::runtime::bindings::wit_frames::PixelFormat;
 use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
 use xpud::runtime::frames::Frame;
-use xpud::runtime::inference::{Inference, InferenceOptions, NativeModel, Provider};
+use xpud::runtime::inference::{Device, Inference, InferenceOptions, NativeModel, Provider};
 
 const RUNS: usize = 3;
 const SECONDS: f64 = 2.0;
@@ -104,7 +109,7 @@ fn main() {
         library: Some(library),
         providers: vec![Provider::Cuda, Provider::Cpu],
         batching: Batching::default(),
-        worker: None,
+        worker: Some(PathBuf::from(env!("CARGO_BIN_EXE_xpud"))),
     });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cross-stream batching: {cores} cores, {SECONDS} s per measure, median of {RUNS}");
@@ -164,5 +169,47 @@ fn main() {
                 percentile(&mut with.latencies, 0.99),
             );
         }
+    }
+    worker_overhead(&inference);
+}
+
+/// One stream, each model run in this process and in a worker process.
+fn worker_overhead(inference: &Inference) {
+    println!("\na device of its own: one stream, in xpud's process and in a worker");
+    println!(
+        "{:<12} {:>10} {:>16} {:>16} {:>12}",
+        "model", "input", "p50/p99 ms here", "p50/p99 ms worker", "per run"
+    );
+    for (name, input) in [("bright_grid", (256, 144)), ("conv_grid", (512, 288))] {
+        let path = repo().join(format!("target/test-models/{name}.onnx"));
+        let bytes = std::fs::read(&path).expect("scripts/test builds the test models");
+        let unbatched = Batching {
+            max: 1,
+            on_cpu: false,
+        };
+        let here = inference
+            .load_native(name, bytes.clone(), unbatched)
+            .expect("the model loads");
+        let there = inference
+            .load_native_on(
+                Device::Isolated("MIG-bench".into()),
+                name,
+                bytes,
+                Duration::from_secs(60),
+            )
+            .expect("the model loads in a worker");
+        let mut here = median_of((0..RUNS).map(|_| measure(&here, 1, input)).collect());
+        let mut there = median_of((0..RUNS).map(|_| measure(&there, 1, input)).collect());
+        let (p50_here, p50_there) = (
+            percentile(&mut here.latencies, 0.5),
+            percentile(&mut there.latencies, 0.5),
+        );
+        println!(
+            "{name:<12} {:>7.2} MB {p50_here:>7.2} / {:>6.2} {p50_there:>7.2} / {:>6.2} {:>+9.2} ms",
+            f64::from(input.0 * input.1 * 3 * 4) / 1e6,
+            percentile(&mut here.latencies, 0.99),
+            percentile(&mut there.latencies, 0.99),
+            p50_there - p50_here,
+        );
     }
 }
