@@ -104,6 +104,8 @@ fn services_place_replicas_and_tasks_bind_to_them() {
             .unwrap_or_else(|| panic!("{replica}"));
         assert_eq!(replica["memoryQuotaMib"], partition.spec.memory_quota_mib);
         assert!(replica["memoryUsedMib"].as_u64().is_some(), "{replica}");
+        // A share of a simulated card: no device of its own, no inference worker.
+        assert!(replica.get("partitionDevice").is_none(), "{replica}");
     }
 
     // Over-commit: 3 x 0.5 more would need 1.5 cards; 1 is left. Refused, nothing taken.

@@ -106,6 +106,10 @@ pub struct Placed {
     /// The driver's partition, where it made one.
     #[serde(skip_serializing_if = "Option::is_none")]
     partition: Option<String>,
+    /// The partition's own device (a MIG instance's uuid), where it is one: the
+    /// models run in that device's inference worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partition_device: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ai_utilization_pct: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +186,7 @@ impl App {
         Placed {
             card: card.map(|(driver, index)| format!("{driver}/{index}")),
             partition,
+            partition_device: placement.and_then(|p| p.partition_device.clone()),
             ai_utilization_pct: figures.as_ref().and_then(|f| f.ai_utilization_pct),
             memory_used_mib: figures.as_ref().and_then(|f| f.memory_used_mib),
             memory_quota_mib: figures.as_ref().map(|f| f.memory_quota_mib),
