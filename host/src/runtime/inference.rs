@@ -283,11 +283,15 @@ impl Inference {
             .clone();
         let device = match (device, &self.launcher) {
             (Device::Isolated(name), None) => {
-                tracing::warn!(
-                    device = %name,
-                    "no inference worker can be started (no executable or no library \
-                     configured): models placed on this device of its own run on the CPU"
-                );
+                // Said once: a plugin's every load comes here.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(
+                        device = %name,
+                        "no inference worker can be started (no executable or no library \
+                         configured): models placed on a device of its own run on the CPU"
+                    )
+                });
                 Device::Cpu
             }
             (device, _) => device,
@@ -317,7 +321,13 @@ impl Inference {
             .backend
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
-        build_model(env, &self.providers, &Device::Card(0), bytes, self.batching)
+        build_model(
+            env,
+            &self.providers,
+            &Device::default(),
+            bytes,
+            self.batching,
+        )
     }
 }
 
@@ -329,8 +339,8 @@ fn worker_model(
     batching: Batching,
     load_timeout: Duration,
 ) -> Result<SharedModel, InferenceError> {
+    // The worker logs the load, with its device and provider.
     let loaded = worker.load(&key, &bytes, Instant::now() + load_timeout)?;
-    tracing::info!(device = %worker.device(), provider = loaded.provider.name(), "model loaded in the device's inference worker");
     Ok(SharedModel::new(
         loaded.provider,
         loaded.input,

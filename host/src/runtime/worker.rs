@@ -295,10 +295,6 @@ pub struct Loaded {
 }
 
 impl Worker {
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
     /// The worker's process id, while one runs.
     pub fn pid(&self) -> Option<u32> {
         lock(&self.state).running.as_ref().map(|r| r.child.id())

@@ -31,18 +31,26 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// From one device's values, in the order of `FIELDS`.
+    /// From one device's values, one per field of `FIELDS`, in that order.
     fn from_values(values: &[u64]) -> Sample {
-        let at = |i: usize| values.get(i).copied().and_then(figure);
-        Sample {
-            memory_total_bytes: at(0),
-            memory_used_bytes: at(1),
-            gpu_utilization_pct: at(2),
-            decoder_utilization_pct: at(3),
-            jpeg_utilization_pct: at(4),
-            temperature_celsius: at(5),
-            power_draw_milliwatts: at(6),
+        let mut sample = Sample::default();
+        for (field, &value) in FIELDS.iter().zip(values) {
+            let slot = match field {
+                Field::MemoryTotalBytes => &mut sample.memory_total_bytes,
+                Field::MemoryUsedBytes => &mut sample.memory_used_bytes,
+                Field::GpuUtilizationPct => &mut sample.gpu_utilization_pct,
+                Field::DecoderUtilizationPct => &mut sample.decoder_utilization_pct,
+                Field::JpegUtilizationPct => &mut sample.jpeg_utilization_pct,
+                Field::TemperatureCelsius => &mut sample.temperature_celsius,
+                Field::PowerDrawMilliwatts => &mut sample.power_draw_milliwatts,
+                // Not in `FIELDS`: never asked for.
+                Field::MemoryUtilizationPct
+                | Field::EncoderUtilizationPct
+                | Field::PowerLimitMilliwatts => continue,
+            };
+            *slot = figure(value);
         }
+        sample
     }
 }
 
