@@ -196,7 +196,7 @@ fn plugin_probe_prints_what_a_driver_reports() {
     assert_eq!(stdout.matches("device:   ").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("card:     ").count(), 2, "{stdout}");
     assert!(
-        stdout.contains("models:   on the card (the partition is a share of it)"),
+        stdout.contains("models:   in xpud's process, on the card"),
         "{stdout}"
     );
     assert!(
@@ -206,7 +206,8 @@ fn plugin_probe_prints_what_a_driver_reports() {
     assert!(stdout.contains("made:     Partition"), "{stdout}");
     assert!(stdout.contains("left:     0 partitions"), "{stdout}");
     // Over NVML (here the stand-in: a T4, and an A100 in MIG mode), it also says
-    // where models placed on each card would run.
+    // where models placed on each card would run; a time slice of the T4 has a
+    // worker of its own, shown the card.
     if let Ok(library) = fake_nvml() {
         plugins.install("nvidia");
         let out = xpud(&[
@@ -217,6 +218,7 @@ fn plugin_probe_prints_what_a_driver_reports() {
             "nvidia",
             "--nvml-library",
             library.to_str().unwrap(),
+            "--partition",
         ]);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
@@ -226,6 +228,12 @@ fn plugin_probe_prints_what_a_driver_reports() {
         );
         assert!(
             stdout.contains("cuda:     card 1 -> none: in MIG mode"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(
+                "models:   in a worker shown GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e alone"
+            ),
             "{stdout}"
         );
     }

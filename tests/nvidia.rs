@@ -304,11 +304,12 @@ fn set_top(mut table: toml::Table, key: &str, value: &str) -> toml::Table {
 /// A replica placed on a card in MIG mode gets a MIG instance: the ledger marks it
 /// a device of its own, which xpud's process cannot run models on, and keeps the
 /// device's uuid the driver names, so its models run in a worker that sees only
-/// it; on the T4 beside it, they run on the card.
+/// it. On the T4 beside it, a time slice: its models run in a worker shown the
+/// card alone, measured apart (or on the card, where no worker can start).
 #[test]
-fn a_replica_in_a_mig_instance_runs_its_models_in_that_instance_s_worker() {
+fn a_replica_on_a_partition_runs_its_models_in_that_partition_s_worker() {
     use std::sync::Arc;
-    use xpud::runtime::inference::Device;
+    use xpud::runtime::inference::{Device, PartitionDevice};
     use xpud::scheduler::{Ask, Scheduler};
     let Some(library) = stand_in(fake_nvml()) else {
         return;
@@ -320,7 +321,7 @@ fn a_replica_in_a_mig_instance_runs_its_models_in_that_instance_s_worker() {
     let samples = xpud::sampler::SampleCache::new(std::time::Duration::from_secs(60));
     xpud::sampler::sample_all_now(&registry, &samples);
     let xpus = xpud::machine::xpus(&samples, &["nvidia".to_string()]);
-    let scheduler = Scheduler::new(registry);
+    let scheduler = Scheduler::new(registry.clone());
     let labels = std::collections::BTreeMap::new();
     let ask = |xpu_type| Ask {
         count: 1,
@@ -333,17 +334,106 @@ fn a_replica_in_a_mig_instance_runs_its_models_in_that_instance_s_worker() {
         .reserve("workload:mig", &ask("NVIDIA_A100_40GB"), &xpus)
         .unwrap();
     assert!(mig[0].isolated, "{mig:?}");
-    let Device::Isolated(uuid) = mig[0].device("NVIDIA_A100_40GB") else {
+    let Device::Partition(instance) = mig[0].device("NVIDIA_A100_40GB") else {
         panic!("{mig:?}");
     };
-    assert!(uuid.starts_with("MIG-"), "{uuid}");
+    assert!(instance.visible.starts_with("MIG-"), "{instance:?}");
+    assert_eq!(
+        instance.card_ordinal, None,
+        "no CUDA device in this process"
+    );
     let t4 = scheduler
         .reserve("workload:t4", &ask("NVIDIA_T4"), &xpus)
         .unwrap();
     assert!(!t4[0].isolated, "{t4:?}");
-    assert_eq!(t4[0].device("NVIDIA_T4"), Device::Card(0));
+    assert_eq!(
+        t4[0].device("NVIDIA_T4"),
+        Device::Partition(Arc::new(PartitionDevice {
+            driver: "nvidia".into(),
+            partition: t4[0].partition.clone().unwrap(),
+            visible: "GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e".into(),
+            card_ordinal: Some(0),
+        }))
+    );
+
+    // A model placed on the slice: its worker is shown the card alone, and the
+    // next sampling round tells the driver the worker's pid.
+    let bytes = std::fs::read(repo().join("target/test-models/conv_grid.onnx"))
+        .expect("scripts/test builds the models");
+    let model = registry
+        .runtime()
+        .inference()
+        .load_native_on(
+            t4[0].device("NVIDIA_T4"),
+            "conv_grid.onnx",
+            bytes,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+    let pid = model.worker_pid().expect("the model runs in a worker");
+    let environment = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(environment
+        .split(|b| *b == 0)
+        .any(|var| var == b"CUDA_VISIBLE_DEVICES=GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e"));
+    let nvidia = driver(&registry, "nvidia");
+    let slice = t4[0].partition.as_deref().unwrap();
+    assert_eq!(nvidia.bound_process(slice), None);
+    xpud::sampler::sample_all_now(&registry, &samples);
+    assert_eq!(nvidia.bound_process(slice), Some(pid));
+    drop(model);
     scheduler.release("workload:mig");
     scheduler.release("workload:t4");
+}
+
+/// A time slice is measured by the process the host names for it: the stand-in
+/// lists pid 4242 on the T4, and once a slice is bound to it the slice's figures
+/// are that process's; a slice bound to a pid NVML does not list has none.
+#[test]
+fn a_time_slice_is_measured_by_the_process_the_host_names_for_it() {
+    let Some(library) = stand_in(fake_nvml()) else {
+        return;
+    };
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = over(&plugins, library);
+    registry.scan();
+    let nvidia = driver(&registry, "nvidia");
+    nvidia.devices().unwrap();
+    let slice = |share| PartitionSpec {
+        device_index: 0,
+        isolation: Isolation::Soft,
+        slicing: Slicing::Time,
+        memory_quota_mib: 2048,
+        compute_share_pct: share,
+    };
+    let measured = nvidia.create_partition(slice(50)).unwrap();
+    let elsewhere = nvidia.create_partition(slice(25)).unwrap();
+    let instance = |id: &str| {
+        let metrics = nvidia.sample().unwrap().metrics;
+        let found = metrics.instances.iter().find(|i| i.partition_id == id);
+        found
+            .cloned()
+            .expect("every partition has its instance figures")
+    };
+    let before = instance(&measured.id);
+    assert_eq!(
+        (before.memory_used_mib, before.ai_utilization_pct),
+        (None, None)
+    );
+
+    nvidia.bind_process(&measured.id, 4242).unwrap();
+    nvidia.bind_process(&elsewhere.id, 4343).unwrap();
+    let after = instance(&measured.id);
+    assert_eq!(after.memory_used_mib, Some(512));
+    assert_eq!(after.ai_utilization_pct, Some(33.0));
+    assert_eq!(after.memory_quota_mib, 2048);
+    let unlisted = instance(&elsewhere.id);
+    assert_eq!(
+        (unlisted.memory_used_mib, unlisted.ai_utilization_pct),
+        (None, None)
+    );
+    nvidia.destroy_partition(&measured.id).unwrap();
+    nvidia.destroy_partition(&elsewhere.id).unwrap();
 }
 
 /// CUDA sees a MIG instance and then no other GPU, so where a card is in MIG mode

@@ -880,12 +880,18 @@ fn partitions_survive_a_driver_restart_under_the_ids_callers_hold() {
     let c1 = driver.create_partition(spec(200)).unwrap();
     assert_eq!((c0.id.as_str(), c1.id.as_str()), ("c0", "c1"));
     driver.destroy_partition("c0").unwrap();
+    // The process that does c1's work (chaos echoes it as the memory used).
+    driver.bind_process("c1", 77).unwrap();
+    assert_eq!(driver.bound_process("c1"), Some(77));
+    assert!(matches!(
+        driver.bind_process("c0", 77),
+        Err(DriverFailure::Driver(DriverError::NotFound(_)))
+    ));
 
     // First sample answers, the second traps: the incarnation and its partitions are gone.
-    assert_eq!(
-        driver.sample().unwrap().metrics.instances[0].partition_id,
-        "c1"
-    );
+    let first = driver.sample().unwrap().metrics;
+    assert_eq!(first.instances[0].partition_id, "c1");
+    assert_eq!(first.instances[0].memory_used_mib, Some(77));
     assert!(matches!(
         driver.sample(),
         Err(DriverFailure::Plugin(CallError::Trap(_)))
@@ -895,11 +901,13 @@ fn partitions_survive_a_driver_restart_under_the_ids_callers_hold() {
         .is_ok()));
     assert_eq!(driver.status().restarts, 1);
 
-    // Restored: the new incarnation calls it c0, callers still say c1.
+    // Restored: the new incarnation calls it c0, callers still say c1, and it was
+    // told c1's process again.
     assert_eq!(ids(driver.partitions().unwrap()), vec!["c1"]);
     let sample = driver.sample().unwrap().metrics;
     assert_eq!(sample.instances[0].partition_id, "c1");
     assert_eq!(sample.instances[0].memory_quota_mib, 200);
+    assert_eq!(sample.instances[0].memory_used_mib, Some(77));
 
     // A new partition gets the incarnation's next id, c1, which a caller holds: it is
     // told apart.
@@ -1158,7 +1166,7 @@ fn conv_grid_input(
 #[test]
 fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
     use xpud::runtime::batching::Batching;
-    use xpud::runtime::inference::Device;
+    use xpud::runtime::inference::{Device, PartitionDevice};
 
     let (inference, bytes) = conv_grid();
     let here = inference
@@ -1171,11 +1179,17 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
             },
         )
         .unwrap();
-    // A name no other test uses: each device has its own worker.
+    // A name no other test uses: each partition has its own worker.
     let device = format!("MIG-test-{}", std::process::id());
+    let partition = std::sync::Arc::new(PartitionDevice {
+        driver: "nvidia".into(),
+        partition: format!("mig-test-{}", std::process::id()),
+        visible: device.clone(),
+        card_ordinal: None,
+    });
     let there = inference
         .load_native_on(
-            Device::Isolated(device.as_str().into()),
+            Device::Partition(partition.clone()),
             "conv_grid.onnx",
             bytes,
             Duration::from_secs(60),
@@ -1216,7 +1230,10 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
         .status()
         .unwrap();
     let failed = there.run(&frame, &pre, soon()).unwrap_err();
-    assert!(format!("{failed:?}").contains(&device), "{failed:?}");
+    assert!(
+        format!("{failed:?}").contains(&partition.to_string()),
+        "{failed:?}"
+    );
     let give_up = Instant::now() + Duration::from_secs(10);
     let outputs = loop {
         match there.run(&frame, &pre, soon()) {
@@ -1231,9 +1248,14 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
     same(outputs);
     let again = there.worker_pid().unwrap();
     assert_ne!(again, pid, "a new worker process");
+    // What the sampler tells the partition's driver.
+    assert!(inference
+        .worker_processes()
+        .contains(&(partition.clone(), again)));
     // What /metrics tells of it.
     let figures = inference.worker_figures();
     let ours = figures.iter().find(|w| w.device == device).unwrap();
+    assert_eq!(ours.partition, partition.to_string());
     assert!(ours.up);
     assert_eq!(ours.starts, 2);
     assert!(ours.failures >= 1, "{ours:?}");

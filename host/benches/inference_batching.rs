@@ -28,7 +28,9 @@ use xpud::runtime::batching::Batching;
 use xpud::runtime::bindings::wit_frames::PixelFormat;
 use xpud::runtime::bindings::wit_inference::{ChannelOrder, Layout, Preprocess};
 use xpud::runtime::frames::Frame;
-use xpud::runtime::inference::{Device, Inference, InferenceOptions, NativeModel, Provider};
+use xpud::runtime::inference::{
+    Device, Inference, InferenceOptions, NativeModel, PartitionDevice, Provider,
+};
 
 const RUNS: usize = 3;
 const SECONDS: f64 = 2.0;
@@ -192,7 +194,12 @@ fn worker_overhead(inference: &Inference) {
             .expect("the model loads");
         let there = inference
             .load_native_on(
-                Device::Isolated("MIG-bench".into()),
+                Device::Partition(std::sync::Arc::new(PartitionDevice {
+                    driver: "bench".into(),
+                    partition: format!("mig-{name}"),
+                    visible: "MIG-bench".into(),
+                    card_ordinal: None,
+                })),
                 name,
                 bytes,
                 Duration::from_secs(60),

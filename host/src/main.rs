@@ -557,10 +557,11 @@ fn probe(
         };
         let made = driver.create_partition(spec)?;
         print_out(&format!("made:     {made:?}"))?;
-        // Where its replicas' models would run: a device of its own has a worker.
+        // Where its replicas' models would run: a partition whose device the
+        // driver names has a worker, measured by its process.
         let models = match driver.partition_device(&made.id)? {
-            Some(name) => format!("in a worker that sees {name} alone (a device of its own)"),
-            None => "on the card (the partition is a share of it)".to_string(),
+            Some(name) => format!("in a worker shown {name} alone, measured by its process"),
+            None => "in xpud's process, on the card".to_string(),
         };
         print_out(&format!("models:   {models}"))?;
         std::thread::sleep(std::time::Duration::from_millis(500));

@@ -506,7 +506,7 @@ impl Sources {
         )?;
         let (mut up, mut starts, mut failures) = (Vec::new(), Vec::new(), Vec::new());
         for worker in self.registry.runtime().inference().worker_figures() {
-            let labels: Labels = vec![("device", worker.device)];
+            let labels: Labels = vec![("partition", worker.partition), ("device", worker.device)];
             up.push((labels.clone(), if worker.up { 1.0 } else { 0.0 }));
             starts.push((labels.clone(), worker.starts));
             failures.push((labels, worker.failures));
@@ -514,19 +514,19 @@ impl Sources {
         gauges(
             encoder,
             "xpud_inference_worker_up",
-            "Whether the inference worker of a device of its own (a MIG instance) runs.",
+            "Whether the inference worker of a partition (a MIG instance, a time slice) runs.",
             &up,
         )?;
         counters(
             encoder,
             "xpud_inference_worker_starts",
-            "Inference worker processes started for the device, the first included.",
+            "Inference worker processes started for the partition, the first included.",
             &starts,
         )?;
         counters(
             encoder,
             "xpud_inference_worker_failures",
-            "Inference workers of the device that failed to start, exited or stopped answering.",
+            "Inference workers of the partition that failed to start, exited or stopped answering.",
             &failures,
         )
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use crate::plugins::driver::{Driver, DriverFailure, Reading};
 use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{Device, InstanceMetrics, Label, Metrics};
+use crate::runtime::inference::PartitionDevice;
 
 /// Sampling intervals a driver may miss before its figures are withdrawn.
 const MISSED_INTERVALS: u32 = 3;
@@ -359,10 +360,24 @@ pub fn sample_one(
     })
 }
 
+/// Tells `driver` which process does the work of each of its partitions whose
+/// models run in an inference worker (`processes`: the workers alive now), before
+/// it is asked for figures, since a partition's usage is that of its process. The
+/// driver itself is asked only when a partition's process changed.
+fn bind_processes(name: &str, driver: &Driver, processes: &[(Arc<PartitionDevice>, u32)]) {
+    for (partition, pid) in processes.iter().filter(|(p, _)| p.driver == name) {
+        if let Err(e) = driver.bind_process(&partition.partition, *pid) {
+            tracing::debug!(plugin = %name, partition = %partition.partition, pid, "the driver was not told the partition's process: {e}");
+        }
+    }
+}
+
 /// Samples every loaded driver once, now, on this thread (blocking): what start-up
 /// needs before the periodic sampler has run.
 pub fn sample_all_now(registry: &Registry, cache: &SampleCache) {
+    let processes = registry.runtime().inference().worker_processes();
     for (name, driver) in registry.drivers() {
+        bind_processes(&name, &driver, &processes);
         match sample_one(&name, driver.as_ref(), cache) {
             Ok(snapshot) => cache.put(&name, snapshot),
             Err(e) => {
@@ -386,6 +401,7 @@ pub fn spawn(
             ticks.tick().await;
             let drivers = registry.drivers();
             cache.retain(&drivers.iter().map(|(name, _)| name.clone()).collect());
+            let processes: Arc<[_]> = registry.runtime().inference().worker_processes().into();
             for (name, driver) in drivers {
                 // A driver stuck in its previous sample is not asked again, but its
                 // figures still age.
@@ -393,8 +409,9 @@ pub fn spawn(
                 if !crate::sync::lock(&cache.in_flight).insert(name.clone()) {
                     continue;
                 }
-                let cache = cache.clone();
+                let (cache, processes) = (cache.clone(), processes.clone());
                 tokio::task::spawn_blocking(move || {
+                    bind_processes(&name, &driver, &processes);
                     match sample_one(&name, driver.as_ref(), &cache) {
                         Ok(snapshot) => cache.put(&name, snapshot),
                         // The supervisor or the contract check has logged the cause;

@@ -23,7 +23,7 @@ use crate::plugins::Registry;
 use crate::runtime::bindings::driver_types::{
     DriverError, Health as DeviceHealth, Isolation, PartitionSpec, Slicing,
 };
-use crate::runtime::inference::Device;
+use crate::runtime::inference::{Device, PartitionDevice};
 
 /// Where one replica runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -42,8 +42,8 @@ pub struct Placement {
     /// a quota on the card.
     #[serde(default)]
     pub isolated: bool,
-    /// That device, as a process is given it to see it alone (a MIG instance's
-    /// uuid), where the driver said.
+    /// The partition's device as a process is given it to see it alone (a MIG
+    /// instance's uuid, a time slice's card's), where the driver said.
     #[serde(default)]
     pub partition_device: Option<String>,
 }
@@ -56,30 +56,40 @@ impl Placement {
             .map_or_else(|| "CPU".to_string(), |(d, i)| format!("{d}/{i}"))
     }
 
-    /// Where the replica's models run: its card's CUDA device, else the CPU. A
-    /// partition that is a device of its own (a MIG instance) is one xpud's
-    /// process cannot use: CUDA lets a process use a single MIG device, and no
-    /// other GPU beside it. Its models run in a worker process that sees only it,
-    /// or, where the driver did not name the device, on the CPU (the log says so).
+    /// Where the replica's models run. On a partition whose driver names its
+    /// device: in a worker process that sees only it, measured apart from the
+    /// others. A partition that is a device of its own (a MIG instance) the driver
+    /// did not name is one xpud's process cannot use (CUDA lets a process use a
+    /// single MIG device, and no other GPU beside it): the CPU, and the log says
+    /// so. Otherwise its card's CUDA device, else the CPU.
     pub fn device(&self, xpu_type: &str) -> Device {
-        if self.isolated {
-            return match &self.partition_device {
-                Some(name) if Device::drives(xpu_type) => Device::Isolated(name.as_str().into()),
-                _ => {
-                    if Device::drives(xpu_type) {
-                        tracing::warn!(
-                            card = %self.card_name(),
-                            partition = self.partition.as_deref().unwrap_or_default(),
-                            "the replica's partition is a device of its own (a MIG \
-                             instance) its driver did not name: its models run on the CPU"
-                        );
-                    }
-                    Device::Cpu
-                }
-            };
-        }
         let card = self.card.as_ref().map(|(d, i)| (d.as_str(), *i));
-        Device::for_card(card, xpu_type)
+        let shared = || match Device::for_card(card, xpu_type) {
+            Device::Card(ordinal) if !self.isolated => Some(ordinal),
+            _ => None,
+        };
+        match (card, &self.partition, &self.partition_device) {
+            (Some((driver, _)), Some(partition), Some(visible)) if Device::drives(xpu_type) => {
+                Device::Partition(Arc::new(PartitionDevice {
+                    driver: driver.to_string(),
+                    partition: partition.clone(),
+                    visible: visible.clone(),
+                    card_ordinal: shared(),
+                }))
+            }
+            _ if self.isolated => {
+                if Device::drives(xpu_type) {
+                    tracing::warn!(
+                        card = %self.card_name(),
+                        partition = self.partition.as_deref().unwrap_or_default(),
+                        "the replica's partition is a device of its own (a MIG \
+                         instance) its driver did not name: its models run on the CPU"
+                    );
+                }
+                Device::Cpu
+            }
+            _ => Device::for_card(card, xpu_type),
+        }
     }
 }
 
@@ -338,15 +348,13 @@ impl Scheduler {
                     placement.memory_mib = Some(memory);
                 }
                 placement.isolated = partition.spec.isolation == Isolation::Hard;
-                if placement.isolated {
-                    placement.partition_device = driver
-                        .partition_device(&partition.id)
-                        .map_err(|e| {
-                            tracing::warn!(%owner, partition = %partition.id, "the driver does not name the partition's device: {e}");
-                        })
-                        .ok()
-                        .flatten();
-                }
+                placement.partition_device = driver
+                    .partition_device(&partition.id)
+                    .map_err(|e| {
+                        tracing::warn!(%owner, partition = %partition.id, "the driver does not name the partition's device: {e}");
+                    })
+                    .ok()
+                    .flatten();
                 placement.partition = Some(partition.id)
             }
             // A whole card needs no partition; a share the driver cannot enforce
@@ -721,14 +729,29 @@ mod tests {
         assert_eq!(placement.device("NVIDIA_T4"), Device::Card(1));
         // Not a card an execution provider here drives.
         assert_eq!(placement.device("SIM_X"), Device::Cpu);
+        // A time slice whose driver names its card: in a worker of its own, on
+        // the card in this process where no worker can start.
+        placement.partition_device = Some("GPU-1".into());
+        let partition = |visible: &str, card_ordinal| {
+            Device::Partition(Arc::new(PartitionDevice {
+                driver: "nvidia".into(),
+                partition: "ts-1-1".into(),
+                visible: visible.into(),
+                card_ordinal,
+            }))
+        };
+        assert_eq!(placement.device("NVIDIA_T4"), partition("GPU-1", Some(1)));
+        assert_eq!(placement.device("NVIDIA_T4").to_string(), "nvidia/ts-1-1");
+        assert_eq!(placement.device("SIM_X"), Device::Cpu);
         // A MIG instance: not runnable from this process; in a worker that sees it
         // alone where the driver named it, else on the CPU.
         placement.isolated = true;
+        placement.partition_device = None;
         assert_eq!(placement.device("NVIDIA_A100_40GB"), Device::Cpu);
         placement.partition_device = Some("MIG-1".into());
         assert_eq!(
             placement.device("NVIDIA_A100_40GB"),
-            Device::Isolated("MIG-1".into())
+            partition("MIG-1", None)
         );
     }
 

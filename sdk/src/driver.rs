@@ -152,14 +152,25 @@ pub trait Driver: Sized + 'static {
         Ok(standard_labels(&self.devices()?))
     }
 
-    /// The device a process is given to run on partition `id` alone, as the
-    /// vendor's runtime names it (for NVIDIA, a MIG instance's `CUDA_VISIBLE_DEVICES`
-    /// value): the host runs the models of the partition's replicas in a process
-    /// that sees only it. The default, `None`, says the partition is a share of a
-    /// card, not a device of its own.
+    /// The device a process is given to do partition `id`'s work, as the vendor's
+    /// runtime names it (for NVIDIA, a `CUDA_VISIBLE_DEVICES` value: a MIG
+    /// instance's uuid, or a time slice's card's): the host runs the models of the
+    /// partition's replicas in a process of their own that sees only it. The
+    /// default, `None`, keeps them in the host's process.
     fn partition_device(&mut self, id: &str) -> Result<Option<String>, DriverError> {
         let _ = id;
         Ok(None)
+    }
+
+    /// Process `pid` now does partition `id`'s work (the host says so after each
+    /// start of the process `partition_device` named): what the device measures of
+    /// it is the partition's usage. The default keeps no record: a driver that
+    /// names no devices is never told.
+    fn bind_process(&mut self, id: &str, pid: u32) -> Result<(), DriverError> {
+        let _ = pid;
+        Err(DriverError::Unsupported(format!(
+            "this driver does not measure partition {id} by process"
+        )))
     }
 }
 
@@ -244,6 +255,9 @@ pub mod glue {
     pub fn partition_device<D: Driver>(id: String) -> Result<Option<String>, DriverError> {
         with_driver::<D, _>(|d| d.partition_device(&id))
     }
+    pub fn bind_process<D: Driver>(id: String, pid: u32) -> Result<(), DriverError> {
+        with_driver::<D, _>(|d| d.bind_process(&id, pid))
+    }
 }
 
 /// Exports a [`Driver`] implementation as the plugin's `xpu:plugin/driver` interface.
@@ -298,6 +312,12 @@ macro_rules! export_driver {
                 $crate::driver::DriverError,
             > {
                 $crate::driver::glue::partition_device::<$driver>(id)
+            }
+            fn bind_process(
+                id: ::std::string::String,
+                pid: u32,
+            ) -> ::std::result::Result<(), $crate::driver::DriverError> {
+                $crate::driver::glue::bind_process::<$driver>(id, pid)
             }
         }
 

@@ -86,6 +86,9 @@ struct LedgerEntry {
     /// Its id in the current incarnation.
     driver_id: String,
     spec: PartitionSpec,
+    /// The process that does its work, as the driver was last told
+    /// (`bind_process`); told again to each new incarnation.
+    process: Option<u32>,
 }
 
 fn same_spec(a: &PartitionSpec, b: &PartitionSpec) -> bool {
@@ -120,26 +123,39 @@ fn reconcile(
         })?;
     let mut kept = Vec::with_capacity(ledger.len());
     for mut entry in ledger {
-        if present
+        if !present
             .iter()
             .any(|p| p.id == entry.driver_id && same_spec(&p.spec, &entry.spec))
         {
-            kept.push(entry);
-            continue;
-        }
-        match bindings
-            .create_partition(&mut *store, entry.spec)
-            .map_err(start_error)?
-        {
-            Ok(partition) => {
-                tracing::info!(plugin, partition = %entry.id, driver_id = %partition.id, "partition restored after restart");
-                entry.driver_id = partition.id;
-                kept.push(entry);
-            }
-            Err(e) => {
-                tracing::error!(plugin, partition = %entry.id, "partition lost in restart, cannot restore: {e}");
+            match bindings
+                .create_partition(&mut *store, entry.spec)
+                .map_err(start_error)?
+            {
+                Ok(partition) => {
+                    tracing::info!(plugin, partition = %entry.id, driver_id = %partition.id, "partition restored after restart");
+                    entry.driver_id = partition.id;
+                }
+                Err(e) => {
+                    tracing::error!(plugin, partition = %entry.id, "partition lost in restart, cannot restore: {e}");
+                    continue;
+                }
             }
         }
+        if let Some(pid) = entry.process {
+            // Not fatal: the partition runs, its usage is unknown until the
+            // host names its process again.
+            match bindings
+                .bind_process(&mut *store, &entry.driver_id, pid)
+                .map_err(start_error)?
+            {
+                Ok(()) | Err(DriverError::Unsupported(_)) => {}
+                Err(e) => {
+                    tracing::warn!(plugin, partition = %entry.id, pid, "the restarted driver was not told the partition's process: {e}");
+                    entry.process = None;
+                }
+            }
+        }
+        kept.push(entry);
     }
     Ok(kept)
 }
@@ -348,6 +364,7 @@ impl Driver {
             id: id.clone(),
             driver_id: partition.id,
             spec: partition.spec,
+            process: None,
         });
         Ok(Partition {
             id,
@@ -393,5 +410,42 @@ impl Driver {
             Some(device) => contract::partition_device(id, device, &self.limits),
             None => Ok(()),
         })
+    }
+
+    /// Process `pid` now does the work of partition `id` (one the host created):
+    /// what the device measures of it is the partition's usage. The driver is
+    /// told once, and again after a restart, so a caller may say it every round.
+    /// A driver that does not measure by process is not asked again.
+    pub fn bind_process(&self, id: &str, pid: u32) -> Result<(), DriverFailure> {
+        let driver_id = {
+            let ledger = lock(&self.ledger);
+            let Some(entry) = ledger.iter().find(|e| e.id == id) else {
+                return Err(DriverFailure::Driver(DriverError::NotFound(format!(
+                    "no partition {id} was created through the host"
+                ))));
+            };
+            if entry.process == Some(pid) {
+                return Ok(());
+            }
+            entry.driver_id.clone()
+        };
+        let told = self.call("bind-process", |s, b| b.bind_process(s, &driver_id, pid));
+        if matches!(
+            told,
+            Ok(()) | Err(DriverFailure::Driver(DriverError::Unsupported(_)))
+        ) {
+            if let Some(entry) = lock(&self.ledger).iter_mut().find(|e| e.id == id) {
+                entry.process = Some(pid);
+            }
+        }
+        told
+    }
+
+    /// The process partition `id` was last bound to.
+    pub fn bound_process(&self, id: &str) -> Option<u32> {
+        lock(&self.ledger)
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.process)
     }
 }

@@ -76,10 +76,33 @@ pub enum Device {
     /// ordinal: `cuda` maps cards to them), the CPU where the configuration falls
     /// back to it.
     Card(u32),
-    /// A device of its own, as `CUDA_VISIBLE_DEVICES` names it (a MIG instance's
-    /// uuid): no process can use it beside other GPUs, so its models run in a
-    /// worker process that sees only it (`worker`).
-    Isolated(Arc<str>),
+    /// A partition whose models run in a worker process of its own (`worker`),
+    /// shown only the partition's device. A MIG instance needs one: no process
+    /// can use it beside other GPUs. A time slice gets one so that what the
+    /// driver measures of that process is the partition's usage.
+    Partition(Arc<PartitionDevice>),
+}
+
+/// A partition, and its device as its worker process is shown it.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct PartitionDevice {
+    /// The driver plugin that made the partition.
+    pub driver: String,
+    /// The partition's id, as the host's ledger keeps it.
+    pub partition: String,
+    /// What `CUDA_VISIBLE_DEVICES` says to the worker: a MIG instance's uuid,
+    /// or the card's.
+    pub visible: String,
+    /// For a time slice, its card's CUDA ordinal in xpud's own process: where no
+    /// worker can be started, its models run there, not measured apart.
+    pub card_ordinal: Option<u32>,
+}
+
+/// `driver/partition`: how figures and logs name a partition.
+impl std::fmt::Display for PartitionDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.driver, self.partition)
+    }
 }
 
 /// The first card: where an instance placed by no scheduler runs (a process with
@@ -90,13 +113,13 @@ impl Default for Device {
     }
 }
 
-/// As the figures name it: `cpu`, `cuda:N`, or the device's own name (`MIG-…`).
+/// As the figures name it: `cpu`, `cuda:N`, or the partition (`driver/partition`).
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Card(ordinal) => write!(f, "cuda:{ordinal}"),
-            Device::Isolated(name) => f.write_str(name),
+            Device::Partition(partition) => partition.fmt(f),
         }
     }
 }
@@ -131,7 +154,7 @@ impl Device {
     fn ordinal(&self) -> i32 {
         match self {
             Device::Card(ordinal) => *ordinal as i32,
-            Device::Cpu | Device::Isolated(_) => 0,
+            Device::Cpu | Device::Partition(_) => 0,
         }
     }
 }
@@ -242,9 +265,14 @@ impl Inference {
         self.models.sessions()
     }
 
-    /// The inference workers of the devices of their own models are placed on.
+    /// The inference workers of the partitions models are placed on.
     pub fn worker_figures(&self) -> Vec<super::worker::WorkerFigures> {
         self.workers.figures()
+    }
+
+    /// The process each partition's models run in now, where a worker runs.
+    pub fn worker_processes(&self) -> Vec<(Arc<PartitionDevice>, u32)> {
+        self.workers.processes()
     }
 
     /// Each session's model (its hash's first 12 digits), device, provider, runs
@@ -282,17 +310,18 @@ impl Inference {
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?
             .clone();
         let device = match (device, &self.launcher) {
-            (Device::Isolated(name), None) => {
+            (Device::Partition(partition), None) => {
                 // Said once: a plugin's every load comes here.
                 static SAID: std::sync::Once = std::sync::Once::new();
                 SAID.call_once(|| {
                     tracing::warn!(
-                        device = %name,
+                        %partition,
                         "no inference worker can be started (no executable or no library \
-                         configured): models placed on a device of its own run on the CPU"
+                         configured): models placed on a time slice run in this process, \
+                         on a MIG instance on the CPU"
                     )
                 });
-                Device::Cpu
+                partition.card_ordinal.map_or(Device::Cpu, Device::Card)
             }
             (device, _) => device,
         };
@@ -301,7 +330,9 @@ impl Inference {
         let key = format!("{hash}@{device}");
         let (providers, batching) = (self.providers.clone(), self.batching);
         let worker = match (&device, &self.launcher) {
-            (Device::Isolated(name), Some(launcher)) => Some(self.workers.get(launcher, name)),
+            (Device::Partition(partition), Some(launcher)) => {
+                Some(self.workers.get(launcher, partition))
+            }
             _ => None,
         };
         let build = move || -> Build {

@@ -1,14 +1,18 @@
-//! Inference worker processes: models placed on a partition that is a device of its
-//! own (a MIG instance) run in a process that sees only that device.
+//! Inference worker processes: the models placed on a partition whose driver names
+//! its device run in a process that sees only that device.
 //!
 //! CUDA lets a process use one MIG device, and no other GPU beside it, so xpud's
-//! own process cannot run models on MIG instances. For each such device a worker
-//! (`xpud inference-worker`, started with `CUDA_VISIBLE_DEVICES` naming it) holds
-//! the sessions of the models placed there, the way Triton runs one server per MIG
-//! instance. Frames never leave the host: preprocessing happens here, and only the
-//! model's input tensor crosses, over a socket pair, with the outputs coming back.
+//! own process cannot run models on MIG instances. A time slice of a card gets a
+//! process too, as a Kubernetes pod on a time-sliced GPU does: NVML measures usage
+//! per process, so the process's figures are the partition's (the sampler tells
+//! the driver its pid). The price is a CUDA context per partition, and no batching
+//! across partitions. Each worker (`xpud inference-worker`, started with
+//! `CUDA_VISIBLE_DEVICES` naming the device) holds the sessions of the models
+//! placed there, the way Triton runs one server per MIG instance. Frames never
+//! leave the host: preprocessing happens here, and only the model's input tensor
+//! crosses, over a socket pair, with the outputs coming back.
 //!
-//! A worker lives as long as a model placed on its device does. One that exits or
+//! A worker lives as long as a model placed on its partition does. One that exits or
 //! stops answering is killed, and started again on the next run after a backoff
 //! (doubling to `MAX_BACKOFF`); its models are loaded into it again from the bytes
 //! the host keeps. What crosses is bounded both ways (`MAX_PAYLOAD`).
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::bindings::wit_inference::{InferenceError, Tensor};
-use super::inference::Provider;
+use super::inference::{PartitionDevice, Provider};
 use super::preprocess::InputTensor;
 use crate::sync::lock;
 
@@ -175,7 +179,7 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    fn spawn(&self, device: &str) -> std::io::Result<(Child, UnixStream)> {
+    fn spawn(&self, device: &PartitionDevice) -> std::io::Result<(Child, UnixStream)> {
         let (ours, theirs) = UnixStream::pair()?;
         for end in [&ours, &theirs] {
             let end = socket2::SockRef::from(end);
@@ -189,7 +193,7 @@ impl Launcher {
             .arg(&self.library)
             .arg("--providers")
             .arg(providers.join(","))
-            .env("CUDA_VISIBLE_DEVICES", device)
+            .env("CUDA_VISIBLE_DEVICES", &device.visible)
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -198,15 +202,18 @@ impl Launcher {
     }
 }
 
-/// The workers alive, one per device, shared by the models placed on it.
+/// The workers alive, one per partition, shared by the models placed on it.
 #[derive(Default)]
 pub struct Workers {
-    by_device: Mutex<HashMap<String, Weak<Worker>>>,
+    by_partition: Mutex<HashMap<Arc<PartitionDevice>, Weak<Worker>>>,
 }
 
-/// What one device's worker has been through, for `/metrics`.
+/// What one partition's worker has been through, for `/metrics`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerFigures {
+    /// `driver/partition`.
+    pub partition: String,
+    /// The device the worker is shown.
     pub device: String,
     /// A worker process runs now.
     pub up: bool,
@@ -217,48 +224,61 @@ pub struct WorkerFigures {
 }
 
 impl Workers {
-    /// Each device's worker, while a model placed on it is loaded.
-    pub fn figures(&self) -> Vec<WorkerFigures> {
-        let workers: Vec<Arc<Worker>> = lock(&self.by_device)
+    fn alive(&self) -> Vec<Arc<Worker>> {
+        lock(&self.by_partition)
             .values()
             .filter_map(Weak::upgrade)
-            .collect();
-        let mut figures: Vec<WorkerFigures> = workers
+            .collect()
+    }
+
+    /// Each partition's worker, while a model placed on it is loaded.
+    pub fn figures(&self) -> Vec<WorkerFigures> {
+        let mut figures: Vec<WorkerFigures> = self
+            .alive()
             .iter()
             .map(|worker| {
                 let state = lock(&worker.state);
                 WorkerFigures {
-                    device: worker.device.clone(),
+                    partition: worker.device.to_string(),
+                    device: worker.device.visible.clone(),
                     up: state.running.is_some(),
                     starts: state.starts,
                     failures: state.failures_total,
                 }
             })
             .collect();
-        figures.sort_by(|a, b| a.device.cmp(&b.device));
+        figures.sort_by(|a, b| a.partition.cmp(&b.partition));
         figures
     }
 
+    /// The process each partition's work runs in now, where one runs.
+    pub fn processes(&self) -> Vec<(Arc<PartitionDevice>, u32)> {
+        self.alive()
+            .into_iter()
+            .filter_map(|worker| Some((worker.device.clone(), worker.pid()?)))
+            .collect()
+    }
+
     /// The worker of `device`, started on its first run.
-    pub fn get(&self, launcher: &Launcher, device: &str) -> Arc<Worker> {
-        let mut by_device = lock(&self.by_device);
-        by_device.retain(|_, worker| worker.strong_count() > 0);
-        if let Some(worker) = by_device.get(device).and_then(Weak::upgrade) {
+    pub fn get(&self, launcher: &Launcher, device: &Arc<PartitionDevice>) -> Arc<Worker> {
+        let mut by_partition = lock(&self.by_partition);
+        by_partition.retain(|_, worker| worker.strong_count() > 0);
+        if let Some(worker) = by_partition.get(device).and_then(Weak::upgrade) {
             return worker;
         }
         let worker = Arc::new(Worker {
-            device: device.to_string(),
+            device: device.clone(),
             launcher: launcher.clone(),
             state: Mutex::new(State::default()),
         });
-        by_device.insert(device.to_string(), Arc::downgrade(&worker));
+        by_partition.insert(device.clone(), Arc::downgrade(&worker));
         worker
     }
 }
 
-/// One device's worker process.
+/// One partition's worker process.
 pub struct Worker {
-    device: String,
+    device: Arc<PartitionDevice>,
     launcher: Launcher,
     state: Mutex<State>,
 }
@@ -399,7 +419,7 @@ impl Worker {
             state.starts += 1;
             match self.launcher.spawn(&self.device) {
                 Ok((child, socket)) => {
-                    tracing::info!(device = %self.device, pid = child.id(), "inference worker started");
+                    tracing::info!(partition = %self.device, device = %self.device.visible, pid = child.id(), "inference worker started");
                     state.running = Some(Running {
                         child,
                         socket,
@@ -478,7 +498,7 @@ impl Worker {
             .saturating_mul(1 << (state.failures - 1).min(16))
             .min(MAX_BACKOFF);
         state.retry_at = Some(Instant::now() + backoff);
-        tracing::warn!(device = %self.device, backoff_ms = backoff.as_millis() as u64, "{reason}");
+        tracing::warn!(partition = %self.device, backoff_ms = backoff.as_millis() as u64, "{reason}");
         InferenceError::Runtime(reason)
     }
 }
@@ -586,6 +606,15 @@ fn run(
 mod tests {
     use super::*;
 
+    fn mig(visible: &str) -> Arc<PartitionDevice> {
+        Arc::new(PartitionDevice {
+            driver: "nvidia".into(),
+            partition: "mig-1-1".into(),
+            visible: visible.into(),
+            card_ordinal: None,
+        })
+    }
+
     #[test]
     fn a_message_crosses_whole_and_a_length_past_the_bounds_is_refused() {
         let mut wire = Vec::new();
@@ -629,7 +658,7 @@ mod tests {
                 library: "/nonexistent/libonnxruntime.so".into(),
                 providers: vec![Provider::Cpu],
             },
-            "MIG-none",
+            &mig("MIG-none"),
         );
         let soon = Instant::now() + Duration::from_secs(5);
         let Err(InferenceError::Runtime(why)) = worker.load("m", b"model", soon) else {
@@ -644,6 +673,7 @@ mod tests {
         assert_eq!(
             workers.figures(),
             [WorkerFigures {
+                partition: "nvidia/mig-1-1".into(),
                 device: "MIG-none".into(),
                 up: false,
                 starts: 1,
@@ -667,7 +697,7 @@ mod tests {
                 library: "/nonexistent/libonnxruntime.so".into(),
                 providers: vec![Provider::Cpu],
             },
-            "MIG-hung",
+            &mig("MIG-hung"),
         );
         let started = Instant::now();
         let deadline = started + Duration::from_millis(100);

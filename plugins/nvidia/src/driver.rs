@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use xpud_sdk::driver::nvml::{DeviceInfo, NvmlError};
+use xpud_sdk::driver::nvml::{DeviceInfo, NvmlError, ProcessUsage};
 use xpud_sdk::driver::*;
 
 use crate::bridge::{Nvml, Sample};
@@ -15,11 +15,18 @@ pub struct Nvidia<N> {
     /// Time-sliced partitions on cards not in MIG mode: quotas the host's ledger
     /// admits replicas against. The hardware knows nothing of them, so after a
     /// restart the host makes them again.
-    shared: BTreeMap<String, PartitionSpec>,
+    shared: BTreeMap<String, TimeSlice>,
     next_shared: u32,
     /// Changes whenever `devices` would answer differently (a discovery, a card's
     /// health): the host asks for the devices only then.
     devices_version: u64,
+}
+
+/// A time-sliced partition: its quotas, and the process the host runs its work
+/// in (`bind_process`), whose usage NVML measures.
+struct TimeSlice {
+    spec: PartitionSpec,
+    pid: Option<u32>,
 }
 
 struct Card {
@@ -191,6 +198,40 @@ impl<N: Nvml> Nvidia<N> {
         types
     }
 
+    fn time_slice(&self, id: &str) -> Result<&TimeSlice, DriverError> {
+        self.shared
+            .get(id)
+            .ok_or_else(|| DriverError::NotFound(format!("no partition {id}")))
+    }
+
+    /// Instance figures of the time-sliced partitions: those of the process each
+    /// runs in, where the host named one and NVML measured it (a process without
+    /// a CUDA context, or NVML seeing another pid namespace, leaves them absent).
+    /// NVML lists a card's processes in one call, asked only of cards with such a
+    /// process.
+    fn time_slice_metrics(&self, out: &mut Vec<InstanceMetrics>) {
+        let mut processes: BTreeMap<u32, Vec<ProcessUsage>> = BTreeMap::new();
+        for (id, slice) in &self.shared {
+            let index = slice.spec.device_index;
+            let process = slice.pid.and_then(|pid| {
+                processes
+                    .entry(index)
+                    .or_insert_with(|| self.nvml.processes(index).unwrap_or_default())
+                    .iter()
+                    .find(|p| p.pid == pid)
+            });
+            out.push(InstanceMetrics {
+                partition_id: id.clone(),
+                device_index: index,
+                ai_utilization_pct: process
+                    .and_then(|p| p.sm_utilization_pct)
+                    .map(|u| u.min(100) as f32),
+                memory_used_mib: process.and_then(|p| p.used_memory_bytes).map(|b| b / MIB),
+                memory_quota_mib: slice.spec.memory_quota_mib,
+            });
+        }
+    }
+
     /// Instance figures of the MIG instances on `card`: memory from the MIG device,
     /// utilisation from the processes NVML places in the instance.
     fn mig_metrics(&self, card: &Card, out: &mut Vec<InstanceMetrics>) {
@@ -320,17 +361,7 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
                 self.mig_metrics(&self.cards[at], &mut instances);
             }
         }
-        // Time-sliced partitions share the card's processes (xpud runs every replica
-        // in one process): NVML cannot tell their usage apart, so it is absent.
-        for (id, spec) in &self.shared {
-            instances.push(InstanceMetrics {
-                partition_id: id.clone(),
-                device_index: spec.device_index,
-                ai_utilization_pct: None,
-                memory_used_mib: None,
-                memory_quota_mib: spec.memory_quota_mib,
-            });
-        }
+        self.time_slice_metrics(&mut instances);
         Ok(Metrics { cards, instances })
     }
 
@@ -367,7 +398,12 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
                  (nvidia-smi -i {index} -mig 1)"
             )));
         }
-        let on_card = || self.shared.values().filter(|s| s.device_index == index);
+        let on_card = || {
+            self.shared
+                .values()
+                .map(|s| &s.spec)
+                .filter(|s| s.device_index == index)
+        };
         let compute: u32 = on_card().map(|s| u32::from(s.compute_share_pct)).sum();
         let memory: u64 = on_card().map(|s| s.memory_quota_mib).sum();
         if compute + u32::from(spec.compute_share_pct) > 100 {
@@ -386,7 +422,8 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
         }
         self.next_shared += 1;
         let id = format!("ts-{index}-{}", self.next_shared);
-        self.shared.insert(id.clone(), spec);
+        self.shared
+            .insert(id.clone(), TimeSlice { spec, pid: None });
         Ok(Partition { id, spec })
     }
 
@@ -416,21 +453,20 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
                 }
             }
         }
-        out.extend(self.shared.iter().map(|(id, spec)| Partition {
+        out.extend(self.shared.iter().map(|(id, slice)| Partition {
             id: id.clone(),
-            spec: *spec,
+            spec: slice.spec,
         }));
         Ok(out)
     }
 
     /// A MIG instance's device: its uuid, once NVML gave it a compute instance.
-    /// A time-sliced partition is a share of its card.
+    /// A time slice's: its card's uuid, so that its work runs in a process of its
+    /// own, which NVML measures apart from the others on the card.
     fn partition_device(&mut self, id: &str) -> Result<Option<String>, DriverError> {
         let Some((device, gpu_instance)) = mig::parse_partition_id(id) else {
-            return match self.shared.contains_key(id) {
-                true => Ok(None),
-                false => Err(DriverError::NotFound(format!("no partition {id}"))),
-            };
+            let slice = self.time_slice(id)?;
+            return Ok(self.card(slice.spec.device_index)?.info.uuid.clone());
         };
         let instance = self
             .nvml
@@ -446,6 +482,23 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
                  instance in it)"
             ))),
         }
+    }
+
+    /// A MIG instance's processes are told apart by NVML itself (the instance
+    /// each runs in); a time slice's process is the one the host names.
+    fn bind_process(&mut self, id: &str, pid: u32) -> Result<(), DriverError> {
+        if let Some((device, gpu_instance)) = mig::parse_partition_id(id) {
+            let instances = self.nvml.mig_instances(device).map_err(driver_error)?;
+            return match instances.iter().any(|i| i.gpu_instance_id == gpu_instance) {
+                true => Ok(()),
+                false => Err(DriverError::NotFound(format!("no partition {id}"))),
+            };
+        }
+        self.time_slice(id)?;
+        if let Some(slice) = self.shared.get_mut(id) {
+            slice.pid = Some(pid);
+        }
+        Ok(())
     }
 
     fn labels(&mut self) -> Result<Vec<Label>, DriverError> {
@@ -475,7 +528,7 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
 mod tests {
     use super::*;
     use crate::mig::tests::a100_40gb;
-    use xpud_sdk::driver::nvml::{MigInstance, MigProfile, MigState, ProcessUsage};
+    use xpud_sdk::driver::nvml::{MigInstance, MigProfile, MigState};
 
     /// NVML's answers, recorded from a T4 and an A100-SXM4-40GB in MIG mode.
     struct Recorded {
@@ -484,6 +537,7 @@ mod tests {
         /// What the whole `sample` call answers instead of the cards' readings.
         sample_refused: Option<NvmlError>,
         sample_calls: std::cell::Cell<u32>,
+        process_calls: std::cell::Cell<u32>,
     }
 
     struct RecordedCard {
@@ -561,6 +615,7 @@ mod tests {
                 next_instance: 1,
                 sample_refused: None,
                 sample_calls: Default::default(),
+                process_calls: Default::default(),
             }
         }
     }
@@ -597,6 +652,7 @@ mod tests {
                 .collect())
         }
         fn processes(&self, device: u32) -> Result<Vec<ProcessUsage>, NvmlError> {
+            self.process_calls.set(self.process_calls.get() + 1);
             Ok(self.card(device)?.processes.clone())
         }
         fn mig_mode(&self, device: u32) -> Result<MigState, NvmlError> {
@@ -794,12 +850,68 @@ mod tests {
             driver.destroy_partition("ts-0-99".into()),
             Err(DriverError::NotFound(_))
         ));
-        // Their usage cannot be told apart inside one process: absent.
+        // Without a process named for them, their usage is unknown: absent.
         let instances = driver.sample().unwrap().instances;
         assert_eq!(instances.len(), 2);
         assert!(instances
             .iter()
             .all(|i| i.memory_used_mib.is_none() && i.ai_utilization_pct.is_none()));
+    }
+
+    /// A time slice's figures are those NVML measures of the process the host
+    /// names for it, and absent while NVML does not list that process.
+    #[test]
+    fn a_time_slice_is_measured_by_the_process_it_runs_in() {
+        let mut driver = driver();
+        driver.nvml.cards[0].processes = vec![
+            ProcessUsage {
+                pid: 4242,
+                used_memory_bytes: Some(512 * MIB),
+                sm_utilization_pct: Some(33),
+                memory_utilization_pct: Some(10),
+                decoder_utilization_pct: None,
+                encoder_utilization_pct: None,
+                gpu_instance_id: None,
+                compute_instance_id: None,
+            },
+            ProcessUsage {
+                pid: 5151,
+                used_memory_bytes: Some(300 * MIB),
+                sm_utilization_pct: None,
+                memory_utilization_pct: None,
+                decoder_utilization_pct: None,
+                encoder_utilization_pct: None,
+                gpu_instance_id: None,
+                compute_instance_id: None,
+            },
+        ];
+        let a = driver.create_partition(soft(0, 50, 4096)).unwrap();
+        let b = driver.create_partition(soft(0, 25, 2048)).unwrap();
+        let c = driver.create_partition(soft(0, 25, 2048)).unwrap();
+        driver.bind_process(&a.id, 4242).unwrap();
+        driver.bind_process(&b.id, 5151).unwrap();
+        driver.bind_process(&c.id, 6000).unwrap();
+        let instances = driver.sample().unwrap().instances;
+        // One listing of the T4's processes serves its three slices (the other is
+        // the A100's, for its MIG instances).
+        assert_eq!(driver.nvml.process_calls.get(), 2);
+        let of = |id: &str| instances.iter().find(|i| i.partition_id == id).unwrap();
+        assert_eq!(of(&a.id).memory_used_mib, Some(512));
+        assert_eq!(of(&a.id).ai_utilization_pct, Some(33.0));
+        assert_eq!(of(&a.id).memory_quota_mib, 4096);
+        // Measured memory, no utilisation sample: that figure alone is absent.
+        assert_eq!(of(&b.id).memory_used_mib, Some(300));
+        assert_eq!(of(&b.id).ai_utilization_pct, None);
+        // A process NVML does not list (no CUDA context yet, or another pid
+        // namespace): unknown, not idle.
+        assert_eq!(of(&c.id).memory_used_mib, None);
+        assert_eq!(of(&c.id).ai_utilization_pct, None);
+
+        // Another process takes over (a worker started again).
+        driver.bind_process(&c.id, 4242).unwrap();
+        let instances = driver.sample().unwrap().instances;
+        let c = instances.iter().find(|i| i.partition_id == c.id).unwrap();
+        assert_eq!(c.memory_used_mib, Some(512));
     }
 
     #[test]
@@ -869,7 +981,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mig_partition_is_a_device_of_its_own_and_a_time_slice_is_not() {
+    fn a_mig_partition_is_a_device_of_its_own_and_a_time_slice_is_its_card() {
         let mut driver = driver();
         let mig = driver.create_partition(soft(1, 14, 4096)).unwrap();
         assert_eq!(
@@ -877,11 +989,21 @@ mod tests {
             Some("MIG-00000001-aaaa-bbbb-cccc-dddddddddddd")
         );
         let shared = driver.create_partition(soft(0, 50, 1024)).unwrap();
-        assert_eq!(driver.partition_device(&shared.id).unwrap(), None);
+        assert_eq!(
+            driver.partition_device(&shared.id).unwrap().as_deref(),
+            Some("GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e")
+        );
         for unknown in ["mig-1-77", "ts-0-99", "anything"] {
             assert!(
                 matches!(
                     driver.partition_device(unknown),
+                    Err(DriverError::NotFound(_))
+                ),
+                "{unknown}"
+            );
+            assert!(
+                matches!(
+                    driver.bind_process(unknown, 7),
                     Err(DriverError::NotFound(_))
                 ),
                 "{unknown}"

@@ -174,6 +174,21 @@ impl DriverBindings {
             DriverBindings::V0_2(b) => b.xpu_plugin_driver().call_partition_device(store, id),
         }
     }
+    /// Names the process that does a partition's work; API 0.1 names no device
+    /// such a process is given, so it is never told.
+    pub fn bind_process(
+        &self,
+        store: &mut Store<PluginState>,
+        id: &str,
+        pid: u32,
+    ) -> Answer<(), DriverError> {
+        match self {
+            DriverBindings::V0_1(_) => Ok(Err(DriverError::Unsupported(
+                "API 0.1 drivers do not measure partitions by process".into(),
+            ))),
+            DriverBindings::V0_2(b) => b.xpu_plugin_driver().call_bind_process(store, id, pid),
+        }
+    }
 }
 
 /// An algorithm component, linked and type-checked against its API version's world.

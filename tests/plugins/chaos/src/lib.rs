@@ -43,7 +43,9 @@
 //! In any mode, config `trap-at` = N has the Nth sample of each incarnation trap.
 //!
 //! Partitions are plain bookkeeping with ids `c0`, `c1`, ... counted from 0 in each
-//! incarnation, like a simulator that starts empty after a restart.
+//! incarnation, like a simulator that starts empty after a restart. Their instance
+//! figures echo what the host said of them: `memory-used-mib` is the pid last
+//! bound to the partition (`bind-process`), absent before.
 
 use xpud_sdk::driver::*;
 
@@ -78,6 +80,8 @@ struct Chaos {
     devices_calls: u32,
     partitions: Vec<Partition>,
     next_partition: u32,
+    /// Pids the host bound to partitions, by partition id.
+    processes: Vec<(String, u32)>,
 }
 
 impl Driver for Chaos {
@@ -94,6 +98,7 @@ impl Driver for Chaos {
             devices_calls: 0,
             partitions: Vec::new(),
             next_partition: 0,
+            processes: Vec::new(),
         };
         let info = DriverInfo {
             vendor: "CHAOS".into(),
@@ -275,6 +280,7 @@ impl Driver for Chaos {
     fn destroy_partition(&mut self, id: String) -> Result<(), DriverError> {
         let before = self.partitions.len();
         self.partitions.retain(|p| p.id != id);
+        self.processes.retain(|(bound, _)| *bound != id);
         if self.partitions.len() == before {
             return Err(DriverError::NotFound(format!("no partition {id}")));
         }
@@ -286,6 +292,15 @@ impl Driver for Chaos {
             return Err(DriverError::DeviceFailure("cannot list partitions".into()));
         }
         Ok(self.partitions.clone())
+    }
+
+    fn bind_process(&mut self, id: &str, pid: u32) -> Result<(), DriverError> {
+        if !self.partitions.iter().any(|p| p.id == id) {
+            return Err(DriverError::NotFound(format!("no partition {id}")));
+        }
+        self.processes.retain(|(bound, _)| bound != id);
+        self.processes.push((id.to_string(), pid));
+        Ok(())
     }
 }
 
@@ -312,7 +327,11 @@ impl Chaos {
                     partition_id: p.id.clone(),
                     device_index: p.spec.device_index,
                     ai_utilization_pct: None,
-                    memory_used_mib: None,
+                    memory_used_mib: self
+                        .processes
+                        .iter()
+                        .find(|(id, _)| *id == p.id)
+                        .map(|(_, pid)| u64::from(*pid)),
                     memory_quota_mib: p.spec.memory_quota_mib,
                 })
                 .collect(),
