@@ -11,10 +11,10 @@
 //! their ratio, the mean batch size, and the latency of one run (median and p99
 //! over all streams' runs).
 //!
-//! Last, the price of a device of its own (a MIG instance): one stream running each
-//! model in xpud's process beside the same run in an inference worker (the input
-//! tensor and the outputs cross a socket; `runtime/worker.rs`), on the same
-//! provider.
+//! Last, the price of a partition's worker (a MIG instance, a time slice): one
+//! stream running each model in xpud's process beside the same run in an
+//! inference worker (the input tensor and the outputs cross a shared memory
+//! region; `runtime/worker.rs`), on the same provider.
 //!
 //! `cargo bench --bench inference_batching` (after scripts/test, which builds the
 //! test models; XPUD_ONNXRUNTIME names the ONNX Runtime library). The providers
@@ -177,7 +177,7 @@ fn main() {
 
 /// One stream, each model run in this process and in a worker process.
 fn worker_overhead(inference: &Inference) {
-    println!("\na device of its own: one stream, in xpud's process and in a worker");
+    println!("\na partition's worker: one stream, in xpud's process and in a worker");
     println!(
         "{:<12} {:>10} {:>16} {:>16} {:>12}",
         "model", "input", "p50/p99 ms here", "p50/p99 ms worker", "per run"

@@ -764,6 +764,24 @@ impl SharedModel {
             .map(|mut per_input| per_input.swap_remove(0))
     }
 
+    /// Runs the model in this process on `data` of `shape` as it lies (a worker's
+    /// input in the region it shares with the host).
+    pub(crate) fn run_view(
+        &self,
+        shape: [i64; 4],
+        data: &[f32],
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, InferenceError> {
+        let Backend::InProcess(session) = &self.backend else {
+            return Err(InferenceError::Runtime(
+                "the model's session is in a worker process".into(),
+            ));
+        };
+        let mut session = crate::sync::lock(session);
+        self.execute_stacked(&mut session, shape, data, 1, deadline)
+            .map(|mut per_input| per_input.swap_remove(0))
+    }
+
     /// Runs the model in its device's worker process, counted as a run here.
     fn run_in_worker(
         &self,
@@ -796,7 +814,6 @@ impl SharedModel {
         inputs: &[&InputTensor],
         deadline: Instant,
     ) -> Result<Vec<Vec<Tensor>>, InferenceError> {
-        let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
         let stacked;
         let (shape, data) = match inputs {
             [one] => (one.shape, one.data.as_slice()),
@@ -805,6 +822,20 @@ impl SharedModel {
                 (stacked.0, stacked.1.as_slice())
             }
         };
+        self.execute_stacked(session, shape, data, inputs.len(), deadline)
+    }
+
+    /// Runs `session` once on `count` inputs stacked in `data` (of `shape`); each
+    /// input's outputs.
+    fn execute_stacked(
+        &self,
+        session: &mut Session,
+        shape: [i64; 4],
+        data: &[f32],
+        count: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Vec<Tensor>>, InferenceError> {
+        let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
         let tensor = ort::value::TensorRef::from_array_view((shape, data)).map_err(runtime)?;
         let options = Arc::new(RunOptions::new().map_err(runtime)?);
         let now = Instant::now();
@@ -822,9 +853,8 @@ impl SharedModel {
             })?;
         crate::sync::lock(&self.latency).observe(started.elapsed());
         self.runs.fetch_add(1, Ordering::Relaxed);
-        self.requests
-            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
-        let mut per_input: Vec<Vec<Tensor>> = inputs.iter().map(|_| Vec::new()).collect();
+        self.requests.fetch_add(count as u64, Ordering::Relaxed);
+        let mut per_input: Vec<Vec<Tensor>> = (0..count).map(|_| Vec::new()).collect();
         let mut bytes = 0usize;
         for (name, value) in outputs.iter() {
             let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
@@ -845,7 +875,7 @@ impl SharedModel {
                     data: data.to_vec(),
                 });
             } else {
-                for (part, outputs) in split(name, shape, data, inputs.len())?
+                for (part, outputs) in split(name, shape, data, count)?
                     .into_iter()
                     .zip(per_input.iter_mut())
                 {

@@ -20,6 +20,7 @@ pub mod models;
 pub mod nvml;
 pub mod preprocess;
 pub mod sandbox;
+pub mod shm;
 pub mod stderr;
 pub mod worker;
 

@@ -10,7 +10,8 @@
 //! `CUDA_VISIBLE_DEVICES` naming the device) holds the sessions of the models
 //! placed there, the way Triton runs one server per MIG instance. Frames never
 //! leave the host: preprocessing happens here, and only the model's input tensor
-//! crosses, over a socket pair, with the outputs coming back.
+//! crosses, with the outputs coming back, through a memory region both map
+//! (`shm`); requests and answers go over a socket pair.
 //!
 //! A worker lives as long as a model placed on its partition does. One that exits or
 //! stops answering is killed, and started again on the next run after a backoff
@@ -31,14 +32,12 @@ use serde::{Deserialize, Serialize};
 use super::bindings::wit_inference::{InferenceError, Tensor};
 use super::inference::{PartitionDevice, Provider};
 use super::preprocess::InputTensor;
+use super::shm::Region;
 use crate::sync::lock;
 
-/// Largest model, input or outputs one message may carry.
+/// Largest model, input or outputs one message may carry, and the largest the
+/// shared region grows.
 const MAX_PAYLOAD: u64 = 1 << 30;
-/// Bytes each end of the socket buffers: a 512x288 input tensor (1.8 MB) in one
-/// write instead of a wake-up of each side per 200 KiB, the default. The kernel
-/// caps it at `net.core.wmem_max`/`rmem_max`.
-const SOCKET_BUFFER: usize = 4 << 20;
 /// Largest message header (names and shapes).
 const MAX_HEADER: u32 = 1 << 20;
 /// How long past a run's deadline the host waits for the worker's answer: the
@@ -52,11 +51,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub enum Request {
     /// Build a session of the model in the payload, known from then on as `key`.
     Load { key: String },
-    /// Run model `key` on the input tensor in the payload (f32, little-endian).
+    /// Run model `key` on the input tensor at the start of the shared region,
+    /// which is `region` bytes long now.
     Run {
         key: String,
         shape: [i64; 4],
         timeout_ms: u64,
+        region: u64,
     },
 }
 
@@ -71,6 +72,9 @@ pub enum Response {
     Outputs {
         /// (name, shape, values) of each output.
         tensors: Vec<(String, Vec<u32>, u64)>,
+        /// Their values are in the shared region, one after the other from its
+        /// start; else, where they did not fit, in the payload (f32, little-endian).
+        in_region: bool,
     },
     Failed(WireError),
 }
@@ -179,13 +183,10 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    fn spawn(&self, device: &PartitionDevice) -> std::io::Result<(Child, UnixStream)> {
+    /// A worker for `device`, given the region tensors cross through.
+    fn spawn(&self, device: &PartitionDevice) -> std::io::Result<Running> {
         let (ours, theirs) = UnixStream::pair()?;
-        for end in [&ours, &theirs] {
-            let end = socket2::SockRef::from(end);
-            end.set_send_buffer_size(SOCKET_BUFFER)?;
-            end.set_recv_buffer_size(SOCKET_BUFFER)?;
-        }
+        let region = Region::create()?;
         let providers: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
         let child = Command::new(&self.executable)
             .arg("inference-worker")
@@ -198,7 +199,15 @@ impl Launcher {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok((child, ours))
+        let running = Running {
+            child,
+            socket: ours,
+            region,
+            loaded: HashSet::new(),
+        };
+        // Failing, the worker is killed as `running` drops.
+        running.region.send(&running.socket)?;
+        Ok(running)
     }
 }
 
@@ -296,6 +305,8 @@ struct State {
 struct Running {
     child: Child,
     socket: UnixStream,
+    /// Where tensors cross.
+    region: Region,
     /// Models loaded in this process.
     loaded: HashSet<String>,
 }
@@ -377,26 +388,33 @@ impl Worker {
             state = lock(&self.state);
         }
         let timeout = deadline.saturating_duration_since(Instant::now());
+        let region = {
+            let running = self.running(&mut state)?;
+            let put = grow_within_bounds(&mut running.region, input.data.len())
+                .and_then(|()| running.region.write(0, &input.data));
+            if let Err(e) = put {
+                return Err(InferenceError::Runtime(format!(
+                    "the input does not cross to the inference worker for {}: {e}",
+                    self.device
+                )));
+            }
+            running.region.len() as u64
+        };
         let request = Request::Run {
             key: key.into(),
             shape: input.shape,
             timeout_ms: timeout.as_millis() as u64,
+            region,
         };
-        match self.exchange(&mut state, &request, &f32_bytes(&input.data), deadline)? {
-            (Response::Outputs { tensors }, payload) => {
-                let mut values = f32_values(&payload).into_iter();
-                let mut outputs = Vec::with_capacity(tensors.len());
-                for (name, shape, len) in tensors {
-                    let data: Vec<f32> = values.by_ref().take(len as usize).collect();
-                    if data.len() as u64 != len {
-                        return Err(self.broken(
-                            &mut state,
-                            "sent fewer output values than it announced".into(),
-                        ));
+        match self.exchange(&mut state, &request, &[], deadline)? {
+            (Response::Outputs { tensors, in_region }, payload) => {
+                let outputs = match state.running.as_mut() {
+                    Some(running) => {
+                        receive_outputs(&mut running.region, tensors, in_region, &payload)
                     }
-                    outputs.push(Tensor { name, shape, data });
-                }
-                Ok(outputs)
+                    None => Err("is gone".to_string()),
+                };
+                outputs.map_err(|why| self.broken(&mut state, why))
             }
             (Response::Failed(e), _) => Err(e.into()),
             (other, _) => Err(self.broken(&mut state, format!("answered a run with {other:?}"))),
@@ -418,13 +436,9 @@ impl Worker {
             }
             state.starts += 1;
             match self.launcher.spawn(&self.device) {
-                Ok((child, socket)) => {
-                    tracing::info!(partition = %self.device, device = %self.device.visible, pid = child.id(), "inference worker started");
-                    state.running = Some(Running {
-                        child,
-                        socket,
-                        loaded: HashSet::new(),
-                    });
+                Ok(running) => {
+                    tracing::info!(partition = %self.device, device = %self.device.visible, pid = running.child.id(), "inference worker started");
+                    state.running = Some(running);
                 }
                 Err(e) => {
                     let reason = format!(
@@ -503,6 +517,55 @@ impl Worker {
     }
 }
 
+/// Grows `region` to hold `values` floats, up to `MAX_PAYLOAD`.
+fn grow_within_bounds(region: &mut Region, values: usize) -> std::io::Result<()> {
+    match values.checked_mul(4).filter(|&n| n as u64 <= MAX_PAYLOAD) {
+        Some(bytes) => region.grow(bytes),
+        None => Err(std::io::Error::other(format!(
+            "{values} values are past the {MAX_PAYLOAD}-byte bound"
+        ))),
+    }
+}
+
+/// The outputs a worker announced, from the region or, where they did not fit,
+/// the payload: then the region grows to hold them the next time. An
+/// announcement the data does not match is the worker's fault (the reason).
+fn receive_outputs(
+    region: &mut Region,
+    tensors: Vec<(String, Vec<u32>, u64)>,
+    in_region: bool,
+    payload: &[u8],
+) -> Result<Vec<Tensor>, String> {
+    let total = tensors
+        .iter()
+        .try_fold(0usize, |n, t| n.checked_add(usize::try_from(t.2).ok()?))
+        .ok_or("announced more output values than there can be")?;
+    let inline = (!in_region).then(|| f32_values(payload));
+    if inline.as_ref().is_some_and(|v| v.len() != total) {
+        return Err("sent other output values than it announced".into());
+    }
+    let mut outputs = Vec::with_capacity(tensors.len());
+    let mut at = 0;
+    for (name, shape, len) in tensors {
+        let len = len as usize;
+        let data = match &inline {
+            Some(values) => values[at..at + len].to_vec(),
+            None => region
+                .read(at, len)
+                .map_err(|e| format!("announced outputs past its region: {e}"))?,
+        };
+        at += len;
+        outputs.push(Tensor { name, shape, data });
+    }
+    if inline.is_some() {
+        // Not fatal: the next answer comes inline again.
+        if let Err(e) = grow_within_bounds(region, total) {
+            tracing::debug!("the region stays as it is: {e}");
+        }
+    }
+    Ok(outputs)
+}
+
 /// The worker's side (`xpud inference-worker`): answers the host's requests on the
 /// socket it was given as standard input until the host closes it. Its sessions
 /// run on the first device its providers drive: the one `CUDA_VISIBLE_DEVICES`
@@ -510,6 +573,8 @@ impl Worker {
 pub fn serve(library: PathBuf, providers: Vec<Provider>) -> anyhow::Result<()> {
     use std::os::fd::AsFd;
     let socket = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+    // The host's first message: where tensors cross.
+    let mut region = Region::receive(&socket)?;
     let inference = super::inference::Inference::get_or_init(&super::inference::InferenceOptions {
         library: Some(library),
         providers,
@@ -552,21 +617,11 @@ pub fn serve(library: PathBuf, providers: Vec<Provider>) -> anyhow::Result<()> {
                 key,
                 shape,
                 timeout_ms,
+                region: len,
             } => {
                 let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-                match run(&models, &key, shape, &payload, deadline) {
-                    Ok(outputs) => {
-                        let tensors = outputs
-                            .iter()
-                            .map(|t| (t.name.clone(), t.shape.clone(), t.data.len() as u64))
-                            .collect();
-                        let mut data =
-                            Vec::with_capacity(outputs.iter().map(|t| t.data.len() * 4).sum());
-                        for tensor in &outputs {
-                            data.extend_from_slice(&f32_bytes(&tensor.data));
-                        }
-                        (Response::Outputs { tensors }, data)
-                    }
+                match run(&models, &key, shape, &mut region, len, deadline) {
+                    Ok(outputs) => send_outputs(&mut region, &outputs),
                     Err(e) => (Response::Failed(e.into()), Vec::new()),
                 }
             }
@@ -575,31 +630,63 @@ pub fn serve(library: PathBuf, providers: Vec<Provider>) -> anyhow::Result<()> {
     }
 }
 
-/// One run in the worker, its input checked against its shape.
+/// One run in the worker on the input at the start of `region` (`len` bytes long
+/// now), checked against its shape.
 fn run(
     models: &HashMap<String, super::models::SharedModel>,
     key: &str,
     shape: [i64; 4],
-    payload: &[u8],
+    region: &mut Region,
+    len: u64,
     deadline: Instant,
 ) -> Result<Vec<Tensor>, InferenceError> {
     let model = models.get(key).ok_or_else(|| {
         InferenceError::Runtime(format!("model {key} is not loaded in this worker"))
     })?;
-    let values = shape.iter().try_fold(1u64, |n, &d| {
-        u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
-    });
-    if values.and_then(|n| n.checked_mul(4)) != Some(payload.len() as u64) {
-        return Err(InferenceError::InvalidInput(format!(
-            "{} bytes of input for the shape {shape:?}",
-            payload.len()
-        )));
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&n| n as u64 <= MAX_PAYLOAD)
+        .ok_or_else(|| InferenceError::InvalidInput(format!("a region of {len} bytes")))?;
+    region
+        .map(len)
+        .map_err(|e| InferenceError::Runtime(format!("cannot map the shared region: {e}")))?;
+    let values = shape
+        .iter()
+        .try_fold(1usize, |n, &d| {
+            usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+        })
+        .ok_or_else(|| InferenceError::InvalidInput(format!("the shape {shape:?}")))?;
+    let data = region.view(0, values).map_err(|e| {
+        InferenceError::InvalidInput(format!("an input of the shape {shape:?}: {e}"))
+    })?;
+    model.run_view(shape, data, deadline)
+}
+
+/// The answer carrying `outputs`: their values in the region, one after the
+/// other from its start (the input is no longer needed), or in the payload where
+/// they do not fit.
+fn send_outputs(region: &mut Region, outputs: &[Tensor]) -> (Response, Vec<u8>) {
+    let tensors = outputs
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.data.len() as u64))
+        .collect();
+    let mut at = 0;
+    let mut in_region = true;
+    for tensor in outputs {
+        if region.write(at, &tensor.data).is_err() {
+            in_region = false;
+            break;
+        }
+        at += tensor.data.len();
     }
-    let input = InputTensor {
-        shape,
-        data: f32_values(payload),
-    };
-    model.run_alone(&input, deadline)
+    let mut payload = Vec::new();
+    if !in_region {
+        payload.reserve(outputs.iter().map(|t| t.data.len() * 4).sum());
+        for tensor in outputs {
+            payload.extend_from_slice(&f32_bytes(&tensor.data));
+        }
+    }
+    (Response::Outputs { tensors, in_region }, payload)
 }
 
 #[cfg(test)]
@@ -622,13 +709,15 @@ mod tests {
             key: "abc".into(),
             shape: [1, 3, 2, 2],
             timeout_ms: 250,
+            region: 1 << 20,
         };
         let values: Vec<f32> = (0..12).map(|i| i as f32 / 3.0).collect();
         write_message(&mut wire, &request, &f32_bytes(&values)).unwrap();
         let (read, payload) = read_message::<Request>(&mut wire.as_slice()).unwrap();
         assert!(matches!(
             read,
-            Request::Run { key, shape: [1, 3, 2, 2], timeout_ms: 250 } if key == "abc"
+            Request::Run { key, shape: [1, 3, 2, 2], timeout_ms: 250, region: 1048576 }
+                if key == "abc"
         ));
         assert_eq!(f32_values(&payload), values);
 
@@ -647,6 +736,72 @@ mod tests {
         // Cut short: an error, not a hang or a partial message.
         let e = read_message::<Request>(&mut &wire[..wire.len() - 1]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Outputs cross in the region where they fit, else inline, after which the
+    /// region has grown to hold them; an announcement the data does not bear out
+    /// is refused.
+    #[test]
+    fn outputs_cross_in_the_region_or_inline_once_then_in_the_region() {
+        let (host_end, worker_end) = UnixStream::pair().unwrap();
+        let mut host = Region::create().unwrap();
+        host.send(&host_end).unwrap();
+        let mut worker = Region::receive(&worker_end).unwrap();
+        host.grow(1).unwrap();
+        worker.map(host.len()).unwrap();
+        let same = |got: Vec<Tensor>, want: &[Tensor]| {
+            let key = |t: &Tensor| (t.name.clone(), t.shape.clone(), t.data.clone());
+            assert_eq!(
+                got.iter().map(key).collect::<Vec<_>>(),
+                want.iter().map(key).collect::<Vec<_>>()
+            );
+        };
+        let tensor = |name: &str, len: usize| Tensor {
+            name: name.into(),
+            shape: vec![len as u32],
+            data: (0..len).map(|i| i as f32).collect(),
+        };
+        let small = [tensor("boxes", 10), tensor("scores", 5)];
+        let (Response::Outputs { tensors, in_region }, payload) = send_outputs(&mut worker, &small)
+        else {
+            panic!("not outputs");
+        };
+        assert!(in_region && payload.is_empty());
+        same(
+            receive_outputs(&mut host, tensors, in_region, &payload).unwrap(),
+            &small,
+        );
+
+        let big = [tensor("map", host.len() / 4 + 1)];
+        let (Response::Outputs { tensors, in_region }, payload) = send_outputs(&mut worker, &big)
+        else {
+            panic!("not outputs");
+        };
+        assert!(!in_region);
+        let announced = tensors.clone();
+        same(
+            receive_outputs(&mut host, tensors, in_region, &payload).unwrap(),
+            &big,
+        );
+        assert!(
+            host.len() >= big[0].data.len() * 4,
+            "grown for the next time"
+        );
+        worker.map(host.len()).unwrap();
+        let (Response::Outputs { in_region, .. }, _) = send_outputs(&mut worker, &big) else {
+            panic!("not outputs");
+        };
+        assert!(in_region);
+
+        // More values announced than sent, or than the region holds.
+        assert!(receive_outputs(&mut host, announced.clone(), false, &payload[4..]).is_err());
+        let past = vec![("map".to_string(), vec![1], (host.len() / 4 + 1) as u64)];
+        assert!(receive_outputs(&mut host, past, true, &[]).is_err());
+        let overflow = vec![
+            ("a".to_string(), vec![1], u64::MAX),
+            ("b".to_string(), vec![1], u64::MAX),
+        ];
+        assert!(receive_outputs(&mut host, overflow, true, &[]).is_err());
     }
 
     #[test]
