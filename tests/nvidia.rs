@@ -52,6 +52,17 @@ fn over(plugins: &PluginDir, library: std::path::PathBuf) -> xpud::plugins::regi
     )
 }
 
+/// The nvidia driver loaded over the stand-in library, beside the plugin
+/// directory it was installed in; `None` where the stand-in cannot be built.
+fn nvidia_over_stand_in() -> Option<(PluginDir, xpud::plugins::registry::Registry)> {
+    let library = stand_in(fake_nvml())?;
+    let plugins = PluginDir::new();
+    plugins.install("nvidia");
+    let registry = over(&plugins, library);
+    registry.scan();
+    Some((plugins, registry))
+}
+
 /// A machine without NVML: the driver loads, reports no cards, and nothing fails.
 #[test]
 fn without_nvml_the_driver_loads_and_reports_no_cards() {
@@ -311,13 +322,10 @@ fn a_replica_on_a_partition_runs_its_models_in_that_partition_s_worker() {
     use std::sync::Arc;
     use xpud::runtime::inference::{Device, PartitionDevice};
     use xpud::scheduler::{Ask, Scheduler};
-    let Some(library) = stand_in(fake_nvml()) else {
+    let Some((_plugins, registry)) = nvidia_over_stand_in() else {
         return;
     };
-    let plugins = PluginDir::new();
-    plugins.install("nvidia");
-    let registry = Arc::new(over(&plugins, library));
-    registry.scan();
+    let registry = Arc::new(registry);
     let samples = xpud::sampler::SampleCache::new(std::time::Duration::from_secs(60));
     xpud::sampler::sample_all_now(&registry, &samples);
     let xpus = xpud::machine::xpus(&samples, &["nvidia".to_string()]);
@@ -390,13 +398,9 @@ fn a_replica_on_a_partition_runs_its_models_in_that_partition_s_worker() {
 /// are that process's; a slice bound to a pid NVML does not list has none.
 #[test]
 fn a_time_slice_is_measured_by_the_process_the_host_names_for_it() {
-    let Some(library) = stand_in(fake_nvml()) else {
+    let Some((_plugins, registry)) = nvidia_over_stand_in() else {
         return;
     };
-    let plugins = PluginDir::new();
-    plugins.install("nvidia");
-    let registry = over(&plugins, library);
-    registry.scan();
     let nvidia = driver(&registry, "nvidia");
     nvidia.devices().unwrap();
     let slice = |share| PartitionSpec {

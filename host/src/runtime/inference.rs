@@ -754,14 +754,7 @@ impl SharedModel {
         input: &InputTensor,
         deadline: Instant,
     ) -> Result<Vec<Tensor>, InferenceError> {
-        let Backend::InProcess(session) = &self.backend else {
-            return Err(InferenceError::Runtime(
-                "the model's session is in a worker process".into(),
-            ));
-        };
-        let mut session = crate::sync::lock(session);
-        self.execute(&mut session, &[input], deadline)
-            .map(|mut per_input| per_input.swap_remove(0))
+        self.run_view(input.shape, &input.data, deadline)
     }
 
     /// Runs the model in this process on `data` of `shape` as it lies (a worker's
