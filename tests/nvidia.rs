@@ -361,6 +361,7 @@ fn a_replica_on_a_partition_runs_its_models_in_that_partition_s_worker() {
             partition: t4[0].partition.clone().unwrap(),
             visible: "GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e".into(),
             card_ordinal: Some(0),
+            memory_quota_mib: t4[0].memory_mib,
         }))
     );
 

@@ -1186,6 +1186,7 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
         partition: format!("mig-test-{}", std::process::id()),
         visible: device.clone(),
         card_ordinal: None,
+        memory_quota_mib: Some(512),
     });
     let there = inference
         .load_native_on(
@@ -1204,6 +1205,9 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
             .any(|var| var == format!("CUDA_VISIBLE_DEVICES={device}").as_bytes()),
         "the worker sees the device alone"
     );
+    // Its sessions' device arenas are held to the partition's quota.
+    let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(command.contains("--memory-quota-mib\x00512"), "{command:?}");
     let (frame, pre) = conv_grid_input(0);
     let soon = || Instant::now() + Duration::from_secs(30);
     let expected = here.run(&frame, &pre, soon()).unwrap();

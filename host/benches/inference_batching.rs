@@ -199,6 +199,7 @@ fn worker_overhead(inference: &Inference) {
                     partition: format!("mig-{name}"),
                     visible: "MIG-bench".into(),
                     card_ordinal: None,
+                    memory_quota_mib: None,
                 })),
                 name,
                 bytes,

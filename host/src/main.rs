@@ -60,8 +60,9 @@ enum Command {
     /// Manage the access tokens' signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Run models for `xpud serve` on one device of its own (started by it, with
-    /// `CUDA_VISIBLE_DEVICES` naming the device and a socket as standard input).
+    /// Run models for `xpud serve` on one partition (started by it, with
+    /// `CUDA_VISIBLE_DEVICES` naming the partition's device and a socket as
+    /// standard input).
     #[command(hide = true)]
     InferenceWorker {
         /// The ONNX Runtime library.
@@ -70,6 +71,9 @@ enum Command {
         /// Execution providers to try, in order, comma-separated.
         #[arg(long, value_delimiter = ',')]
         providers: Vec<Provider>,
+        /// The partition's memory quota: each session's device arena at most this.
+        #[arg(long)]
+        memory_quota_mib: Option<u64>,
     },
 }
 
@@ -278,7 +282,8 @@ fn main() -> ExitCode {
         Command::InferenceWorker {
             onnxruntime,
             providers,
-        } => xpud::runtime::worker::serve(onnxruntime, providers),
+            memory_quota_mib,
+        } => xpud::runtime::worker::serve(onnxruntime, providers, memory_quota_mib),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,7 @@ impl Placement {
                     partition: partition.clone(),
                     visible: visible.clone(),
                     card_ordinal: shared(),
+                    memory_quota_mib: self.memory_mib,
                 }))
             }
             _ if self.isolated => {
@@ -738,6 +739,7 @@ mod tests {
                 partition: "ts-1-1".into(),
                 visible: visible.into(),
                 card_ordinal,
+                memory_quota_mib: Some(4096),
             }))
         };
         assert_eq!(placement.device("NVIDIA_T4"), partition("GPU-1", Some(1)));

@@ -96,6 +96,9 @@ pub struct PartitionDevice {
     /// For a time slice, its card's CUDA ordinal in xpud's own process: where no
     /// worker can be started, its models run there, not measured apart.
     pub card_ordinal: Option<u32>,
+    /// The partition's memory quota: the most each of the worker's sessions may
+    /// hold in its device arena.
+    pub memory_quota_mib: Option<u64>,
 }
 
 /// `driver/partition`: how figures and logs name a partition.
@@ -338,7 +341,7 @@ impl Inference {
         let build = move || -> Build {
             Box::new(move || match worker {
                 Some(worker) => worker_model(worker, hash, bytes.into(), batching, build_timeout),
-                None => build_model(&env, &providers, &device, &bytes, batching),
+                None => build_model(&env, &providers, &device, &bytes, batching, None),
             })
         };
         self.models
@@ -346,8 +349,13 @@ impl Inference {
     }
 
     /// A session of `bytes` in this process, on the first device its providers
-    /// drive: what an inference worker holds.
-    pub(crate) fn in_process(&self, bytes: &[u8]) -> Result<SharedModel, InferenceError> {
+    /// drive, its device arena at most `arena_mib` where given: what an
+    /// inference worker holds.
+    pub(crate) fn in_process(
+        &self,
+        bytes: &[u8],
+        arena_mib: Option<u64>,
+    ) -> Result<SharedModel, InferenceError> {
         let env = self
             .backend
             .as_ref()
@@ -358,6 +366,7 @@ impl Inference {
             &Device::default(),
             bytes,
             self.batching,
+            arena_mib,
         )
     }
 }
@@ -394,8 +403,9 @@ fn build_model(
     device: &Device,
     bytes: &[u8],
     batching: Batching,
+    arena_mib: Option<u64>,
 ) -> Result<SharedModel, InferenceError> {
-    let (session, provider) = session(env, providers, device, bytes)?;
+    let (session, provider) = session(env, providers, device, bytes, arena_mib)?;
     let shape_of = |outlet: &ort::value::Outlet| match outlet.dtype() {
         ort::value::ValueType::Tensor { shape, .. } => Ok(shape.to_vec()),
         other => Err(InferenceError::InvalidModel(format!(
@@ -434,12 +444,16 @@ fn global_thread_pool() -> ort::Result<ort::environment::GlobalThreadPoolOptions
         .with_spin_control(false)
 }
 
-/// A session for `bytes` on `device`, by the first provider that accepts it.
+/// A session for `bytes` on `device`, by the first provider that accepts it. The
+/// CUDA provider's memory arena holds at most `arena_mib` where given (a time
+/// slice's quota: the runtime bounds what the ledger admitted); its CUDA context,
+/// and TensorRT's engines, are outside it.
 fn session(
     env: &ort::environment::Environment,
     providers: &[Provider],
     device: &Device,
     bytes: &[u8],
+    arena_mib: Option<u64>,
 ) -> Result<(Session, Provider), InferenceError> {
     let runtime = |e: ort::Error| InferenceError::Runtime(e.to_string());
     let mut refusals = Vec::new();
@@ -451,12 +465,17 @@ fn session(
         let builder = Session::builder(env).map_err(runtime)?;
         let builder = match provider {
             Provider::Cpu => Ok(builder),
-            Provider::Cuda => builder
-                .with_execution_providers([ort::ep::CUDA::default()
-                    .with_device_id(ordinal)
-                    .build()
-                    .error_on_failure()])
-                .map_err(|e| e.to_string()),
+            Provider::Cuda => {
+                let mut cuda = ort::ep::CUDA::default().with_device_id(ordinal);
+                if let Some(mib) = arena_mib {
+                    cuda = cuda.with_memory_limit(
+                        usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+                    );
+                }
+                builder
+                    .with_execution_providers([cuda.build().error_on_failure()])
+                    .map_err(|e| e.to_string())
+            }
             Provider::Tensorrt => builder
                 .with_execution_providers([ort::ep::TensorRT::default()
                     .with_device_id(ordinal)
@@ -593,7 +612,14 @@ impl Inference {
             .backend
             .as_ref()
             .map_err(|reason| InferenceError::Unavailable(reason.clone()))?;
-        let shared = build_model(env, &self.providers, &Device::default(), &bytes, batching)?;
+        let shared = build_model(
+            env,
+            &self.providers,
+            &Device::default(),
+            &bytes,
+            batching,
+            None,
+        )?;
         Ok(NativeModel(Model::new(name.to_string(), Arc::new(shared))))
     }
 

@@ -188,12 +188,17 @@ impl Launcher {
         let (ours, theirs) = UnixStream::pair()?;
         let region = Region::create()?;
         let providers: Vec<&str> = self.providers.iter().map(|p| p.name()).collect();
-        let child = Command::new(&self.executable)
+        let mut command = Command::new(&self.executable);
+        command
             .arg("inference-worker")
             .arg("--onnxruntime")
             .arg(&self.library)
             .arg("--providers")
-            .arg(providers.join(","))
+            .arg(providers.join(","));
+        if let Some(quota) = device.memory_quota_mib {
+            command.arg("--memory-quota-mib").arg(quota.to_string());
+        }
+        let child = command
             .env("CUDA_VISIBLE_DEVICES", &device.visible)
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
@@ -569,8 +574,12 @@ fn receive_outputs(
 /// The worker's side (`xpud inference-worker`): answers the host's requests on the
 /// socket it was given as standard input until the host closes it. Its sessions
 /// run on the first device its providers drive: the one `CUDA_VISIBLE_DEVICES`
-/// leaves it.
-pub fn serve(library: PathBuf, providers: Vec<Provider>) -> anyhow::Result<()> {
+/// leaves it, each session's device arena at most `memory_quota_mib`.
+pub fn serve(
+    library: PathBuf,
+    providers: Vec<Provider>,
+    memory_quota_mib: Option<u64>,
+) -> anyhow::Result<()> {
     use std::os::fd::AsFd;
     let socket = UnixStream::from(std::io::stdin().as_fd().try_clone_to_owned()?);
     // The host's first message: where tensors cross.
@@ -600,7 +609,7 @@ pub fn serve(library: PathBuf, providers: Vec<Provider>) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         };
         let (response, out) = match request {
-            Request::Load { key } => match inference.in_process(&payload) {
+            Request::Load { key } => match inference.in_process(&payload, memory_quota_mib) {
                 Ok(model) => {
                     tracing::info!(device = %device, provider = model.provider.name(), "model loaded");
                     let loaded = Response::Loaded {
@@ -699,6 +708,7 @@ mod tests {
             partition: "mig-1-1".into(),
             visible: visible.into(),
             card_ordinal: None,
+            memory_quota_mib: None,
         })
     }
 
