@@ -219,6 +219,8 @@ fn plugin_probe_prints_what_a_driver_reports() {
             "--nvml-library",
             library.to_str().unwrap(),
             "--partition",
+            "--bind-pid",
+            "4242",
         ]);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
@@ -234,6 +236,17 @@ fn plugin_probe_prints_what_a_driver_reports() {
             stdout.contains(
                 "models:   in a worker shown GPU-8a8b7d6e-3a0f-4c2b-9e1d-5f4a3b2c1d0e alone"
             ),
+            "{stdout}"
+        );
+        // The stand-in lists process 4242 on the T4 with 512 MiB: the slice's own.
+        assert!(
+            stdout.contains("bound:    process 4242 does the partition's work"),
+            "{stdout}"
+        );
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("instance: ") && l.contains("memory-used-mib: Some(512)")),
             "{stdout}"
         );
     }

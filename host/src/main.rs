@@ -225,6 +225,11 @@ enum PluginCommand {
         /// Also make a partition of a seventh of card 0, sample it and destroy it.
         #[arg(long)]
         partition: bool,
+        /// With --partition: a process (a CUDA program running on card 0) to bind
+        /// to the partition, whose usage its sample then shows, as the server binds
+        /// a partition's inference worker.
+        #[arg(long, requires = "partition")]
+        bind_pid: Option<u32>,
         /// The NVML library to load instead of libnvidia-ml.so.1.
         #[arg(long)]
         nvml_library: Option<PathBuf>,
@@ -263,8 +268,14 @@ fn main() -> ExitCode {
             plugin_dir,
             name,
             partition,
+            bind_pid,
             nvml_library,
-        }) => probe(&plugin_dir, &name, partition, nvml_library),
+        }) => probe(
+            &plugin_dir,
+            &name,
+            partition.then_some(bind_pid),
+            nvml_library,
+        ),
         Command::Plugin(PluginCommand::Pack {
             manifest,
             wasm,
@@ -483,10 +494,11 @@ fn command_runtime(
     })
 }
 
+/// `partition`: make one, binding the process given to it, if any.
 fn probe(
     plugin_dir: &Path,
     name: &str,
-    partition: bool,
+    partition: Option<Option<u32>>,
     nvml_library: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use xpud::plugins::registry::{Registry, RegistryOptions};
@@ -549,7 +561,7 @@ fn probe(
             print_out(&format!("cuda:     CUDA_VISIBLE_DEVICES={visible:?}"))?;
         }
     }
-    if partition {
+    if let Some(bind_pid) = partition {
         let Some(card) = devices.first() else {
             bail!("no device to make a partition on");
         };
@@ -569,6 +581,13 @@ fn probe(
             None => "in xpud's process, on the card".to_string(),
         };
         print_out(&format!("models:   {models}"))?;
+        if let Some(pid) = bind_pid {
+            let bound = match driver.bind_process(&made.id, pid) {
+                Ok(()) => format!("process {pid} does the partition's work"),
+                Err(e) => format!("process {pid} not bound: {e}"),
+            };
+            print_out(&format!("bound:    {bound}"))?;
+        }
         std::thread::sleep(std::time::Duration::from_millis(500));
         for instance in driver.sample()?.metrics.instances {
             print_out(&format!("instance: {instance:?}"))?;
