@@ -33,10 +33,9 @@ pub struct Region {
     len: usize,
 }
 
-// SAFETY: the mapping belongs to the region alone; the pointer is used only
-// through `&self`/`&mut self`, which the borrow rules serialise.
+// SAFETY: the mapping belongs to the region alone, wherever it moves; the
+// pointer is used only through `&self`/`&mut self`.
 unsafe impl Send for Region {}
-unsafe impl Sync for Region {}
 
 impl Drop for Region {
     fn drop(&mut self) {
