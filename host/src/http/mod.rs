@@ -106,8 +106,9 @@ pub struct Placed {
     /// The driver's partition, where it made one.
     #[serde(skip_serializing_if = "Option::is_none")]
     partition: Option<String>,
-    /// The partition's own device (a MIG instance's uuid), where it is one: the
-    /// models run in that device's inference worker.
+    /// The partition's device as its inference worker sees it (a MIG instance's
+    /// uuid, a time slice's card's), where the driver named one: the models run
+    /// in that worker, and its usage is the partition's.
     #[serde(skip_serializing_if = "Option::is_none")]
     partition_device: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
