@@ -251,13 +251,13 @@ impl Workers {
             .alive()
             .iter()
             .map(|worker| {
-                let state = lock(&worker.state);
+                let seen = *lock(&worker.seen);
                 WorkerFigures {
                     partition: worker.device.to_string(),
                     device: worker.device.visible.clone(),
-                    up: state.running.is_some(),
-                    starts: state.starts,
-                    failures: state.failures_total,
+                    up: seen.pid.is_some(),
+                    starts: seen.starts,
+                    failures: seen.failures,
                 }
             })
             .collect();
@@ -284,6 +284,7 @@ impl Workers {
             device: device.clone(),
             launcher: launcher.clone(),
             state: Mutex::new(State::default()),
+            seen: Mutex::default(),
         });
         by_partition.insert(device.clone(), Arc::downgrade(&worker));
         worker
@@ -294,7 +295,11 @@ impl Workers {
 pub struct Worker {
     device: Arc<PartitionDevice>,
     launcher: Launcher,
+    /// Held for a whole exchange with the process (a model load may take a
+    /// minute): nothing that only looks takes it.
     state: Mutex<State>,
+    /// What scrapes and the sampler read, kept apart from `state`.
+    seen: Mutex<Seen>,
 }
 
 #[derive(Default)]
@@ -303,8 +308,16 @@ struct State {
     /// Failures in a row, for the backoff; none since the last good answer.
     failures: u32,
     retry_at: Option<Instant>,
+}
+
+/// The process running now, and what the worker has been through.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    pid: Option<u32>,
+    /// Processes started, the first one included.
     starts: u64,
-    failures_total: u64,
+    /// Starts that failed, and processes that exited or stopped answering.
+    failures: u64,
 }
 
 struct Running {
@@ -333,7 +346,7 @@ pub struct Loaded {
 impl Worker {
     /// The worker's process id, while one runs.
     pub fn pid(&self) -> Option<u32> {
-        lock(&self.state).running.as_ref().map(|r| r.child.id())
+        lock(&self.seen).pid
     }
 
     /// Loads `bytes` as `key` into the worker, starting it if needed.
@@ -439,10 +452,12 @@ impl Worker {
                     )));
                 }
             }
-            state.starts += 1;
+            lock(&self.seen).starts += 1;
             match self.launcher.spawn(&self.device) {
                 Ok(running) => {
-                    tracing::info!(partition = %self.device, device = %self.device.visible, pid = running.child.id(), "inference worker started");
+                    let pid = running.child.id();
+                    tracing::info!(partition = %self.device, device = %self.device.visible, pid, "inference worker started");
+                    lock(&self.seen).pid = Some(pid);
                     state.running = Some(running);
                 }
                 Err(e) => {
@@ -512,7 +527,11 @@ impl Worker {
     fn failed(&self, state: &mut State, reason: String) -> InferenceError {
         state.running = None;
         state.failures += 1;
-        state.failures_total += 1;
+        {
+            let mut seen = lock(&self.seen);
+            seen.pid = None;
+            seen.failures += 1;
+        }
         let backoff = FIRST_BACKOFF
             .saturating_mul(1 << (state.failures - 1).min(16))
             .min(MAX_BACKOFF);
@@ -856,7 +875,8 @@ mod tests {
         let hung = dir.path().join("hung-worker");
         std::fs::write(&hung, "#!/bin/sh\nexec sleep 60\n").unwrap();
         std::fs::set_permissions(&hung, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let worker = Workers::default().get(
+        let workers = Workers::default();
+        let worker = workers.get(
             &Launcher {
                 executable: hung,
                 library: "/nonexistent/libonnxruntime.so".into(),
@@ -866,7 +886,18 @@ mod tests {
         );
         let started = Instant::now();
         let deadline = started + Duration::from_millis(100);
-        let Err(InferenceError::Runtime(why)) = worker.load("m", b"model", deadline) else {
+        let waiting = {
+            let worker = worker.clone();
+            std::thread::spawn(move || worker.load("m", b"model", deadline))
+        };
+        // While the load waits on the process (its deadline and the grace), what
+        // a scrape or the sampler reads answers at once.
+        std::thread::sleep(Duration::from_millis(300));
+        let looked = Instant::now();
+        let (figures, pid) = (workers.figures(), worker.pid());
+        assert!(looked.elapsed() < Duration::from_millis(200));
+        assert!(figures[0].up && pid.is_some(), "{figures:?}");
+        let Err(InferenceError::Runtime(why)) = waiting.join().unwrap() else {
             panic!("a hung worker answered");
         };
         assert!(why.contains("did not answer within"), "{why}");
