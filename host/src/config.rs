@@ -124,8 +124,9 @@ pub struct InferenceConfig {
     pub providers: Vec<Provider>,
     /// Most runs of one model (from different instances) batched together; 1: none.
     pub max_batch: usize,
-    /// The executable started as the inference worker of each device of its own (a
-    /// MIG instance): `xpud serve` uses itself unless this names another.
+    /// The executable started as the inference worker of each partition whose
+    /// driver names its device (a MIG instance, a time slice): `xpud serve` uses
+    /// itself unless this names another.
     pub worker: Option<PathBuf>,
 }
 

@@ -171,8 +171,8 @@ pub struct InferenceOptions {
     /// How runs of one model from several instances are batched.
     pub batching: Batching,
     /// The executable that runs inference workers (`xpud`, which has the
-    /// `inference-worker` command). `None`: models placed on a device of their own
-    /// run on the CPU, in this process.
+    /// `inference-worker` command). `None`: models placed on a partition run in
+    /// this process, on a time slice's card or, for a MIG instance, the CPU.
     pub worker: Option<PathBuf>,
 }
 
@@ -391,6 +391,7 @@ fn worker_model(
             bytes,
             load_timeout,
         }),
+        // A worker runs inputs one at a time: nothing to batch here.
         false,
         batching,
     ))

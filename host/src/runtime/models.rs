@@ -41,7 +41,7 @@ const IDLE_KEEP: Duration = Duration::from_secs(60);
 pub enum Backend {
     /// In this process.
     InProcess(Mutex<Session>),
-    /// In the worker process of a device of its own (`worker`).
+    /// In its partition's worker process (`worker`), one input at a time.
     Worker(Remote),
 }
 
@@ -82,15 +82,13 @@ impl SharedModel {
         batchable: bool,
         batching: Batching,
     ) -> SharedModel {
-        let in_process = matches!(backend, Backend::InProcess(_));
         SharedModel {
             provider,
             input,
             input_shape,
             backend,
             batching,
-            combiner: (in_process
-                && batchable
+            combiner: (batchable
                 && batching.max > 1
                 && (provider != Provider::Cpu || batching.on_cpu))
                 .then(Combiner::default),
