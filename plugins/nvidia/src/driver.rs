@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use xpud_sdk::driver::nvml::{DeviceInfo, NvmlError, ProcessUsage};
+use xpud_sdk::driver::nvml::{DeviceInfo, MigInstance, NvmlError, ProcessUsage};
 use xpud_sdk::driver::*;
 
 use crate::bridge::{Nvml, Sample};
@@ -196,6 +196,21 @@ impl<N: Nvml> Nvidia<N> {
         types.sort();
         types.dedup();
         types
+    }
+
+    /// The MIG instance partition `id` names, where it names one.
+    fn mig_instance(&self, id: &str) -> Option<Result<MigInstance, DriverError>> {
+        let (device, gpu_instance) = mig::parse_partition_id(id)?;
+        let instances = match self.nvml.mig_instances(device) {
+            Ok(instances) => instances,
+            Err(e) => return Some(Err(driver_error(e))),
+        };
+        Some(
+            instances
+                .into_iter()
+                .find(|i| i.gpu_instance_id == gpu_instance)
+                .ok_or_else(|| DriverError::NotFound(format!("no partition {id}"))),
+        )
     }
 
     fn time_slice(&self, id: &str) -> Result<&TimeSlice, DriverError> {
@@ -464,18 +479,11 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
     /// A time slice's: its card's uuid, so that its work runs in a process of its
     /// own, which NVML measures apart from the others on the card.
     fn partition_device(&mut self, id: &str) -> Result<Option<String>, DriverError> {
-        let Some((device, gpu_instance)) = mig::parse_partition_id(id) else {
+        let Some(instance) = self.mig_instance(id) else {
             let slice = self.time_slice(id)?;
             return Ok(self.card(slice.spec.device_index)?.info.uuid.clone());
         };
-        let instance = self
-            .nvml
-            .mig_instances(device)
-            .map_err(driver_error)?
-            .into_iter()
-            .find(|i| i.gpu_instance_id == gpu_instance)
-            .ok_or_else(|| DriverError::NotFound(format!("no partition {id}")))?;
-        match instance.uuid {
+        match instance?.uuid {
             Some(uuid) => Ok(Some(uuid)),
             None => Err(DriverError::DeviceFailure(format!(
                 "partition {id}: NVML gives its MIG instance no device uuid (no compute \
@@ -487,17 +495,14 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
     /// A MIG instance's processes are told apart by NVML itself (the instance
     /// each runs in); a time slice's process is the one the host names.
     fn bind_process(&mut self, id: &str, pid: u32) -> Result<(), DriverError> {
-        if let Some((device, gpu_instance)) = mig::parse_partition_id(id) {
-            let instances = self.nvml.mig_instances(device).map_err(driver_error)?;
-            return match instances.iter().any(|i| i.gpu_instance_id == gpu_instance) {
-                true => Ok(()),
-                false => Err(DriverError::NotFound(format!("no partition {id}"))),
-            };
+        if let Some(instance) = self.mig_instance(id) {
+            return instance.map(drop);
         }
-        self.time_slice(id)?;
-        if let Some(slice) = self.shared.get_mut(id) {
-            slice.pid = Some(pid);
-        }
+        let slice = self
+            .shared
+            .get_mut(id)
+            .ok_or_else(|| DriverError::NotFound(format!("no partition {id}")))?;
+        slice.pid = Some(pid);
         Ok(())
     }
 
@@ -528,7 +533,7 @@ impl<N: Nvml + Default + 'static> Driver for Nvidia<N> {
 mod tests {
     use super::*;
     use crate::mig::tests::a100_40gb;
-    use xpud_sdk::driver::nvml::{MigInstance, MigProfile, MigState};
+    use xpud_sdk::driver::nvml::{MigProfile, MigState};
 
     /// NVML's answers, recorded from a T4 and an A100-SXM4-40GB in MIG mode.
     struct Recorded {
