@@ -466,25 +466,41 @@ fn main() -> anyhow::Result<()> {
 /// A full sampling round as the sampler makes it (`sampler::sample_one`: sample,
 /// devices and labels when they may have changed, then the cache), through the
 /// supervised plugin and through the same driver code compiled natively:
-/// (plugin, native) per round.
+/// (plugin, native) per round, each the median of 15 blocks of `iters` rounds.
+/// The two sides' blocks alternate, so that a change in the machine's speed
+/// while the bench runs (a 2-core VM's neighbours) weighs on both alike.
 fn rounds<D: xpud_sdk::driver::Driver>(
     plugin: &Driver,
     native: &native_driver::Native<D>,
     iters: u32,
 ) -> (Duration, Duration) {
-    let round_of = |driver: &dyn Fn(&xpud::sampler::SampleCache)| {
-        let cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
-        measure(9, iters, || driver(&cache))
+    let plugin_cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+    let native_cache = xpud::sampler::SampleCache::new(Duration::from_secs(3600));
+    let plugin_round = || {
+        let snapshot = xpud::sampler::sample_one("bench", plugin, &plugin_cache).unwrap();
+        plugin_cache.put("bench", black_box(snapshot));
     };
-    let round = round_of(&|cache| {
-        let snapshot = xpud::sampler::sample_one("bench", plugin, cache).unwrap();
-        cache.put("bench", black_box(snapshot));
-    });
-    let native_round = round_of(&|cache| {
-        let snapshot = xpud::sampler::sample_one("bench", native, cache).unwrap();
-        cache.put("bench", black_box(snapshot));
-    });
-    (round, native_round)
+    let native_round = || {
+        let snapshot = xpud::sampler::sample_one("bench", native, &native_cache).unwrap();
+        native_cache.put("bench", black_box(snapshot));
+    };
+    let block = |round: &dyn Fn()| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            round();
+        }
+        start.elapsed() / iters
+    };
+    for _ in 0..iters.div_ceil(10) {
+        plugin_round();
+        native_round();
+    }
+    let (mut plugin_blocks, mut native_blocks): (Vec<Duration>, Vec<Duration>) = (0..15)
+        .map(|_| (block(&plugin_round), block(&native_round)))
+        .unzip();
+    plugin_blocks.sort();
+    native_blocks.sort();
+    (plugin_blocks[7], native_blocks[7])
 }
 
 /// A driver compiled natively behind the sampler's interface, as a driver linked
