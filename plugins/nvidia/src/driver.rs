@@ -261,6 +261,10 @@ impl<N: Nvml> Nvidia<N> {
                 return;
             }
         };
+        if instances.is_empty() {
+            // Nothing to attribute processes to: NVML is not asked for them.
+            return;
+        }
         let processes = self.nvml.processes(card.index).unwrap_or_default();
         // Profiles only for an instance whose MIG device does not say its memory.
         let mut profiles = None;
@@ -897,9 +901,9 @@ mod tests {
         driver.bind_process(&b.id, 5151).unwrap();
         driver.bind_process(&c.id, 6000).unwrap();
         let instances = driver.sample().unwrap().instances;
-        // One listing of the T4's processes serves its three slices (the other is
-        // the A100's, for its MIG instances).
-        assert_eq!(driver.nvml.process_calls.get(), 2);
+        // One listing of the T4's processes serves its three slices (the A100 has
+        // no MIG instance to list processes for).
+        assert_eq!(driver.nvml.process_calls.get(), 1);
         let of = |id: &str| instances.iter().find(|i| i.partition_id == id).unwrap();
         assert_eq!(of(&a.id).memory_used_mib, Some(512));
         assert_eq!(of(&a.id).ai_utilization_pct, Some(33.0));
@@ -1060,6 +1064,8 @@ mod tests {
         let metrics = driver.sample().unwrap();
         assert_eq!(metrics.cards.len(), 2);
         assert_eq!(driver.nvml.sample_calls.get() - before, 1);
+        // The A100 is in MIG mode without instances: no processes to attribute.
+        assert_eq!(driver.nvml.process_calls.get(), 0);
     }
 
     #[test]
