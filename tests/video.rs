@@ -1018,3 +1018,81 @@ fn a_slow_algorithm_skips_a_live_camera_s_frames_but_never_a_file_s() {
         stats.frames_decoded.load(Ordering::Relaxed)
     );
 }
+
+/// A decoder that stays alive but gives no frame (a camera sending audio only,
+/// keep-alives, or data that never decodes: no socket timeout fires) is stopped
+/// once a frame is overdue, and the source is opened again: the task is never
+/// left "running" over a silent stream, and says why it reconnects.
+#[test]
+fn a_decoder_that_goes_silent_is_stopped_and_the_source_opened_again() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::{Arc, Mutex};
+    use xpud::pipeline::decode::{Settings, FRAME_OVERDUE};
+    use xpud::pipeline::source::Source;
+    use xpud::pipeline::{Analyse, Pipeline, Report, Spec, State};
+    use xpud::runtime::bindings::analyzer::Event;
+    use xpud::runtime::frames::Frame;
+
+    struct Idle;
+    impl Analyse for Idle {
+        fn analyse(&self, _: &Frame) -> Result<Vec<Event>, String> {
+            Ok(Vec::new())
+        }
+    }
+    #[derive(Default)]
+    struct States(Mutex<Vec<State>>);
+    impl Report for States {
+        fn state(&self, state: State) {
+            self.0.lock().unwrap().push(state);
+        }
+        fn events(&self, _: &Frame, _: Vec<Event>) {}
+    }
+
+    // In ffmpeg's place: one 160x120 RGB frame, then nothing, alive.
+    let dir = tempfile::tempdir().unwrap();
+    let ffmpeg = dir.path().join("silent-ffmpeg");
+    std::fs::write(
+        &ffmpeg,
+        "#!/bin/sh\nhead -c 57600 /dev/zero\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = Spec {
+        task: "silent".into(),
+        source: Source::parse("rtsp://127.0.0.1:9/camera").unwrap(),
+        settings: Settings {
+            fps: 5.0,
+            width: 160,
+            height: 120,
+            skip_unreferenced: true,
+        },
+        hwaccel: None,
+        retry_forever: true,
+        ffmpeg,
+    };
+    let states = Arc::new(States::default());
+    let started = std::time::Instant::now();
+    let mut pipeline = Pipeline::start(spec, Arc::new(Idle), states.clone()).unwrap();
+    let reconnecting = || {
+        states.0.lock().unwrap().iter().find_map(|s| match s {
+            State::Reconnecting { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(40), || reconnecting().is_some()),
+        "{:?}",
+        states.0.lock().unwrap()
+    );
+    let waited = started.elapsed();
+    pipeline.stop();
+    let seen = states.0.lock().unwrap().clone();
+    assert_eq!(seen[1], State::Running, "{seen:?}");
+    let reason = reconnecting().unwrap();
+    assert!(
+        reason.starts_with("no next frame from the source in 10 s"),
+        "{reason}"
+    );
+    // Not before the frame was overdue (10 s and three intervals at 5 fps).
+    assert!(waited >= FRAME_OVERDUE, "{waited:?}");
+}

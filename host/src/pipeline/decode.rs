@@ -11,12 +11,19 @@
 //!
 //! Frames land in a small pool of reusable buffers: at steady state no frame
 //! allocates (a buffer is reused once every frame made from it is gone).
+//!
+//! A decoder that stays alive but gives no frame (a camera sending audio only, or
+//! keep-alives, or data that never decodes: bytes keep coming, so no socket
+//! timeout fires) is killed once a frame is overdue, and the run ends as failed
+//! with that reason, as Frigate's watchdog restarts a camera's silent ffmpeg. A
+//! task is reported running only while frames come.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, Read};
+use std::io::{BufRead, ErrorKind, Read};
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::source::Source;
 use crate::runtime::bindings::wit_frames::PixelFormat;
@@ -26,6 +33,15 @@ use crate::runtime::frames::Frame;
 const STDERR_LINES: usize = 8;
 /// Buffers a pool keeps: a frame in analysis, one being read, and slack.
 const POOL_SIZE: usize = 4;
+
+/// How long a running decoder may take to give its next frame, beyond three of
+/// the analysis rate's frame intervals (a frame every 5 s is not late at 6 s).
+/// The same as the sources' socket timeout (`source.rs`): a camera that says
+/// nothing and one that says nothing decodable are given up alike.
+pub const FRAME_OVERDUE: Duration = Duration::from_secs(10);
+/// The first frame may take longer: connecting, ffmpeg's probe of the stream
+/// (up to 5 s of it), waiting for a key frame (some cameras send one every 10 s).
+pub const FIRST_FRAME_OVERDUE: Duration = Duration::from_secs(30);
 
 /// What the pipeline asks of the decoder.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,6 +100,19 @@ impl Hwaccel {
 impl Settings {
     pub fn frame_bytes(&self) -> usize {
         self.width as usize * self.height as usize * 3
+    }
+
+    /// How long the next frame may take, the first or a later one.
+    fn overdue_after(&self, first: bool) -> Duration {
+        let base = if first {
+            FIRST_FRAME_OVERDUE
+        } else {
+            FRAME_OVERDUE
+        };
+        // Packages' rates are 0.1-60 fps; whatever else comes, an hour at most.
+        let most = Duration::from_secs(3600);
+        let intervals = Duration::try_from_secs_f64(3.0 / self.fps).map_or(most, |d| d.min(most));
+        base + intervals
     }
 }
 
@@ -234,6 +263,15 @@ impl Decoder {
             .stderr(Stdio::piped());
         let mut child = command.spawn()?;
         let stdout = child.stdout.take().expect("stdout is piped");
+        // Frames are read against a deadline: a read that would block waits in
+        // poll(2), which has a timeout, rather than in read(2), which has none.
+        if let Err(e) = rustix::fs::fcntl_getfl(&stdout).and_then(|flags| {
+            rustix::fs::fcntl_setfl(&stdout, flags | rustix::fs::OFlags::NONBLOCK)
+        }) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
         let stderr_pipe = child.stderr.take().expect("stderr is piped");
         let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_LINES)));
         let stderr_reader = {
@@ -295,8 +333,24 @@ impl Decoder {
     /// times as the same scene live.
     pub fn next_frame(&mut self, pool: &mut FramePool) -> Result<Frame, Ended> {
         let timestamp_ms = self.position_ms();
+        let overdue_after = self.settings.overdue_after(self.decoded == 0);
+        let deadline = Instant::now() + overdue_after;
         let stdout = &mut self.stdout;
-        match pool.fill(|buffer| stdout.read_exact(buffer)) {
+        match pool.fill(|buffer| read_by(stdout, buffer, deadline)) {
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                let _ = crate::sync::lock(&self.child).kill();
+                let said = match self.finish() {
+                    Ended::Failed(said) if !said.starts_with("ffmpeg exited") => {
+                        format!(" (ffmpeg said: {said})")
+                    }
+                    _ => String::new(),
+                };
+                let which = if self.decoded == 0 { "first" } else { "next" };
+                Err(Ended::Failed(format!(
+                    "no {which} frame from the source in {} s: the decoder was stopped{said}",
+                    overdue_after.as_secs()
+                )))
+            }
             Ok(pixels) => {
                 self.decoded += 1;
                 Frame::new(
@@ -331,6 +385,38 @@ impl Decoder {
             Err(e) => Ended::Failed(format!("ffmpeg: {e}")),
         }
     }
+}
+
+/// Fills `buffer` from the non-blocking `stdout`, or fails with `TimedOut` once
+/// `deadline` passes first (`UnexpectedEof` where ffmpeg's output ends first).
+fn read_by(stdout: &mut ChildStdout, buffer: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match stdout.read(&mut buffer[filled..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ErrorKind::TimedOut.into());
+                }
+                let timeout = rustix::event::Timespec::try_from(left)
+                    .map_err(|_| std::io::Error::from(ErrorKind::InvalidInput))?;
+                let mut fds = [rustix::event::PollFd::new(
+                    &*stdout,
+                    rustix::event::PollFlags::IN,
+                )];
+                match rustix::event::poll(&mut fds, Some(&timeout)) {
+                    // Readable, closed, or the time is up: the read above says which.
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Decoder {
