@@ -1019,15 +1019,13 @@ fn a_slow_algorithm_skips_a_live_camera_s_frames_but_never_a_file_s() {
     );
 }
 
-/// A decoder that stays alive but gives no frame (a camera sending audio only,
-/// keep-alives, or data that never decodes: no socket timeout fires) is stopped
-/// once a frame is overdue, and the source is opened again: the task is never
-/// left "running" over a silent stream, and says why it reconnects.
-#[test]
-fn a_decoder_that_goes_silent_is_stopped_and_the_source_opened_again() {
+/// The pipeline alone, over a stand-in for ffmpeg (a shell script), with an
+/// algorithm that finds nothing and a report that keeps every state.
+mod over_a_stand_in {
     use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
-    use xpud::pipeline::decode::{Settings, FRAME_OVERDUE};
+    use xpud::pipeline::decode::Settings;
     use xpud::pipeline::source::Source;
     use xpud::pipeline::{Analyse, Pipeline, Report, Spec, State};
     use xpud::runtime::bindings::analyzer::Event;
@@ -1039,54 +1037,75 @@ fn a_decoder_that_goes_silent_is_stopped_and_the_source_opened_again() {
             Ok(Vec::new())
         }
     }
+
     #[derive(Default)]
-    struct States(Mutex<Vec<State>>);
+    pub struct States(Mutex<Vec<State>>);
     impl Report for States {
         fn state(&self, state: State) {
             self.0.lock().unwrap().push(state);
         }
         fn events(&self, _: &Frame, _: Vec<Event>) {}
     }
+    impl States {
+        pub fn seen(&self) -> Vec<State> {
+            self.0.lock().unwrap().clone()
+        }
+    }
 
-    // In ffmpeg's place: one 160x120 RGB frame, then nothing, alive.
+    /// A camera's pipeline (160x120 at 5 fps) whose ffmpeg is `script`, in `dir`.
+    pub fn start(dir: &Path, script: &str, retry_forever: bool) -> (Pipeline, Arc<States>) {
+        let ffmpeg: PathBuf = dir.join("ffmpeg");
+        std::fs::write(&ffmpeg, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = Spec {
+            task: "stand-in".into(),
+            source: Source::parse("rtsp://127.0.0.1:9/camera").unwrap(),
+            settings: Settings {
+                fps: 5.0,
+                width: 160,
+                height: 120,
+                skip_unreferenced: true,
+            },
+            hwaccel: None,
+            retry_forever,
+            ffmpeg,
+        };
+        let states = Arc::new(States::default());
+        let pipeline = Pipeline::start(spec, Arc::new(Idle), states.clone()).unwrap();
+        (pipeline, states)
+    }
+
+    /// One 160x120 RGB frame on stdout.
+    pub const ONE_FRAME: &str = "head -c 57600 /dev/zero";
+}
+
+/// A decoder that stays alive but gives no frame (a camera sending audio only,
+/// keep-alives, or data that never decodes: no socket timeout fires) is stopped
+/// once a frame is overdue, and the source is opened again: the task is never
+/// left "running" over a silent stream, and says why it reconnects.
+#[test]
+fn a_decoder_that_goes_silent_is_stopped_and_the_source_opened_again() {
+    use xpud::pipeline::decode::FRAME_OVERDUE;
+    use xpud::pipeline::State;
+
     let dir = tempfile::tempdir().unwrap();
-    let ffmpeg = dir.path().join("silent-ffmpeg");
-    std::fs::write(
-        &ffmpeg,
-        "#!/bin/sh\nhead -c 57600 /dev/zero\nexec sleep 600\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let spec = Spec {
-        task: "silent".into(),
-        source: Source::parse("rtsp://127.0.0.1:9/camera").unwrap(),
-        settings: Settings {
-            fps: 5.0,
-            width: 160,
-            height: 120,
-            skip_unreferenced: true,
-        },
-        hwaccel: None,
-        retry_forever: true,
-        ffmpeg,
-    };
-    let states = Arc::new(States::default());
     let started = std::time::Instant::now();
-    let mut pipeline = Pipeline::start(spec, Arc::new(Idle), states.clone()).unwrap();
+    let script = format!("{}\nexec sleep 600", over_a_stand_in::ONE_FRAME);
+    let (mut pipeline, states) = over_a_stand_in::start(dir.path(), &script, true);
     let reconnecting = || {
-        states.0.lock().unwrap().iter().find_map(|s| match s {
-            State::Reconnecting { reason, .. } => Some(reason.clone()),
+        states.seen().into_iter().find_map(|s| match s {
+            State::Reconnecting { reason, .. } => Some(reason),
             _ => None,
         })
     };
     assert!(
         wait_for(Duration::from_secs(40), || reconnecting().is_some()),
         "{:?}",
-        states.0.lock().unwrap()
+        states.seen()
     );
     let waited = started.elapsed();
     pipeline.stop();
-    let seen = states.0.lock().unwrap().clone();
+    let seen = states.seen();
     assert_eq!(seen[1], State::Running, "{seen:?}");
     let reason = reconnecting().unwrap();
     assert!(
@@ -1095,4 +1114,32 @@ fn a_decoder_that_goes_silent_is_stopped_and_the_source_opened_again() {
     );
     // Not before the frame was overdue (10 s and three intervals at 5 fps).
     assert!(waited >= FRAME_OVERDUE, "{waited:?}");
+}
+
+/// A decoder that dies without a word (a crash on a hostile stream, the OOM
+/// killer) ends the run as a failure: the task says so and, under ALWAYS,
+/// reconnects. It used to be taken for a stop: the pipeline ended and the task
+/// kept saying RUNNING.
+#[test]
+fn a_decoder_killed_without_a_word_is_a_failure_not_a_stop() {
+    use xpud::pipeline::State;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!("{}\nkill -9 $$", over_a_stand_in::ONE_FRAME);
+    let (mut pipeline, states) = over_a_stand_in::start(dir.path(), &script, false);
+    let failed = || {
+        states.seen().into_iter().find_map(|s| match s {
+            State::Failed(reason) => Some(reason),
+            _ => None,
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || failed().is_some()),
+        "{:?}",
+        states.seen()
+    );
+    pipeline.stop();
+    let reason = failed().unwrap();
+    assert!(reason.contains("SIGKILL"), "{reason}");
+    assert_eq!(states.seen()[1], State::Running);
 }

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, ErrorKind, Read};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,9 @@ use crate::runtime::frames::Frame;
 const STDERR_LINES: usize = 8;
 /// Buffers a pool keeps: a frame in analysis, one being read, and slack.
 const POOL_SIZE: usize = 4;
+
+/// How long ffmpeg may take to exit once its output has ended.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a running decoder may take to give its next frame, beyond three of
 /// the analysis rate's frame intervals (a frame every 5 s is not late at 6 s).
@@ -161,15 +164,15 @@ impl FramePool {
     }
 }
 
-/// Why decoding stopped.
+/// Why decoding stopped. (A stop asked for also ends a run, as a failure here:
+/// the pipeline that asked knows it for what it is.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
     /// The source ended cleanly (a file played out).
     Finished,
-    /// ffmpeg failed (could not open, lost the source, bad data): its own words.
+    /// ffmpeg failed (could not open, lost the source, bad data, crashed, was
+    /// killed): its own words, else how it ended.
     Failed(String),
-    /// Stopped from outside (pause, delete, shutdown).
-    Stopped,
 }
 
 /// One run of ffmpeg over a source.
@@ -339,11 +342,10 @@ impl Decoder {
         match pool.fill(|buffer| read_by(stdout, buffer, deadline)) {
             Err(e) if e.kind() == ErrorKind::TimedOut => {
                 let _ = crate::sync::lock(&self.child).kill();
-                let said = match self.finish() {
-                    Ended::Failed(said) if !said.starts_with("ffmpeg exited") => {
-                        format!(" (ffmpeg said: {said})")
-                    }
-                    _ => String::new(),
+                let _ = self.reap();
+                let said = match self.last_words() {
+                    said if said.is_empty() => said,
+                    said => format!(" (ffmpeg said: {said})"),
                 };
                 let which = if self.decoded == 0 { "first" } else { "next" };
                 Err(Ended::Failed(format!(
@@ -366,24 +368,48 @@ impl Decoder {
         }
     }
 
-    /// Waits for ffmpeg to exit and says why it did.
+    /// Waits for ffmpeg to exit and says why it did. A run that did not end
+    /// cleanly is a failure whatever ended it (a crash on a hostile stream, the
+    /// kernel's OOM killer): a stop asked for is told apart by the pipeline, which
+    /// asked.
     fn finish(&mut self) -> Ended {
-        let status = crate::sync::lock(&self.child).wait();
+        let status = self.reap();
+        let said = self.last_words();
+        match status {
+            Ok(status) if status.success() => Ended::Finished,
+            Ok(status) if said.is_empty() => Ended::Failed(format!("ffmpeg exited with {status}")),
+            Ok(_) => Ended::Failed(said),
+            Err(e) => Ended::Failed(format!("ffmpeg: {e}")),
+        }
+    }
+
+    /// ffmpeg's exit status. Polled, so that a stop from another thread can still
+    /// kill it meanwhile; an ffmpeg still there `EXIT_GRACE` after its output ended
+    /// is killed.
+    fn reap(&self) -> std::io::Result<ExitStatus> {
+        let give_up = Instant::now() + EXIT_GRACE;
+        loop {
+            {
+                let mut child = crate::sync::lock(&self.child);
+                if let Some(status) = child.try_wait()? {
+                    return Ok(status);
+                }
+                if Instant::now() >= give_up {
+                    let _ = child.kill();
+                    return child.wait();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// ffmpeg's last stderr lines, once it has exited.
+    fn last_words(&mut self) -> String {
         if let Some(reader) = self.stderr_reader.take() {
             let _ = reader.join();
         }
         let said: Vec<String> = crate::sync::lock(&self.stderr).iter().cloned().collect();
-        let said = said.join(" | ");
-        match status {
-            Ok(status) if status.success() => Ended::Finished,
-            Ok(status) if status.code().is_none() && said.is_empty() => Ended::Stopped,
-            Ok(status) => Ended::Failed(if said.is_empty() {
-                format!("ffmpeg exited with {status}")
-            } else {
-                said
-            }),
-            Err(e) => Ended::Failed(format!("ffmpeg: {e}")),
-        }
+        said.join(" | ")
     }
 }
 

@@ -234,14 +234,15 @@ impl Latest {
     /// The newest frame, waiting for one; why there are no more once the last
     /// was taken.
     fn take(&self) -> Result<Frame, Ended> {
-        let slot = crate::sync::lock(&self.slot);
-        let mut slot = self
-            .ready
-            .wait_while(slot, |s| s.frame.is_none() && s.ended.is_none())
-            .unwrap_or_else(|p| p.into_inner());
-        match slot.frame.take() {
-            Some(frame) => Ok(frame),
-            None => Err(slot.ended.clone().unwrap_or(Ended::Stopped)),
+        let mut slot = crate::sync::lock(&self.slot);
+        loop {
+            if let Some(frame) = slot.frame.take() {
+                return Ok(frame);
+            }
+            if let Some(ended) = &slot.ended {
+                return Err(ended.clone());
+            }
+            slot = self.ready.wait(slot).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -372,7 +373,6 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             continue;
         }
         match ended {
-            Ended::Stopped => break,
             Ended::Finished if !spec.retry_forever => {
                 tracing::info!(%task, %source, "source ended");
                 report.state(State::Finished);
