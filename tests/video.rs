@@ -1143,3 +1143,36 @@ fn a_decoder_killed_without_a_word_is_a_failure_not_a_stop() {
     assert!(reason.contains("SIGKILL"), "{reason}");
     assert_eq!(states.seen()[1], State::Running);
 }
+
+/// What a hostile stream can make the decoder take is bounded: pictures past 8K
+/// are refused by ffmpeg itself (`-max_pixels`, an input option), and should
+/// memory run out anyway, the kernel's OOM killer takes the decoder first.
+#[test]
+fn the_decoder_is_bounded_and_the_first_to_go_when_memory_runs_out() {
+    use xpud::pipeline::State;
+
+    let dir = tempfile::tempdir().unwrap();
+    // Says how it was started and what its OOM score is once running.
+    let script = format!(
+        "here=$(dirname \"$0\")\necho \"$@\" > \"$here/args\"\nsleep 0.5\n\
+         cat /proc/$$/oom_score_adj > \"$here/adj\"\n{}\nexec sleep 600",
+        over_a_stand_in::ONE_FRAME
+    );
+    let (mut pipeline, states) = over_a_stand_in::start(dir.path(), &script, true);
+    assert!(
+        wait_for(Duration::from_secs(20), || states
+            .seen()
+            .contains(&State::Running)),
+        "{:?}",
+        states.seen()
+    );
+    pipeline.stop();
+    let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    let bound = args.find("-max_pixels 67108864").expect(&args);
+    assert!(
+        bound < args.find(" -i ").unwrap(),
+        "an input option: {args}"
+    );
+    let adj = std::fs::read_to_string(dir.path().join("adj")).unwrap();
+    assert_eq!(adj.trim(), "1000");
+}

@@ -227,6 +227,9 @@ pub fn ffmpeg_available(ffmpeg: &Path) -> Result<String, String> {
 
 /// Decoding threads per stream.
 const DECODE_THREADS: &str = "2";
+/// The largest picture decoded, in pixels: 8192 x 8192 (8K cameras and
+/// panoramic ones fit).
+const MAX_PIXELS: &str = "67108864";
 
 impl Decoder {
     /// Starts ffmpeg on `source`, its first frame at `origin_ms` on the task's
@@ -247,6 +250,10 @@ impl Decoder {
             // stream on a 16-core machine. Two keep a 4K stream real-time and a
             // stream's memory independent of the machine it runs on.
             .args(["-threads", DECODE_THREADS, "-filter_threads", "1"])
+            // A stream may declare any picture size, and the decoder allocates
+            // what it declares: pictures past 8K are refused ("exceeds specified
+            // max pixel count"), not decoded into gigabytes.
+            .args(["-max_pixels", MAX_PIXELS])
             .args(if settings.skip_unreferenced {
                 &["-skip_frame", "noref"][..]
             } else {
@@ -265,6 +272,12 @@ impl Decoder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn()?;
+        // Should memory run out anyway, the kernel's OOM killer takes a decoder
+        // (which the pipeline reports and starts again) before xpud. Raising a
+        // child's score needs no privilege; where /proc says no, nothing changes.
+        if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "1000") {
+            tracing::debug!("ffmpeg's oom_score_adj left as it is: {e}");
+        }
         let stdout = child.stdout.take().expect("stdout is piped");
         // Frames are read against a deadline: a read that would block waits in
         // poll(2), which has a timeout, rather than in read(2), which has none.
