@@ -1208,6 +1208,9 @@ fn a_model_on_a_device_of_its_own_runs_in_a_worker_process_that_comes_back() {
     // Its sessions' device arenas are held to the partition's quota.
     let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(command.contains("--memory-quota-mib\x00512"), "{command:?}");
+    // Should memory run out, the worker goes before xpud.
+    let score = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(score.trim(), "500");
     let (frame, pre) = conv_grid_input(0);
     let soon = || Instant::now() + Duration::from_secs(30);
     let expected = here.run(&frame, &pre, soon()).unwrap();

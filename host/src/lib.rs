@@ -7,6 +7,7 @@
 //! - [`config`]: `xpud serve` configuration with embedded defaults.
 
 pub mod auth;
+pub mod children;
 pub mod clusters;
 pub mod config;
 pub mod dates;

@@ -272,12 +272,9 @@ impl Decoder {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn()?;
-        // Should memory run out anyway, the kernel's OOM killer takes a decoder
-        // (which the pipeline reports and starts again) before xpud. Raising a
-        // child's score needs no privilege; where /proc says no, nothing changes.
-        if let Err(e) = std::fs::write(format!("/proc/{}/oom_score_adj", child.id()), "1000") {
-            tracing::debug!("ffmpeg's oom_score_adj left as it is: {e}");
-        }
+        // Should memory run out anyway, a decoder goes first: the pipeline
+        // reports it and starts it again.
+        crate::children::prefer_for_oom_kill(child.id(), crate::children::DECODER_OOM_SCORE);
         let stdout = child.stdout.take().expect("stdout is piped");
         // Frames are read against a deadline: a read that would block waits in
         // poll(2), which has a timeout, rather than in read(2), which has none.

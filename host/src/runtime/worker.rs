@@ -204,6 +204,7 @@ impl Launcher {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
+        crate::children::prefer_for_oom_kill(child.id(), crate::children::WORKER_OOM_SCORE);
         let running = Running {
             child,
             socket: ours,
