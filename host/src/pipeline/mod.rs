@@ -146,7 +146,7 @@ impl Pipeline {
         let thread = {
             let (stop, stats) = (stop.clone(), stats.clone());
             std::thread::Builder::new()
-                .name(format!("task-{}", &spec.task[..spec.task.len().min(8)]))
+                .name(format!("task-{}", short(&spec.task)))
                 .spawn(move || run(&spec, &*analyse, &*report, &stop, &stats))?
         };
         Ok(Pipeline {
@@ -247,6 +247,12 @@ impl Latest {
     }
 }
 
+/// The start of a task's id, for a thread's name (cut at a character, whatever
+/// the id is made of).
+fn short(task: &str) -> String {
+    task.chars().take(8).collect()
+}
+
 fn backoff(attempt: u32) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(16);
     (FIRST_BACKOFF * factor).min(MAX_BACKOFF)
@@ -313,7 +319,7 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             let latest = Latest::default();
             std::thread::scope(|scope| {
                 let reader = std::thread::Builder::new()
-                    .name(format!("read-{}", &task[..task.len().min(8)]))
+                    .name(format!("read-{}", short(task)))
                     .spawn_scoped(scope, || {
                         let ended = loop {
                             match decoder.next_frame(&mut pool) {
