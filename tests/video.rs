@@ -1025,7 +1025,7 @@ mod over_a_stand_in {
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
     use std::sync::{Arc, Mutex};
-    use xpud::pipeline::decode::Settings;
+    use xpud::pipeline::decode::{Hwaccel, Settings};
     use xpud::pipeline::source::Source;
     use xpud::pipeline::{Analyse, Pipeline, Report, Spec, State};
     use xpud::runtime::bindings::analyzer::Event;
@@ -1054,6 +1054,16 @@ mod over_a_stand_in {
 
     /// A camera's pipeline (160x120 at 5 fps) whose ffmpeg is `script`, in `dir`.
     pub fn start(dir: &Path, script: &str, retry_forever: bool) -> (Pipeline, Arc<States>) {
+        start_with(dir, script, retry_forever, None)
+    }
+
+    /// The same, trying `hwaccel` first.
+    pub fn start_with(
+        dir: &Path,
+        script: &str,
+        retry_forever: bool,
+        hwaccel: Option<Hwaccel>,
+    ) -> (Pipeline, Arc<States>) {
         let ffmpeg: PathBuf = dir.join("ffmpeg");
         std::fs::write(&ffmpeg, format!("#!/bin/sh\n{script}\n")).unwrap();
         std::fs::set_permissions(&ffmpeg, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1066,7 +1076,7 @@ mod over_a_stand_in {
                 height: 120,
                 skip_unreferenced: true,
             },
-            hwaccel: None,
+            hwaccel,
             retry_forever,
             ffmpeg,
         };
@@ -1175,4 +1185,42 @@ fn the_decoder_is_bounded_and_the_first_to_go_when_memory_runs_out() {
     );
     let adj = std::fs::read_to_string(dir.path().join("adj")).unwrap();
     assert_eq!(adj.trim(), "1000");
+}
+
+/// A source that fails (a camera down) fails on every decoder: the hardware
+/// decoder is not blamed for it. The CPU is tried at once, gives no frame either,
+/// and the next try decodes on the hardware again; the task detail never says
+/// the hardware decoder is unavailable because a camera was.
+#[test]
+fn a_source_that_fails_does_not_cost_the_hardware_decoder() {
+    use xpud::pipeline::decode::Hwaccel;
+    use xpud::pipeline::State;
+
+    let dir = tempfile::tempdir().unwrap();
+    // Every run, hardware or not, as ffmpeg fails on a camera that is down.
+    let script = "echo \"$@\" >> \"$(dirname \"$0\")/runs\"\n\
+                  echo 'Connection to tcp://127.0.0.1:9 failed: Connection refused' >&2\nexit 1";
+    let (mut pipeline, states) =
+        over_a_stand_in::start_with(dir.path(), script, true, Some(Hwaccel::Cuda { device: 0 }));
+    let tries = || {
+        states
+            .seen()
+            .iter()
+            .filter(|s| matches!(s, State::Reconnecting { .. }))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || tries() >= 2),
+        "{:?}",
+        states.seen()
+    );
+    // In the second backoff (a second long): back on the hardware decoder.
+    let decoder = pipeline.stats.decoder.lock().unwrap().clone();
+    pipeline.stop();
+    assert_eq!(decoder, "cuda");
+    // Each try: the hardware decoder, then the CPU at once.
+    let runs = std::fs::read_to_string(dir.path().join("runs")).unwrap();
+    let hardware: Vec<bool> = runs.lines().map(|r| r.contains("-hwaccel cuda")).collect();
+    assert!(hardware.len() >= 4, "{runs}");
+    assert_eq!(&hardware[..4], &[true, false, true, false], "{runs}");
 }

@@ -264,6 +264,9 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
     let mut pool = FramePool::new(spec.settings.frame_bytes());
     let mut attempt: u32 = 0;
     let mut hwaccel = spec.hwaccel.clone();
+    // A hardware decoder given up for the run going on: it is blamed only if the
+    // CPU decodes what it could not.
+    let mut on_trial: Option<Hwaccel> = None;
     *crate::sync::lock(&stats.decoder) = hwaccel.as_ref().map_or("cpu", Hwaccel::name).into();
     // Where the next run starts on the task's timeline: times go on across
     // reconnections, so durations measured by the algorithm stay right.
@@ -370,13 +373,22 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             break;
         }
         // A hardware decoder that could not give one frame is given up: the
-        // same source is opened again at once, decoded on the CPU.
+        // same source is opened again at once, decoded on the CPU. Unless the CPU
+        // gives no frame either: then the source failed (a camera down, a wrong
+        // URL), not the hardware decoder, which decodes again from the next try.
         if let (Some(hw), 0, Ended::Failed(reason)) = (&hwaccel, decoded, &ended) {
             tracing::warn!(%task, decoder = hw.name(), "hardware decode failed, decoding on the CPU: {reason}");
             *crate::sync::lock(&stats.decoder) =
                 format!("cpu ({} unavailable: {reason})", hw.name());
-            hwaccel = None;
+            on_trial = hwaccel.take();
             continue;
+        }
+        if let Some(hw) = on_trial.take() {
+            if decoded == 0 {
+                tracing::info!(%task, decoder = hw.name(), "the CPU gave no frame either: the source failed, not the hardware decoder");
+                *crate::sync::lock(&stats.decoder) = hw.name().into();
+                hwaccel = Some(hw);
+            }
         }
         match ended {
             Ended::Finished if !spec.retry_forever => {
