@@ -261,7 +261,14 @@ impl Outbox {
                     tracing::warn!(%task, dropped = count, bound = MAX_QUEUED_PER_TASK, bound_bytes = MAX_QUEUED_BYTES_PER_TASK, "event queue full: the oldest events were dropped");
                 }
             }
-            Err(e) => tracing::error!(%task, "cannot queue events (they are lost): {e:#}"),
+            Err(e) => {
+                // Lost, not queued: counted with the dropped, so that the task's
+                // figures add up (a full disk shows as drops, not as nothing).
+                if let Some(d) = &delivery {
+                    d.dropped.fetch_add(events.len() as u64, Ordering::Relaxed);
+                }
+                tracing::error!(%task, lost = events.len(), "cannot queue events (they are lost): {e:#}");
+            }
         }
         if let Some(wake) = wake {
             wake.notify_one();
@@ -508,6 +515,34 @@ mod tests {
         assert_eq!(oldest[0].body, "5", "the five oldest went");
         outbox.forget("t");
         assert_eq!(outbox.queued("t"), 0);
+    }
+
+    /// Events the store could not take (a full disk) are lost, and counted as
+    /// dropped; the queue is as it was.
+    #[test]
+    fn events_the_store_cannot_take_are_counted_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
+        let delivery = runtime.block_on(async { outbox.open("t") });
+        let nowhere = Destination::Http {
+            url: "http://127.0.0.1:9/events".into(),
+        };
+        outbox.enqueue("t", &nowhere, &["kept".to_string()]);
+        store
+            .with(|conn| {
+                conn.execute_batch(
+                    "CREATE TRIGGER full BEFORE INSERT ON event_queue \
+                     BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+                )
+            })
+            .unwrap();
+        outbox.enqueue("t", &nowhere, &["a".to_string(), "b".to_string()]);
+        assert_eq!(delivery.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(outbox.queued("t"), 1);
+        assert_eq!(delivery.queued_bytes.load(Ordering::Relaxed), 4);
+        outbox.close_all();
     }
 
     /// Events with images are large: past the byte bound the oldest go too, and
