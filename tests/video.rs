@@ -1031,7 +1031,7 @@ mod over_a_stand_in {
     use xpud::runtime::bindings::analyzer::Event;
     use xpud::runtime::frames::Frame;
 
-    struct Idle;
+    pub struct Idle;
     impl Analyse for Idle {
         fn analyse(&self, _: &Frame) -> Result<Vec<Event>, String> {
             Ok(Vec::new())
@@ -1054,15 +1054,16 @@ mod over_a_stand_in {
 
     /// A camera's pipeline (160x120 at 5 fps) whose ffmpeg is `script`, in `dir`.
     pub fn start(dir: &Path, script: &str, retry_forever: bool) -> (Pipeline, Arc<States>) {
-        start_with(dir, script, retry_forever, None)
+        start_with(dir, script, retry_forever, None, Arc::new(Idle))
     }
 
-    /// The same, trying `hwaccel` first.
+    /// The same, trying `hwaccel` first, analysed by `analyse`.
     pub fn start_with(
         dir: &Path,
         script: &str,
         retry_forever: bool,
         hwaccel: Option<Hwaccel>,
+        analyse: Arc<dyn Analyse>,
     ) -> (Pipeline, Arc<States>) {
         let ffmpeg: PathBuf = dir.join("ffmpeg");
         std::fs::write(&ffmpeg, format!("#!/bin/sh\n{script}\n")).unwrap();
@@ -1081,7 +1082,7 @@ mod over_a_stand_in {
             ffmpeg,
         };
         let states = Arc::new(States::default());
-        let pipeline = Pipeline::start(spec, Arc::new(Idle), states.clone()).unwrap();
+        let pipeline = Pipeline::start(spec, analyse, states.clone()).unwrap();
         (pipeline, states)
     }
 
@@ -1200,8 +1201,13 @@ fn a_source_that_fails_does_not_cost_the_hardware_decoder() {
     // Every run, hardware or not, as ffmpeg fails on a camera that is down.
     let script = "echo \"$@\" >> \"$(dirname \"$0\")/runs\"\n\
                   echo 'Connection to tcp://127.0.0.1:9 failed: Connection refused' >&2\nexit 1";
-    let (mut pipeline, states) =
-        over_a_stand_in::start_with(dir.path(), script, true, Some(Hwaccel::Cuda { device: 0 }));
+    let (mut pipeline, states) = over_a_stand_in::start_with(
+        dir.path(),
+        script,
+        true,
+        Some(Hwaccel::Cuda { device: 0 }),
+        std::sync::Arc::new(over_a_stand_in::Idle),
+    );
     let tries = || {
         states
             .seen()
@@ -1223,4 +1229,75 @@ fn a_source_that_fails_does_not_cost_the_hardware_decoder() {
     let hardware: Vec<bool> = runs.lines().map(|r| r.contains("-hwaccel cuda")).collect();
     assert!(hardware.len() >= 4, "{runs}");
     assert_eq!(&hardware[..4], &[true, false, true, false], "{runs}");
+}
+
+/// RUNNING means frames are analysed, not merely decoded: an algorithm that fails
+/// every frame (a plugin marked unhealthy) while the stream flows on makes the
+/// task pending again with the error, once that has lasted; the first frame it
+/// analyses again makes it running. One failed frame changes nothing.
+#[test]
+fn a_task_whose_frames_all_fail_analysis_is_not_running() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use xpud::pipeline::{Analyse, State, NOT_ANALYSING_AFTER};
+    use xpud::runtime::bindings::analyzer::Event;
+    use xpud::runtime::frames::Frame;
+
+    #[derive(Default)]
+    struct Switch(AtomicBool);
+    impl Analyse for Switch {
+        fn analyse(&self, _: &Frame) -> Result<Vec<Event>, String> {
+            if self.0.load(Ordering::Relaxed) {
+                Err("plugin unhealthy: 5 crashes in 60 s".into())
+            } else {
+                Ok(Vec::new())
+            }
+        }
+    }
+    let failing = Arc::new(Switch::default());
+    failing.0.store(true, Ordering::Relaxed);
+    let dir = tempfile::tempdir().unwrap();
+    // A camera: a frame every 100 ms, for as long as it is read.
+    let script = format!(
+        "while :; do {}; sleep 0.1; done",
+        over_a_stand_in::ONE_FRAME
+    );
+    let (mut pipeline, states) =
+        over_a_stand_in::start_with(dir.path(), &script, true, None, failing.clone());
+    let not_analysed = |s: &State| {
+        matches!(s, State::Waiting(why)
+            if why == "frames arrive but are not analysed: plugin unhealthy: 5 crashes in 60 s")
+    };
+    // Failing from the first frame: pending, with the reason, at once.
+    assert!(
+        wait_for(Duration::from_secs(10), || states
+            .seen()
+            .iter()
+            .any(not_analysed)),
+        "{:?}",
+        states.seen()
+    );
+    assert!(!states.seen().contains(&State::Running));
+    failing.0.store(false, Ordering::Relaxed);
+    assert!(
+        wait_for(Duration::from_secs(10), || states
+            .seen()
+            .contains(&State::Running)),
+        "{:?}",
+        states.seen()
+    );
+    // Failing again: still running until that has lasted.
+    let before = states.seen().len();
+    failing.0.store(true, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(20), || states.seen()[before..]
+            .iter()
+            .any(not_analysed)),
+        "{:?}",
+        states.seen()
+    );
+    assert!(started.elapsed() >= NOT_ANALYSING_AFTER);
+    pipeline.stop();
+    assert_eq!(states.seen().len(), before + 1, "{:?}", states.seen());
 }

@@ -21,7 +21,7 @@ pub mod source;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use decode::{Decoder, Ended, FramePool, Hwaccel, Settings, Stopper};
 use source::Source;
@@ -36,9 +36,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// What a pipeline is doing, as it reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum State {
-    /// No frame yet (opening the source, or ffmpeg missing): why.
+    /// No frame analysed yet, or none for a while (opening the source, ffmpeg
+    /// missing, the algorithm failing every frame): why.
     Waiting(String),
-    /// Frames flow.
+    /// Frames are analysed.
     Running,
     /// The source was lost; opening it again after a backoff.
     Reconnecting { attempt: u32, reason: String },
@@ -179,7 +180,7 @@ fn analyse_frame(
     analyse: &dyn Analyse,
     report: &dyn Report,
     stats: &Stats,
-) {
+) -> Result<(), String> {
     match analyse.analyse(frame) {
         Ok(events) => {
             stats.frames_analysed.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +190,7 @@ fn analyse_frame(
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
                 report.events(frame, events);
             }
+            Ok(())
         }
         Err(e) => {
             // The worker's supervisor restarts a crashed plugin and the session
@@ -198,8 +200,47 @@ fn analyse_frame(
             if last.as_deref() != Some(e.as_str()) {
                 tracing::warn!(%task, "frame not analysed: {e}");
             }
-            *last = Some(e);
+            *last = Some(e.clone());
+            Err(e)
         }
+    }
+}
+
+/// Failing analysis for this long makes a running task pending again, with the
+/// error: one failed frame (a plugin restarting, its session reopening) does not.
+pub const NOT_ANALYSING_AFTER: Duration = Duration::from_secs(5);
+
+/// Whether a run's frames are analysed, as last reported: RUNNING means frames
+/// are analysed, not merely decoded (a plugin marked unhealthy fails every frame
+/// while the stream flows on).
+#[derive(Default)]
+struct Analysing {
+    running: bool,
+    /// Since when every frame has failed, and whether that was reported.
+    failing: Option<(Instant, bool)>,
+}
+
+impl Analysing {
+    fn analysed(&mut self, report: &dyn Report) {
+        self.failing = None;
+        if !self.running {
+            self.running = true;
+            report.state(State::Running);
+        }
+    }
+
+    fn failed(&mut self, error: &str, report: &dyn Report) {
+        let now = Instant::now();
+        let (since, reported) = self.failing.get_or_insert((now, false));
+        // Not yet running: pending already, now with the reason.
+        if *reported || (self.running && now.duration_since(*since) < NOT_ANALYSING_AFTER) {
+            return;
+        }
+        *reported = true;
+        self.running = false;
+        report.state(State::Waiting(format!(
+            "frames arrive but are not analysed: {error}"
+        )));
     }
 }
 
@@ -309,12 +350,16 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
         }
         tracing::info!(%task, %source, decoder = decoder.decoder, fps = spec.settings.fps, width = spec.settings.width, height = spec.settings.height, "decoding");
         let mut first = true;
+        let mut analysing = Analysing::default();
         let mut analyse_one = |frame: Frame| {
             if std::mem::take(&mut first) {
+                // The source works: reconnections start over.
                 attempt = 0;
-                report.state(State::Running);
             }
-            analyse_frame(task, &frame, analyse, report, stats);
+            match analyse_frame(task, &frame, analyse, report, stats) {
+                Ok(()) => analysing.analysed(report),
+                Err(e) => analysing.failed(&e, report),
+            }
         };
         let ended = if spec.source.is_live() {
             // The camera does not wait: frames are read as they come, and the
