@@ -493,18 +493,44 @@ fn remember(task: &str, delivery: &Delivery, why: String) {
 mod tests {
     use super::*;
 
-    /// Past the bound the oldest events go, counted; the newest stay, in order.
-    #[test]
-    fn the_queue_keeps_the_newest_up_to_its_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
+    /// An outbox over a store in `dir`, with task "t" open and a destination
+    /// nobody serves (nothing leaves the queue).
+    struct Bench {
+        store: Arc<Store>,
+        runtime: tokio::runtime::Runtime,
+        outbox: Arc<Outbox>,
+        delivery: Arc<Delivery>,
+        nowhere: Destination,
+    }
+
+    fn bench(dir: &std::path::Path) -> Bench {
+        let store = Arc::new(Store::open(&dir.join("xpud.db")).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let outbox = runtime.block_on(async { Outbox::new(store).unwrap() });
-        // A receiver nobody serves: nothing leaves the queue.
+        let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
         let delivery = runtime.block_on(async { outbox.open("t") });
         let nowhere = Destination::Http {
             url: "http://127.0.0.1:9/events".into(),
         };
+        Bench {
+            store,
+            runtime,
+            outbox,
+            delivery,
+            nowhere,
+        }
+    }
+
+    /// Past the bound the oldest events go, counted; the newest stay, in order.
+    #[test]
+    fn the_queue_keeps_the_newest_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let Bench {
+            runtime: _runtime,
+            outbox,
+            delivery,
+            nowhere,
+            ..
+        } = bench(dir.path());
         let events: Vec<String> = (0..MAX_QUEUED_PER_TASK + 5)
             .map(|i| i.to_string())
             .collect();
@@ -522,13 +548,13 @@ mod tests {
     #[test]
     fn events_the_store_cannot_take_are_counted_as_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
-        let delivery = runtime.block_on(async { outbox.open("t") });
-        let nowhere = Destination::Http {
-            url: "http://127.0.0.1:9/events".into(),
-        };
+        let Bench {
+            store,
+            runtime: _runtime,
+            outbox,
+            delivery,
+            nowhere,
+        } = bench(dir.path());
         outbox.enqueue("t", &nowhere, &["kept".to_string()]);
         store
             .with(|conn| {
@@ -550,13 +576,13 @@ mod tests {
     #[test]
     fn the_queue_keeps_the_newest_up_to_its_byte_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("xpud.db")).unwrap());
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
-        let delivery = runtime.block_on(async { outbox.open("t") });
-        let nowhere = Destination::Http {
-            url: "http://127.0.0.1:9/events".into(),
-        };
+        let Bench {
+            store,
+            runtime,
+            outbox,
+            delivery,
+            nowhere,
+        } = bench(dir.path());
         let mib = 1024 * 1024;
         let limit = (MAX_QUEUED_BYTES_PER_TASK / mib) as usize;
         for i in 0..limit + 6 {
