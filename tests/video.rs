@@ -1301,3 +1301,31 @@ fn a_task_whose_frames_all_fail_analysis_is_not_running() {
     pipeline.stop();
     assert_eq!(states.seen().len(), before + 1, "{:?}", states.seen());
 }
+
+/// A bug that panics the pipeline's thread ends the task as failed with what
+/// happened: its status never stays at what it said last.
+#[test]
+fn a_pipeline_that_panics_fails_its_task() {
+    use std::sync::Arc;
+    use xpud::pipeline::{Analyse, State};
+    use xpud::runtime::bindings::analyzer::Event;
+    use xpud::runtime::frames::Frame;
+
+    struct Buggy;
+    impl Analyse for Buggy {
+        fn analyse(&self, _: &Frame) -> Result<Vec<Event>, String> {
+            panic!("index out of bounds");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!("{}\nexec sleep 600", over_a_stand_in::ONE_FRAME);
+    let (mut pipeline, states) =
+        over_a_stand_in::start_with(dir.path(), &script, true, None, Arc::new(Buggy));
+    let failed = State::Failed("internal error in the pipeline: index out of bounds".into());
+    assert!(
+        wait_for(Duration::from_secs(10), || states.seen().contains(&failed)),
+        "{:?}",
+        states.seen()
+    );
+    pipeline.stop();
+}

@@ -148,7 +148,23 @@ impl Pipeline {
             let (stop, stats) = (stop.clone(), stats.clone());
             std::thread::Builder::new()
                 .name(format!("task-{}", short(&spec.task)))
-                .spawn(move || run(&spec, &*analyse, &*report, &stop, &stats))?
+                .spawn(move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(&spec, &*analyse, &*report, &stop, &stats)
+                    }));
+                    // A bug here must not leave the task saying what it did last.
+                    if let Err(panic) = ran {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(task = %spec.task, "the pipeline panicked: {what}");
+                        report.state(State::Failed(format!(
+                            "internal error in the pipeline: {what}"
+                        )));
+                    }
+                })?
         };
         Ok(Pipeline {
             stop,
@@ -288,6 +304,18 @@ impl Latest {
     }
 }
 
+/// Runs its closure when dropped while its thread panics: what the other thread
+/// of a live run waits on is ended, so that the panic reaches the task.
+struct OnUnwind<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnUnwind<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
+    }
+}
+
 /// The start of a task's id, for a thread's name (cut at a character, whatever
 /// the id is made of).
 fn short(task: &str) -> String {
@@ -365,10 +393,18 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             // The camera does not wait: frames are read as they come, and the
             // algorithm takes the newest when it is free.
             let latest = Latest::default();
+            let stopper = decoder.stopper();
             std::thread::scope(|scope| {
+                // The scope waits for the reader when it ends, unwinding too: a
+                // panic here stops ffmpeg, so that the reader's read ends.
+                let _unblock = OnUnwind(|| stopper.stop());
                 let reader = std::thread::Builder::new()
                     .name(format!("read-{}", short(task)))
                     .spawn_scoped(scope, || {
+                        // A panic here ends the run for the analysing thread.
+                        let _end = OnUnwind(|| {
+                            latest.end(Ended::Failed("the stream's reader failed".into()))
+                        });
                         let ended = loop {
                             match decoder.next_frame(&mut pool) {
                                 Ok(frame) => {
