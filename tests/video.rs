@@ -191,6 +191,76 @@ fn sources_that_fail_say_why() {
     );
 }
 
+/// Hostile streams end with a reason, through the real ffmpeg: bytes that are no
+/// video fail the task with ffmpeg's words; a video that turns to garbage half
+/// way is analysed as far as it decodes and then ends. Neither leaves the task
+/// saying RUNNING.
+#[test]
+fn hostile_streams_end_with_a_reason() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let dir = server.data.path();
+    // Not a video at all.
+    let noise: Vec<u8> = (0..256 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("noise.mp4"), &noise).unwrap();
+    // A transport stream whose second half is overwritten with noise.
+    let clean = dir.join("clean.ts");
+    let made = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=320x240:rate=25",
+            "-t",
+            "4",
+        ])
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mpegts"])
+        .arg(&clean)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut broken = std::fs::read(&clean).unwrap();
+    let half = broken.len() / 2;
+    for (byte, garbage) in broken[half..].iter_mut().zip(noise.iter().cycle()) {
+        *byte = *garbage;
+    }
+    std::fs::write(dir.join("broken.ts"), &broken).unwrap();
+
+    let url = |name: &str| format!("file://{}", dir.join(name).display());
+    let noise_task = create(
+        &server,
+        task(&service, &url("noise.mp4"), &receiver.url, "NEVER"),
+    );
+    let broken_task = create(
+        &server,
+        task(&service, &url("broken.ts"), &receiver.url, "NEVER"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &noise_task)
+            == "ERROR"),
+        "{}",
+        detail(&server, &noise_task)
+    );
+    let why = detail(&server, &noise_task)["taskInfo"]["statusDesc"].to_string();
+    assert!(why.contains("Invalid data"), "{why}");
+    assert!(
+        wait_for(Duration::from_secs(30), || matches!(
+            status(&server, &broken_task).as_str(),
+            "FINISHED" | "ERROR"
+        )),
+        "{}",
+        detail(&server, &broken_task)
+    );
+    let progress = detail(&server, &broken_task)["taskInfo"]["progress"].clone();
+    assert!(
+        progress["framesAnalysed"].as_u64().unwrap() >= 5,
+        "{progress}"
+    );
+}
+
 /// Pause stops decoding and events; resume brings them back. A receiver that was
 /// down gets every event afterwards, in order, without duplicates.
 #[test]
