@@ -1399,3 +1399,35 @@ fn a_pipeline_that_panics_fails_its_task() {
     );
     pipeline.stop();
 }
+
+/// A camera that sends a frame and hangs up, again and again, is backed off
+/// like one that sends none: reconnections start over only after a run that
+/// lasted, not at every first frame (which restarted ffmpeg twice a second).
+#[test]
+fn a_camera_that_hangs_up_after_a_frame_is_backed_off() {
+    use xpud::pipeline::State;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "{}\necho 'Connection reset by peer' >&2\nexit 1",
+        over_a_stand_in::ONE_FRAME
+    );
+    let (mut pipeline, states) = over_a_stand_in::start(dir.path(), &script, true);
+    let attempts = || -> Vec<u32> {
+        states
+            .seen()
+            .iter()
+            .filter_map(|s| match s {
+                State::Reconnecting { attempt, .. } => Some(*attempt),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || attempts().len() >= 3),
+        "{:?}",
+        states.seen()
+    );
+    pipeline.stop();
+    assert_eq!(&attempts()[..3], &[1, 2, 3], "{:?}", states.seen());
+}

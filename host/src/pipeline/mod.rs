@@ -32,6 +32,8 @@ use crate::runtime::frames::Frame;
 /// First wait before a lost source is opened again; it doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A run that gave frames this long resets the backoff.
+const STEADY_RUN: Duration = MAX_BACKOFF;
 
 /// What a pipeline is doing, as it reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -377,13 +379,10 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
             break;
         }
         tracing::info!(%task, %source, decoder = decoder.decoder, fps = spec.settings.fps, width = spec.settings.width, height = spec.settings.height, "decoding");
-        let mut first = true;
+        let mut first_frame_at: Option<Instant> = None;
         let mut analysing = Analysing::default();
         let mut analyse_one = |frame: Frame| {
-            if std::mem::take(&mut first) {
-                // The source works: reconnections start over.
-                attempt = 0;
-            }
+            first_frame_at.get_or_insert_with(Instant::now);
             match analyse_frame(task, &frame, analyse, report, stats) {
                 Ok(()) => analysing.analysed(report),
                 Err(e) => analysing.failed(&e, report),
@@ -452,6 +451,13 @@ fn run(spec: &Spec, analyse: &dyn Analyse, report: &dyn Report, stop: &StopSigna
         drop(decoder);
         if stop.is_set() {
             break;
+        }
+        // A run that gave frames for a while proved the source: reconnections
+        // start over. One that fails soon after its first frame (a camera that
+        // sends one and hangs up) backs off as if it had given none, instead of
+        // restarting ffmpeg twice a second.
+        if first_frame_at.is_some_and(|at| at.elapsed() >= STEADY_RUN) {
+            attempt = 0;
         }
         // A hardware decoder that could not give one frame is given up: the
         // same source is opened again at once, decoded on the CPU. Unless the CPU
