@@ -261,6 +261,73 @@ fn hostile_streams_end_with_a_reason() {
     );
 }
 
+/// A picture past the decoder's bound (8192 x 8192 pixels) is refused before
+/// anything is allocated for it, through the real ffmpeg: a 65-byte PNG that
+/// declares 9000 x 9000 fails its task with ffmpeg's reason (unbounded, ffmpeg
+/// peaked at 137 MB resident on it; bounded, 54 MB).
+#[test]
+fn a_picture_past_the_bound_is_refused() {
+    let (_platform, server, service) = passthrough_service();
+    let receiver = EventReceiver::start();
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut crc = crc32(kind);
+        crc = crc32_more(crc, data);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&(!crc).to_be_bytes());
+        out
+    };
+    let mut header = 9000u32.to_be_bytes().to_vec();
+    header.extend_from_slice(&9000u32.to_be_bytes());
+    header.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &header));
+    // The pixels: an empty zlib stream (the size is refused before they count).
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    let picture = server.data.path().join("huge.png");
+    std::fs::write(&picture, &png).unwrap();
+    let id = create(
+        &server,
+        task(
+            &service,
+            &format!("file://{}", picture.display()),
+            &receiver.url,
+            "NEVER",
+        ),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || status(&server, &id) == "ERROR"),
+        "{}",
+        detail(&server, &id)
+    );
+    let why = detail(&server, &id)["taskInfo"]["statusDesc"].to_string();
+    assert!(why.contains("exceeds specified max pixel count"), "{why}");
+}
+
+/// CRC-32 (PNG's) of `bytes`, not yet inverted at the end: feed `crc32_more`.
+fn crc32(bytes: &[u8]) -> u32 {
+    crc32_more(0xffff_ffff, bytes)
+}
+
+fn crc32_more(mut crc: u32, bytes: &[u8]) -> u32 {
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
 /// Pause stops decoding and events; resume brings them back. A receiver that was
 /// down gets every event afterwards, in order, without duplicates.
 #[test]
