@@ -495,7 +495,7 @@ mod tests {
 
     /// An outbox over a store in `dir`, with task "t" open and a destination
     /// nobody serves (nothing leaves the queue).
-    struct Bench {
+    struct Queue {
         store: Arc<Store>,
         runtime: tokio::runtime::Runtime,
         outbox: Arc<Outbox>,
@@ -503,7 +503,7 @@ mod tests {
         nowhere: Destination,
     }
 
-    fn bench(dir: &std::path::Path) -> Bench {
+    fn queue(dir: &std::path::Path) -> Queue {
         let store = Arc::new(Store::open(&dir.join("xpud.db")).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let outbox = runtime.block_on(async { Outbox::new(store.clone()).unwrap() });
@@ -511,7 +511,7 @@ mod tests {
         let nowhere = Destination::Http {
             url: "http://127.0.0.1:9/events".into(),
         };
-        Bench {
+        Queue {
             store,
             runtime,
             outbox,
@@ -524,13 +524,13 @@ mod tests {
     #[test]
     fn the_queue_keeps_the_newest_up_to_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let Bench {
+        let Queue {
             runtime: _runtime,
             outbox,
             delivery,
             nowhere,
             ..
-        } = bench(dir.path());
+        } = queue(dir.path());
         let events: Vec<String> = (0..MAX_QUEUED_PER_TASK + 5)
             .map(|i| i.to_string())
             .collect();
@@ -548,13 +548,13 @@ mod tests {
     #[test]
     fn events_the_store_cannot_take_are_counted_as_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let Bench {
+        let Queue {
             store,
             runtime: _runtime,
             outbox,
             delivery,
             nowhere,
-        } = bench(dir.path());
+        } = queue(dir.path());
         outbox.enqueue("t", &nowhere, &["kept".to_string()]);
         store
             .with(|conn| {
@@ -576,13 +576,13 @@ mod tests {
     #[test]
     fn the_queue_keeps_the_newest_up_to_its_byte_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let Bench {
+        let Queue {
             store,
             runtime,
             outbox,
             delivery,
             nowhere,
-        } = bench(dir.path());
+        } = queue(dir.path());
         let mib = 1024 * 1024;
         let limit = (MAX_QUEUED_BYTES_PER_TASK / mib) as usize;
         for i in 0..limit + 6 {
